@@ -1,0 +1,56 @@
+# hhrm: every target a user needs. `make demo` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A GPU user with torch already in the venv keeps it; elsewhere this pin resolves to the
+# CPU wheel this machine has on disk instead of a multi-GB CUDA download.
+TORCH_SPEC ?= torch==2.13.0
+ACCEL ?= accelerate_configs/cpu.yaml
+LAUNCH = $(VENV)/bin/accelerate launch --config_file $(ACCEL) --num_cpu_threads_per_process $(shell nproc)
+TINY := outputs/tiny
+ARGS ?=
+
+.PHONY: install embedded sft rm eval-rm raft demo test test-fast bench clean
+
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# The embedded default: generated preference data, a locally trained tokenizer, a tiny Llama.
+embedded: install
+	$(PY) -m hhrm.embedded --out $(TINY)
+
+sft: CONFIG ?= recipes/configs/tiny/sft.yaml
+sft: embedded
+	$(LAUNCH) recipes/sft.py --config $(CONFIG) $(ARGS)
+
+rm: CONFIG ?= recipes/configs/tiny/rm.yaml
+rm: embedded
+	$(LAUNCH) recipes/rm.py --config $(CONFIG) $(ARGS)
+
+eval-rm: CONFIG ?= recipes/configs/tiny/rm.yaml
+eval-rm: install
+	$(PY) -m hhrm.rm_eval --config $(CONFIG) $(if $(MODEL),--model_name_or_path $(MODEL)) $(ARGS)
+
+raft: CONFIG ?= recipes/configs/tiny/raft.yaml
+raft: embedded
+	$(LAUNCH) recipes/raft.py --config $(CONFIG) $(ARGS)
+
+demo: install
+	$(PY) -m hhrm.demo --out $(TINY)
+
+test: install
+	$(PY) -m pytest -q -ra tests $(ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow" tests $(ARGS)
+
+bench: install
+	$(PY) -m hhrm.bench --out bench/results.json $(ARGS)
+
+clean:
+	rm -rf outputs

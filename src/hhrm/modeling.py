@@ -1,0 +1,97 @@
+"""Loading tokenizers and models from TRL's ``ModelConfig``; saving merged, loadable folders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from trl import ModelConfig, get_peft_config, get_quantization_config
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(model_args: ModelConfig, padding_side: str = "right") -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token that is not EOS.
+
+    pad == EOS breaks reward models (the scored token is the last non-pad one, so an appended EOS
+    would be skipped) and hides EOS from SFT labels. Tokenizers without a pad token (LLaMA, GPT-Neo)
+    get their ``unk`` token as pad when it exists and is distinct, else an added ``<pad>`` token
+    (the model's embeddings are resized by :func:`match_vocab`).
+    """
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path is not set: give a hub id or a local model folder")
+    tok = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=getattr(model_args, "trust_remote_code", False),
+    )
+    if tok.eos_token is None:
+        raise ValueError(f"{model_args.model_name_or_path}: the tokenizer has no eos_token; set one in its config")
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        if tok.unk_token is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+        logger.warning("%s: no distinct pad token, using %r", model_args.model_name_or_path, tok.pad_token)
+    tok.padding_side = padding_side
+    return tok
+
+
+def match_vocab(model, tokenizer) -> None:
+    """Resize embeddings if the tokenizer grew (an added pad token) and record the pad id."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def model_init_kwargs(model_args: ModelConfig, training_args: Any) -> dict[str, Any]:
+    """``from_pretrained`` kwargs: dtype, attention, and quantization (bitsandbytes) if asked."""
+    kwargs: dict[str, Any] = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=getattr(training_args, "trust_remote_code", False),
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype or "float32",
+    )
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = kbit_device_map()
+    if getattr(training_args, "model_init_kwargs", None):
+        kwargs.update(training_args.model_init_kwargs)
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def kbit_device_map() -> dict[str, Any]:
+    """Quantized weights live on this process's device (one full copy per DDP rank)."""
+    import torch
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index if torch.cuda.is_available() else "cpu"}
+
+
+def peft_config(model_args: ModelConfig):
+    """LoRA config from ModelConfig (``use_peft``), or None for full fine-tuning."""
+    return get_peft_config(model_args)
+
+
+def save_merged(trainer, output_dir: str | Path, tokenizer) -> Path:
+    """Save a plain model folder: LoRA adapters are merged so ``from_pretrained`` needs no peft.
+
+    Full fine-tunes go through ``trainer.save_model``, which gathers ZeRO-3/FSDP shards.
+    """
+    output_dir = Path(output_dir)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):
+        merged = model.merge_and_unload()
+        if trainer.accelerator.is_main_process:
+            merged.save_pretrained(output_dir, safe_serialization=True)
+    else:
+        trainer.save_model(str(output_dir))
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(output_dir)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir

@@ -1,0 +1,43 @@
+"""Device-aware defaults shared by every stage's config.
+
+TRL's configs are GPU-minded: ``bf16`` defaults to True even on a CPU, where bf16 autocast is
+hundreds of times slower than fp32 matmuls. hhrm's configs leave ``bf16`` unset by default and pick
+it from the device: bf16 on a GPU that supports it, fp32 elsewhere. An explicit value always wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+class DevicePrecisionMixin:
+    """Put first in a TRL config's bases: resolves ``bf16=None`` from the device before TRL does."""
+
+    def __post_init__(self) -> None:
+        if getattr(self, "bf16", None) is None and not getattr(self, "fp16", False):
+            self.bf16 = bf16_supported()
+            if not self.bf16:
+                logger.info("no bf16-capable GPU: training in fp32 (set --bf16 true to force)")
+        super().__post_init__()
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Library logs at INFO on the main process, WARNING elsewhere."""
+    logging.basicConfig(
+        level=level if is_main_process() else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )

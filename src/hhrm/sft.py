@@ -1,0 +1,105 @@
+"""SFT stage: the config beside ``SFTTrainer``, its data, and what is written after training."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trl
+from datasets import Dataset
+
+from hhrm import data as hdata
+from hhrm import generation, modelcard, synthetic
+from hhrm.runtime import DevicePrecisionMixin
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig(DevicePrecisionMixin, trl.SFTConfig):
+    """TRL's SFTConfig with the card's packing by default and device-chosen precision.
+
+    The card concatenates texts and cuts 1,024-token chunks: TRL's ``packing_strategy="wrapped"``
+    (documents attend to each other inside a chunk, as in LMFlow/run_clm).
+    """
+
+    bf16: bool | None = field(default=None, metadata={"help": "None: bf16 on a bf16-capable GPU, fp32 elsewhere."})
+    packing: bool = field(default=True, metadata={"help": "Pack texts into max_length-token chunks."})
+    packing_strategy: str = field(default="wrapped", metadata={"help": "wrapped (card) | bfd | bfd_split."})
+    max_length: int | None = field(default=1024, metadata={"help": "Chunk length when packing (card: 1,024)."})
+    eval_rows: int = field(default=500, metadata={"help": "Held-out RM-test dialogues used for SFT eval loss."})
+    gold_eval_prompts: int = field(
+        default=200, metadata={"help": "Held-out prompts answered greedily for the gold accuracy (embedded data)."}
+    )
+    gold_max_new_tokens: int = field(default=32, metadata={"help": "Max new tokens of those greedy answers."})
+
+
+def sft_datasets(splits: hdata.PreferenceSplits, eval_rows: int) -> tuple[Dataset, Dataset | None]:
+    """Train: chosen dialogues of the RM-train rows. Eval: chosen dialogues of RM-test rows (never trained on)."""
+    train = splits.sft_texts()
+    test = Dataset.from_dict({"text": [p + c for p, c in zip(splits.test["prompt"], splits.test["chosen"])]})
+    eval_ds = test.select(range(min(eval_rows, len(test)))) if eval_rows > 0 and len(test) else None
+    return train, eval_ds
+
+
+def heldout_prompts(splits: hdata.PreferenceSplits, n: int) -> list[str]:
+    """The first ``n`` distinct RM-test prompts (fixed across stages so their numbers compare)."""
+    seen: dict[str, None] = {}
+    for p in splits.test["prompt"]:
+        seen.setdefault(p, None)
+        if len(seen) >= n:
+            break
+    return list(seen)
+
+
+def is_gold_checkable(prompts: list[str]) -> bool:
+    """True for the embedded data set, whose answers :mod:`hhrm.synthetic` can grade."""
+    return bool(prompts) and all(synthetic.task_name(p) is not None for p in prompts)
+
+
+def gold_eval(model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict[str, Any]:
+    """Greedy answers to held-out prompts, graded by the gold reward (overall and per task)."""
+    start = time.perf_counter()
+    greedy = generation.SamplingArguments(max_new_tokens=max_new_tokens, do_sample=False)
+    answers = [r[0] for r in generation.generate_responses(model, tokenizer, prompts, 1, greedy, batch_size=64)]
+    return synthetic.gold_summary(prompts, answers) | {"gold_eval_seconds": time.perf_counter() - start}
+
+
+def finish(trainer: trl.SFTTrainer, splits: hdata.PreferenceSplits, output_dir: str | Path, configs: dict[str, Any],
+           train_metrics: dict[str, float], initial_eval: dict[str, float] | None) -> dict[str, Any]:
+    """Evaluate (loss, gold accuracy), write metrics.json, data_report.json and the model card."""
+    args: SFTConfig = trainer.args
+    metrics: dict[str, Any] = {f"train_{k}" if not k.startswith("train") else k: v for k, v in train_metrics.items()}
+    if initial_eval:
+        metrics["eval_loss_before"] = initial_eval.get("eval_loss")
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    prompts = heldout_prompts(splits, args.gold_eval_prompts)
+    if trainer.accelerator.is_main_process and is_gold_checkable(prompts):
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        metrics.update(gold_eval(model, trainer.processing_class, prompts, args.gold_max_new_tokens))
+    if trainer.accelerator.is_main_process:
+        report = hdata.data_report(splits, trainer.processing_class, {"sft_train_texts": len(splits.train)})
+        hdata.write_json(report, Path(output_dir) / "data_report.json")
+        hdata.write_json(metrics, Path(output_dir) / "metrics.json")
+        modelcard.write_model_card(
+            output_dir,
+            title=f"SFT of {configs['model'].model_name_or_path} on HH-RLHF chosen responses (hhrm)",
+            summary=(
+                "Supervised fine-tuning with TRL `SFTTrainer` on the chosen dialogues, in the `###Human:` / "
+                f"`###Assistant:` format, packed into {args.max_length}-token chunks (`{args.packing_strategy}`)."
+            ),
+            metrics=metrics,
+            configs=configs,
+            data={"source": report["source"], "bad_rows": report["bad_rows"], "train_pairs": len(splits.train)},
+        )
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    keys = ("eval_loss_before", "eval_loss", "gold_accuracy", "train_runtime")
+    return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), (int, float)))
