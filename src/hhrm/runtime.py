@@ -19,6 +19,11 @@ def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def has_accelerator() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available())
+
+
 class DevicePrecisionMixin:
     """Put first in a TRL config's bases: resolves ``bf16=None`` from the device before TRL does."""
 
@@ -27,6 +32,11 @@ class DevicePrecisionMixin:
             self.bf16 = bf16_supported()
             if not self.bf16:
                 logger.info("no bf16-capable GPU: training in fp32 (set --bf16 true to force)")
+        if not has_accelerator():
+            # Trainer then initialises gloo when launched with several processes (without it each
+            # process would train alone as rank 0); and there is nothing to pin memory to.
+            self.use_cpu = True
+            self.dataloader_pin_memory = False
         super().__post_init__()
 
 

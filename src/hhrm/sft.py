@@ -73,6 +73,7 @@ def finish(trainer: trl.SFTTrainer, splits: hdata.PreferenceSplits, output_dir: 
     """Evaluate (loss, gold accuracy), write metrics.json, data_report.json and the model card."""
     args: SFTConfig = trainer.args
     metrics: dict[str, Any] = {f"train_{k}" if not k.startswith("train") else k: v for k, v in train_metrics.items()}
+    metrics["world_size"] = trainer.accelerator.num_processes
     if initial_eval:
         metrics["eval_loss_before"] = initial_eval.get("eval_loss")
     if trainer.eval_dataset is not None:

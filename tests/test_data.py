@@ -1,0 +1,130 @@
+import gzip
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from hhrm import data
+
+
+def _dahoas_row(i: int) -> dict:
+    return {
+        "prompt": f"\n\nHuman: question {i}?\n\nAssistant:",
+        "response": f" answer {i}",
+        "chosen": f" good answer {i}",
+        "rejected": f" bad answer {i}",
+    }
+
+
+def _write_jsonl(path, rows, gz=False):
+    opener = gzip.open if gz else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+@pytest.fixture
+def dahoas_dir(tmp_path):
+    _write_jsonl(tmp_path / "train.jsonl", [_dahoas_row(i) for i in range(40)])
+    _write_jsonl(tmp_path / "test.jsonl.gz", [_dahoas_row(100 + i) for i in range(20)], gz=True)
+    return tmp_path
+
+
+def test_card_splits_on_dahoas_schema(dahoas_dir):
+    splits = data.load_splits(data.DataArguments(dataset_name=str(dahoas_dir), test_offset=5))
+    assert splits.source["format"] == "dahoas"
+    assert len(splits.train) == 45 and len(splits.test) == 15
+    # The first 5 test rows joined training, in order, after all train rows.
+    assert splits.train[40]["prompt"] == "###Human: question 100? ###Assistant:"
+    assert splits.test[0]["prompt"] == "###Human: question 105? ###Assistant:"
+    assert splits.train[0]["chosen"] == " good answer 0" and splits.train[0]["rejected"] == " bad answer 0"
+    assert data.check_no_overlap(splits.train, splits.test) == 0
+    sft = splits.sft_texts()
+    assert len(sft) == 45 and sft[0]["text"] == "###Human: question 0? ###Assistant: good answer 0"
+
+
+def test_offset_larger_than_test_split_is_reported(dahoas_dir):
+    with pytest.raises(ValueError, match="test_offset=50"):
+        data.load_splits(data.DataArguments(dataset_name=str(dahoas_dir), test_offset=50))
+
+
+def test_bad_config_values_fail_early():
+    with pytest.raises(ValueError, match="dataset_format"):
+        data.DataArguments(dataset_format="csv")
+    with pytest.raises(ValueError, match="max_pair_tokens"):
+        data.DataArguments(max_pair_tokens=0)
+
+
+def test_missing_local_data_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train"):
+        data.read_rows(str(tmp_path), "train")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        data.read_rows(str(tmp_path / "nope" / "deeper"), "train")
+
+
+def test_bad_rows_counted_by_reason(tmp_path):
+    good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+    bad = [
+        {"chosen": good["chosen"]},  # missing_field
+        {"chosen": 3, "rejected": good["rejected"]},  # not_string
+        {"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi"},  # no_assistant_turn
+        {"chosen": "\n\nHuman: hi\n\nAssistant:  ", "rejected": good["rejected"]},  # empty_response
+        {"chosen": good["chosen"], "rejected": good["chosen"]},  # identical_responses
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hey\n\nAssistant: no"},  # prompt_mismatch
+        {"chosen": "junk\n\nHuman: hi\n\nAssistant: a", "rejected": "junk\n\nHuman: hi\n\nAssistant: b"},  # malformed
+        "{not json",  # unparsable_json
+    ]
+    _write_jsonl(tmp_path / "train.jsonl", [good, *bad, good])
+    rows = data.read_rows(str(tmp_path), "train")
+    ds, report = data.normalize_rows(rows, "raw", "train")
+    assert len(ds) == 2
+    assert dict(report.counts) == {
+        "missing_field": 1,
+        "not_string": 1,
+        "no_assistant_turn": 1,
+        "empty_response": 1,
+        "identical_responses": 1,
+        "prompt_mismatch": 1,
+        "malformed_dialogue": 1,
+        "unparsable_json": 1,
+    }
+    assert report.examples["missing_field"] == ["train[1]"]
+    assert "train[6]" in report.summary("train")
+    assert report.to_dict()["dropped"] == 8 and report.seen == 10
+
+
+def test_raw_loader_on_real_hh_sample(hh_sample):
+    rows = data.read_rows(str(hh_sample), "test")
+    assert len(rows) == 1156 and data.detect_format(rows) == "raw"
+    ds, report = data.normalize_rows(rows, "raw", "test")
+    assert len(ds) + report.dropped == 1156
+    assert report.dropped < 20
+    for row in ds.select(range(200)):
+        assert row["prompt"].startswith("###Human:") and row["prompt"].endswith(" ###Assistant:")
+        assert "\n\nHuman:" not in row["prompt"] and "\n\nAssistant:" not in row["chosen"]
+        assert row["chosen"].startswith(" ") and row["chosen"] != row["rejected"]
+
+
+def test_long_pairs_dropped_not_truncated(tiny):
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    short = {"prompt": "###Human: hi ###Assistant:", "chosen": " yes", "rejected": " no"}
+    long = {"prompt": "###Human: hi ###Assistant:", "chosen": " word" * 100, "rejected": " no"}
+    from datasets import Dataset
+
+    ds = Dataset.from_list([short, long, short])
+    kept, dropped = data.filter_long_pairs(ds, tok, max_tokens=50)
+    assert dropped == 1 and len(kept) == 2 and kept["chosen"] == [" yes", " yes"]
+    lc, _ = data.pair_lengths(ds, tok)
+    # EOS counts, as RewardTrainer counts it: the limit is inclusive of the appended EOS.
+    kept, dropped = data.filter_long_pairs(ds, tok, max_tokens=int(lc[0]) - 1)
+    assert dropped == 3
+
+
+def test_data_report_has_percentiles_and_drops(dahoas_dir, tiny):
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    splits = data.load_splits(data.DataArguments(dataset_name=str(dahoas_dir), test_offset=5))
+    report = data.data_report(splits, tok)
+    assert report["train"]["pairs"] == 45 and report["test"]["pairs"] == 15
+    assert report["train"]["chosen_tokens"]["p50"] > 0
+    assert report["bad_rows"]["train"]["dropped"] == 0
+    assert report["train_test_overlap"] == 0

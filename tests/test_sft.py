@@ -1,0 +1,121 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig, SFTTrainer, TrlParser
+
+from hhrm import data, sft
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SFT = ROOT / "recipes" / "configs" / "tiny" / "sft.yaml"
+
+
+def _splits(tiny):
+    return data.load_splits(data.DataArguments(dataset_name=str(tiny["data"]), test_offset=100))
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), max_length=128, per_device_train_batch_size=8,
+                learning_rate=3e-3, activation_checkpointing=False, save_strategy="no", report_to="none",
+                logging_steps=5, seed=0)
+    base.update(kw)
+    return sft.SFTConfig(**base)
+
+
+def test_precision_follows_the_device():
+    args = sft.SFTConfig(output_dir="unused", activation_checkpointing=False)
+    import torch
+
+    assert args.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert sft.SFTConfig(output_dir="unused", bf16=False, activation_checkpointing=False).bf16 is False
+    # The card's packing is the default: concatenate texts, cut fixed-size chunks.
+    assert args.packing and args.packing_strategy == "wrapped" and args.max_length == 1024
+
+
+def test_packing_gives_full_chunks_without_padding(tiny, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["base"])
+    train, _ = sft.sft_datasets(_splits(tiny), eval_rows=0)
+    trainer = SFTTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=train, processing_class=tok)
+    rows = trainer.train_dataset["input_ids"]
+    lengths = [len(r) for r in rows]
+    assert all(n == 128 for n in lengths[:-1]) and 0 < lengths[-1] <= 128
+    assert not any(tok.pad_token_id in r for r in rows)  # no padding inside chunks
+    total = sum(len(t) + 1 for t in tok(list(train["text"]), add_special_tokens=False)["input_ids"])  # +EOS each
+    assert sum(lengths) == total  # every token kept, nothing truncated
+    eos_count = sum(r.count(tok.eos_token_id) for r in rows)
+    assert eos_count == len(train)  # documents separated by EOS inside chunks
+
+
+def test_sft_lowers_eval_loss_and_writes_a_model_folder(tiny, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["base"])
+    splits = _splits(tiny)
+    train, eval_ds = sft.sft_datasets(splits, eval_rows=100)
+    args = _args(tmp_path, max_steps=40, gold_eval_prompts=40, gold_max_new_tokens=16)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=eval_ds, processing_class=tok)
+    before = trainer.evaluate()
+    result = trainer.train()
+    from hhrm import modeling
+
+    modeling.save_merged(trainer, args.output_dir, tok)
+    configs = {"data": data.DataArguments(), "training": args, "model": ModelConfig(model_name_or_path=str(tiny["base"]))}
+    metrics = sft.finish(trainer, splits, args.output_dir, configs, result.metrics, before)
+    assert metrics["eval_loss"] < 0.6 * before["eval_loss"]
+    assert 0.0 <= metrics["gold_accuracy"] <= 1.0 and metrics["gold_prompts"] == 40
+    out = Path(args.output_dir)
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "metrics.json", "data_report.json"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "eval_loss" in card and "gold_accuracy" in card and '"learning_rate": 0.003' in card
+    assert AutoModelForCausalLM.from_pretrained(out).config.pad_token_id == tok.pad_token_id
+
+
+def test_yaml_config_and_cli_overrides():
+    parser = TrlParser((data.DataArguments, sft.SFTConfig, ModelConfig))
+    d, a, m = parser.parse_args_and_config(
+        ["--config", str(TINY_SFT), "--learning_rate", "0.01", "--test_offset", "7", "--packing_strategy", "bfd"]
+    )
+    cfg = yaml.safe_load(TINY_SFT.read_text())
+    assert m.model_name_or_path == cfg["model_name_or_path"] and d.dataset_name == cfg["dataset_name"]
+    assert a.learning_rate == 0.01 and d.test_offset == 7 and a.packing_strategy == "bfd"
+    assert a.num_train_epochs == cfg["num_train_epochs"] and a.max_length == cfg["max_length"]
+    with pytest.raises(ValueError, match="dataset_format"):
+        parser.parse_args_and_config(["--config", str(TINY_SFT), "--dataset_format", "xml"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_recipe_yaml_parses(path):
+    if path.stem != "sft":
+        pytest.skip("parsed by its own stage's tests")
+    TrlParser((data.DataArguments, sft.SFTConfig, ModelConfig)).parse_args_and_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes >= 1 and cfg.distributed_type is not None
+
+
+@pytest.mark.slow
+def test_two_process_sft_run(tiny, tmp_path):
+    """`accelerate launch` with the multi-CPU config starts 2 gloo processes that train and save once."""
+    out = tmp_path / "sft2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs" / "multi_cpu.yaml"), str(ROOT / "recipes" / "sft.py"),
+           "--config", str(TINY_SFT), "--model_name_or_path", str(tiny["base"]), "--dataset_name", str(tiny["data"]),
+           "--test_offset", "100", "--max_steps", "6", "--max_length", "128", "--eval_rows", "32",
+           "--gold_eval_prompts", "8", "--output_dir", str(out), "--ddp_find_unused_parameters", "false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert (out / "model.safetensors").is_file()
