@@ -119,3 +119,23 @@ def test_two_process_sft_run(tiny, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["lora", "qlora-4bit"])
+def test_lora_sft_saves_a_merged_plain_model(tiny, tmp_path, quantize):
+    from hhrm import modeling
+
+    model_args = ModelConfig(model_name_or_path=str(tiny["base"]), use_peft=True, lora_r=4, lora_alpha=8,
+                             lora_target_modules=["q_proj", "v_proj"], load_in_4bit=quantize)
+    args = _args(tmp_path, max_steps=2)
+    tok = modeling.load_tokenizer(model_args)
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **modeling.model_init_kwargs(model_args, args))
+    train, _ = sft.sft_datasets(_splits(tiny), eval_rows=0)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train.select(range(64)), processing_class=tok,
+                         peft_config=modeling.peft_config(model_args))
+    trainer.train()
+    out = modeling.save_merged(trainer, tmp_path / "merged", tok)
+    assert not (out / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert not any("lora" in name for name, _ in merged.named_parameters())

@@ -1,0 +1,116 @@
+"""The whole recipe on the embedded default: build it, then SFT -> RM -> RAFT, on this machine.
+
+    python -m hhrm.demo --out outputs/tiny        (what `make demo` runs)
+
+Each stage is the real recipe launched with ``accelerate launch`` and the tiny YAML config, exactly
+as a user would run it; this driver only times them, reads their ``metrics.json`` and prints where
+everything is. Wall time and peak RSS per stage go to ``<out>/demo_summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hhrm.embedded import ensure_embedded
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (stage, recipe, headline metrics shown in the summary, in this order)
+STAGES = (
+    ("sft", "recipes/sft.py", ("eval_loss_before", "eval_loss", "gold_accuracy")),
+    ("rm", "recipes/rm.py", ("eval_accuracy_exact", "eval_bt_loss", "pairs_dropped_long", "gold_agreement")),
+    ("raft", "recipes/raft.py", ("reward_first", "reward_last", "gold_accuracy_first", "gold_accuracy_last")),
+)
+
+
+def run_stage(name: str, recipe: str, config: Path, overrides: list[str], log_path: Path) -> dict:
+    """Launch one recipe; returns wall seconds and the peak RSS of its process tree (MB)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs" / "cpu.yaml"), "--num_cpu_threads_per_process", str(os.cpu_count() or 1),
+           str(ROOT / recipe), "--config", str(config), *overrides]
+    print(f"\n=== {name}: {' '.join(cmd[2:])}\n    log: {log_path}", flush=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        # wait4 reports the child's peak RSS including the descendants it waited for (the trainer).
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = log_path.read_text()[-4000:]
+        raise SystemExit(f"stage {name} failed (exit {code}); last lines of {log_path}:\n{tail}")
+    return {"seconds": round(seconds, 1), "max_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def read_metrics(folder: Path) -> dict:
+    path = folder / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["", "hhrm demo: embedded default, SFT -> RM -> RAFT", ""]
+    for name, _, keys in STAGES:
+        stage = summary["stages"].get(name)
+        if not stage:
+            continue
+        shown = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k in keys
+            if (v := stage["metrics"].get(k)) is not None
+        )
+        lines.append(f"  {name:5s} {stage['seconds']:7.1f} s  {stage['max_rss_mb']:7.0f} MB  {stage['output_dir']}")
+        if shown:
+            lines.append(f"        {shown}")
+    lines.append(f"\n  total {summary['total_seconds']:.1f} s; summary: {summary['summary_path']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="outputs/tiny", help="where the embedded default and all stages go")
+    parser.add_argument("--configs", default=str(ROOT / "recipes" / "configs" / "tiny"), help="folder of stage YAMLs")
+    parser.add_argument("--stages", default="sft,rm,raft", help="comma-separated subset, in pipeline order")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    wanted = args.stages.split(",")
+    unknown = set(wanted) - {s[0] for s in STAGES}
+    if unknown:
+        raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)}; choose from sft, rm, raft")
+
+    start = time.perf_counter()
+    paths = ensure_embedded(out)
+    summary: dict = {"out": str(out), "stages": {}}
+    for name, recipe, _ in STAGES:
+        if name not in wanted:
+            continue
+        stage_out = out / name
+        # Each stage reads the previous stage's folder: the tiny YAMLs name outputs/tiny/...; these
+        # overrides keep the chain inside --out wherever it is.
+        overrides = ["--dataset_name", str(paths["data"]), "--output_dir", str(stage_out)]
+        if name == "sft":
+            overrides += ["--model_name_or_path", str(paths["base"])]
+        elif name == "rm":
+            overrides += ["--model_name_or_path", str(out / "sft")]
+        elif name == "raft":
+            overrides += ["--model_name_or_path", str(out / "sft"), "--reward_model_path", str(out / "rm")]
+        if name != "raft" and stage_out.exists():
+            shutil.rmtree(stage_out)  # a fresh run; RAFT keeps its folder so an interrupted demo resumes
+        stats = run_stage(name, recipe, Path(args.configs) / f"{name}.yaml", overrides, out / f"{name}.log")
+        summary["stages"][name] = {**stats, "output_dir": str(stage_out), "metrics": read_metrics(stage_out)}
+    summary["total_seconds"] = round(time.perf_counter() - start, 1)
+    summary_path = out / "demo_summary.json"
+    summary["summary_path"] = str(summary_path)
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_summary(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
