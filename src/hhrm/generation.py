@@ -1,14 +1,22 @@
-"""Batched sampling with Hugging Face ``generate``: many prompts x K samples per call.
+"""Batched sampling: many prompts x K samples per call, one path for every stage.
 
 Prompts are sorted by length and left-padded, so a batch shares one KV cache with little padding;
 ``num_return_sequences=K`` expands each prompt inside ``generate``. A sequence stops at EOS or when
 it starts a new ``###Human:`` turn, and the response is cut from the prompt by token position
 (never by string replacement), then cut at the next turn marker.
+
+:func:`generate_responses` is the Hugging Face path. Given an ``accelerator`` it generates through
+``trl.models.utils.unwrap_model_for_generation``, which unwraps DDP/FSDP and gathers ZeRO-3 shards
+(calling ``generate`` on a ZeRO-3-partitioned module is the classic RAFT failure). :class:`VLLMBackend`
+is the optional vLLM path behind the same call shape; vLLM is imported only when it is built.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
@@ -57,42 +65,115 @@ def generate_responses(
     sampling: SamplingArguments | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    *,
+    accelerator=None,
+    seed: int | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> list[list[str]]:
     """``k`` responses for each prompt, as ``responses[prompt_index][sample_index]``.
 
     ``batch_size`` counts prompts per ``generate`` call (so ``batch_size * k`` sequences).
+    ``accelerator``: generate through TRL's unwrap context (needed for a ZeRO-3/FSDP-wrapped model).
+    ``seed``: seeds torch's generator first, so the same inputs give the same samples.
+    ``stats``: if given, receives ``generated_tokens`` (new tokens, EOS included, padding not) and ``seconds``.
+    ``model`` may also be a :class:`VLLMBackend`, which takes the same arguments.
     """
+    if isinstance(model, VLLMBackend):
+        return model.generate(prompts, k, sampling, progress=progress, stats=stats)
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: set one (e.g. tokenizer.pad_token = '<pad>') before generating")
+    if k < 1:
+        raise ValueError(f"k={k}: must be >= 1")
+    start = time.perf_counter()
     sampling = sampling or SamplingArguments()
     config = sampling.generation_config(tokenizer, k)
+    if seed is not None:
+        torch.manual_seed(seed)
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     out: list[list[str]] = [[] for _ in prompts]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    new_tokens = 0
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"generate ({k}/prompt)", unit="batch")
-    for batch in batches:
-        width = max(len(ids[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # left padding: every prompt ends at the same position
-            input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
-            attention[row, width - len(ids[i]) :] = 1
-        seqs = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            generation_config=config,
-            tokenizer=tokenizer,
-        )
-        texts = tokenizer.batch_decode(seqs[:, width:], skip_special_tokens=True)
-        for j, text in enumerate(texts):  # generate returns prompt-major order: row j belongs to batch[j // k]
-            out[batch[j // k]].append(formatting.cut_at_next_turn(text) if sampling.stop_at_turn_marker else text)
-    if was_training:
-        model.train()
+    if accelerator is not None:
+        from trl.models.utils import unwrap_model_for_generation
+
+        context = unwrap_model_for_generation(model, accelerator)
+    else:
+        context = contextlib.nullcontext(model)
+    with context as gen_model:
+        device = next(gen_model.parameters()).device
+        was_training = gen_model.training
+        gen_model.eval()
+        for batch in batches:
+            width = max(len(ids[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):  # left padding: every prompt ends at the same position
+                input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
+                attention[row, width - len(ids[i]) :] = 1
+            seqs = gen_model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                generation_config=config,
+                tokenizer=tokenizer,
+            )
+            completion = seqs[:, width:]  # the cut by token position: everything after the prompt
+            new_tokens += int((completion != tokenizer.pad_token_id).sum())
+            texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+            for j, text in enumerate(texts):  # generate returns prompt-major order: row j belongs to batch[j // k]
+                out[batch[j // k]].append(formatting.cut_at_next_turn(text) if sampling.stop_at_turn_marker else text)
+        if was_training:
+            gen_model.train()
+    if stats is not None:
+        stats.update(generated_tokens=new_tokens, seconds=time.perf_counter() - start)
     return out
+
+
+class VLLMBackend:
+    """vLLM generation for the policy, through TRL's ``VLLMGeneration`` (colocate or server mode).
+
+    Built once per run; call :meth:`sync_weights` after the policy changes (each RAFT iteration).
+    Sampling settings are fixed at construction, as vLLM's engine takes them per request but TRL's
+    wrapper holds them; :meth:`generate` checks that it is asked for the same ones.
+    """
+
+    def __init__(self, model, tokenizer, accelerator, sampling: SamplingArguments, mode: str = "colocate",
+                 **vllm_kwargs: Any):
+        try:
+            from trl.generation.vllm_generation import VLLMGeneration
+        except ImportError as e:  # vllm (and requests) are optional: `pip install -e .[vllm]`
+            raise ImportError(f"generation_backend=vllm needs vLLM installed (pip install -e '.[vllm]'): {e}") from e
+        if not sampling.do_sample:
+            # vLLM greedy is temperature 0; TRL's wrapper passes temperature through unchanged.
+            temperature = 0.0
+        else:
+            temperature = sampling.temperature
+        self.sampling, self.tokenizer = sampling, tokenizer
+        stop = {"stop": [formatting.HUMAN]} if sampling.stop_at_turn_marker else {}
+        self.engine = VLLMGeneration(
+            model, accelerator, tokenizer, mode=mode, temperature=temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k, max_completion_length=sampling.max_new_tokens, logprobs=None,
+            generation_kwargs=stop, **vllm_kwargs,
+        )
+
+    def sync_weights(self) -> None:
+        self.engine.sync_weights()
+
+    def generate(self, prompts: list[str], k: int, sampling: SamplingArguments | None = None, progress: bool = False,
+                 stats: dict[str, Any] | None = None) -> list[list[str]]:
+        if sampling is not None and sampling != self.sampling:
+            raise ValueError("VLLMBackend was built with other sampling settings; build one per setting")
+        start = time.perf_counter()
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        # K consecutive copies per prompt: what both VLLMGeneration modes expect for num_generations=K.
+        repeated = [p for p in ids for _ in range(k)]
+        _, completion_ids, _, _ = self.engine.generate(prompts=repeated, images=None, num_generations=k)
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        cut = [formatting.cut_at_next_turn(t) if self.sampling.stop_at_turn_marker else t for t in texts]
+        if stats is not None:
+            stats.update(generated_tokens=sum(len(c) for c in completion_ids), seconds=time.perf_counter() - start)
+        return [cut[i * k : (i + 1) * k] for i in range(len(prompts))]
