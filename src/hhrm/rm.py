@@ -1,0 +1,375 @@
+"""Reward-model stage: the config beside ``RewardTrainer``, its pairs, export, and what is written after training.
+
+Every text the RM sees (training, hhrm's scorer, evaluation, the pipeline snippet in the model
+card) is ``prompt + response + eos`` tokenized by :func:`hhrm.scoring.encode`. Pairs are
+tokenized here, once, and handed to ``RewardTrainer`` pre-tokenized, so the 512-token filter
+counts exactly the tokens the model trains on (BOS included for LLaMA) and the trainer's own
+``max_length`` filter has nothing left to drop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trl
+from datasets import Dataset
+from trl import ModelConfig
+
+from hhrm import data as hdata
+from hhrm import modelcard, modeling, scoring
+from hhrm.runtime import DevicePrecisionMixin
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardConfig(DevicePrecisionMixin, trl.RewardConfig):
+    """TRL's RewardConfig with device-chosen precision, a global batch size and hhrm's evaluation settings."""
+
+    bf16: bool | None = field(default=None, metadata={"help": "None: bf16 on a bf16-capable GPU, fp32 elsewhere."})
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Drop pairs longer than this (tokens incl. EOS). None: DataArguments.max_pair_tokens (card: 512)."},
+    )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pairs per optimizer step over all processes. When set, gradient_accumulation_steps is derived: "
+            "global_batch_size / (per_device_train_batch_size * number of processes)."
+        },
+    )
+    dedup_test: bool = field(
+        default=True, metadata={"help": "Remove RM-test pairs that also occur (exactly) in RM-train before evaluating."}
+    )
+    eval_before_training: bool = field(
+        default=True, metadata={"help": "Also report the held-out accuracy of the untrained reward head."}
+    )
+    length_buckets: int = field(default=4, metadata={"help": "Accuracy by pair length: number of quantile buckets."})
+    scorer_batch_size: int = field(default=64, metadata={"help": "Rows per forward pass when scoring for evaluation."})
+    gold_prompts: int = field(
+        default=200, metadata={"help": "Embedded data: held-out prompts answered by the SFT policy for gold agreement."}
+    )
+    gold_samples_per_prompt: int = field(default=4, metadata={"help": "Sampled responses per gold prompt."})
+    gold_max_new_tokens: int = field(default=32, metadata={"help": "Max new tokens of those sampled responses."})
+    gold_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of those responses."})
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length <= 0:
+            raise ValueError(f"max_length={self.max_length}: must be > 0 (or unset to use max_pair_tokens)")
+        if self.length_buckets < 1:
+            raise ValueError(f"length_buckets={self.length_buckets}: must be >= 1")
+        if self.gold_prompts < 0 or self.gold_samples_per_prompt < 1:
+            raise ValueError(
+                f"gold_prompts={self.gold_prompts}, gold_samples_per_prompt={self.gold_samples_per_prompt}: "
+                "need gold_prompts >= 0 and gold_samples_per_prompt >= 1"
+            )
+        super().__post_init__()
+        if self.global_batch_size is not None:
+            self.gradient_accumulation_steps = gradient_accumulation(
+                self.global_batch_size, self.per_device_train_batch_size, self.world_size
+            )
+            logger.info(
+                "global_batch_size=%d = %d per device x %d processes x %d accumulation steps",
+                self.global_batch_size, self.per_device_train_batch_size, self.world_size,
+                self.gradient_accumulation_steps,
+            )
+
+
+def gradient_accumulation(global_batch_size: int, per_device: int, world_size: int) -> int:
+    """Accumulation steps that make ``per_device * world_size * steps == global_batch_size`` exactly."""
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size={global_batch_size}: must be > 0")
+    per_step = per_device * world_size
+    if global_batch_size % per_step:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not a multiple of per_device_train_batch_size={per_device} "
+            f"x {world_size} process(es) = {per_step}; change per_device_train_batch_size or the number of processes"
+        )
+    return global_batch_size // per_step
+
+
+def resolve_max_length(args: RewardConfig, data_args: hdata.DataArguments) -> int:
+    """One length limit for filtering and training: RewardConfig.max_length must agree with max_pair_tokens."""
+    if args.max_length is None:
+        args.max_length = data_args.max_pair_tokens
+    elif args.max_length != data_args.max_pair_tokens:
+        raise ValueError(
+            f"max_length={args.max_length} and max_pair_tokens={data_args.max_pair_tokens} disagree: "
+            "set only max_pair_tokens (the pair filter), max_length follows it"
+        )
+    return args.max_length
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs
+
+
+@dataclass
+class RewardPairs:
+    """RM-train and RM-test pairs, tokenized (``chosen_ids``/``rejected_ids``), with what was removed."""
+
+    train: Dataset
+    test: Dataset
+    counts: dict[str, int]
+
+
+def tokenize_pairs(ds: Dataset, tokenizer) -> Dataset:
+    """Add ``chosen_ids``/``rejected_ids``: :func:`hhrm.scoring.encode` of prompt+chosen / prompt+rejected."""
+    if len(ds) == 0:
+        return ds.add_column("chosen_ids", []).add_column("rejected_ids", [])
+    chosen = scoring.encode(tokenizer, [p + c for p, c in zip(ds["prompt"], ds["chosen"])])
+    rejected = scoring.encode(tokenizer, [p + r for p, r in zip(ds["prompt"], ds["rejected"])])
+    return ds.add_column("chosen_ids", chosen).add_column("rejected_ids", rejected)
+
+
+def drop_long(ds: Dataset, max_tokens: int) -> tuple[Dataset, int]:
+    """Drop (never truncate) tokenized pairs whose chosen or rejected text is longer than ``max_tokens``."""
+    keep = [i for i, (c, r) in enumerate(zip(ds["chosen_ids"], ds["rejected_ids"])) if max(len(c), len(r)) <= max_tokens]
+    return ds.select(keep), len(ds) - len(keep)
+
+
+def drop_overlap(train: Dataset, test: Dataset) -> tuple[Dataset, int]:
+    """Remove test pairs whose exact (prompt, chosen, rejected) is also a train pair."""
+    seen = set(zip(train["prompt"], train["chosen"], train["rejected"]))
+    keep = [i for i, key in enumerate(zip(test["prompt"], test["chosen"], test["rejected"])) if key not in seen]
+    return test.select(keep), len(test) - len(keep)
+
+
+def prepare_pairs(splits: hdata.PreferenceSplits, tokenizer, max_tokens: int, dedup_test: bool = True) -> RewardPairs:
+    """Tokenize, drop pairs over ``max_tokens`` (counted per split), and make RM-test disjoint from RM-train."""
+    train, dropped_train = drop_long(tokenize_pairs(splits.train, tokenizer), max_tokens)
+    test, dropped_test = drop_long(tokenize_pairs(splits.test, tokenizer), max_tokens)
+    overlap = 0
+    if dedup_test:
+        test, overlap = drop_overlap(train, test)
+    remaining = hdata.check_no_overlap(train, test)
+    if dedup_test and remaining:  # a check, not an assumption: dedup must leave nothing behind
+        raise AssertionError(f"{remaining} RM-test pairs still occur in RM-train after deduplication")
+    counts = {
+        "train_pairs": len(train),
+        "eval_pairs": len(test),
+        "pairs_dropped_long": dropped_train,
+        "eval_pairs_dropped_long": dropped_test,
+        "eval_pairs_overlapping_train": overlap if dedup_test else remaining,
+        "max_pair_tokens": max_tokens,
+    }
+    logger.info(
+        "RM pairs: train %d (dropped %d over %d tokens), test %d (dropped %d over %d tokens, %d overlapping train%s)",
+        len(train), dropped_train, max_tokens, len(test), dropped_test, max_tokens, counts["eval_pairs_overlapping_train"],
+        " removed" if dedup_test else " KEPT",
+    )
+    if len(train) == 0:
+        raise ValueError(f"no RM-train pair is <= max_pair_tokens={max_tokens} tokens; raise max_pair_tokens")
+    return RewardPairs(train=train, test=test, counts=counts)
+
+
+def trainer_dataset(ds: Dataset) -> Dataset:
+    """Only the pre-tokenized columns: RewardTrainer then skips its own EOS/tokenize step."""
+    return ds.select_columns(["chosen_ids", "rejected_ids"])
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+def reward_peft_config(model_args: ModelConfig):
+    """LoRA for a reward model: the score head must train and be saved.
+
+    Without ``task_type=SEQ_CLS`` or ``modules_to_save=["score"]`` the randomly initialised head
+    stays frozen (library facts §2). Both are set, whatever the config says.
+    """
+    if not model_args.use_peft:
+        return None
+    if model_args.lora_task_type != "SEQ_CLS":
+        logger.info("lora_task_type=%s -> SEQ_CLS for a reward model", model_args.lora_task_type)
+        model_args.lora_task_type = "SEQ_CLS"
+    modules = list(model_args.lora_modules_to_save or [])
+    if "score" not in modules:
+        modules.append("score")
+    model_args.lora_modules_to_save = modules
+    return modeling.peft_config(model_args)
+
+
+def check_precision(model_args: ModelConfig, args: RewardConfig) -> None:
+    """Fail early on the one combination known to break: 4/8-bit RM without bf16 (TRL casts the head to bf16)."""
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not args.bf16:
+        raise ValueError(
+            "load_in_4bit/load_in_8bit reward models need bf16=true: RewardTrainer casts the trainable "
+            "parameters (score head included) to bf16 for quantized models, so fp32 inputs fail"
+        )
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:
+        raise ValueError("load_in_4bit/load_in_8bit needs use_peft=true (quantized weights cannot be fine-tuned)")
+
+
+def load_reward_model(model_args: ModelConfig, args: RewardConfig, tokenizer):
+    """``AutoModelForSequenceClassification`` with one label, its pad id set from ``tokenizer``."""
+    from transformers import AutoModelForSequenceClassification, set_seed
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    check_precision(model_args, args)
+    set_seed(args.seed)  # the score head is initialised randomly at load time
+    with suppress_seqcls_warning():  # "score.weight MISSING / lm_head UNEXPECTED" is expected from a causal LM
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_args.model_name_or_path, num_labels=1, **modeling.model_init_kwargs(model_args, args)
+        )
+    modeling.match_vocab(model, tokenizer)
+    return model
+
+
+def export(trainer: trl.RewardTrainer, output_dir: str | Path, tokenizer, model_args: ModelConfig) -> Path:
+    """A plain, merged model folder (safetensors, config with pad_token_id, tokenizer).
+
+    LoRA: the adapter (score head included) is also kept in ``output_dir/adapter``. A quantized
+    base cannot be merged into full-precision weights in place, so QLoRA reloads the base
+    unquantized, applies the saved adapter and merges that.
+    """
+    output_dir = Path(output_dir)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    is_peft = hasattr(model, "peft_config")
+    if is_peft:
+        trainer.save_model(str(output_dir / "adapter"))
+    if is_peft and (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        if trainer.accelerator.is_main_process:
+            _merge_from_adapter(output_dir, model_args, tokenizer, trainer.args)
+        trainer.accelerator.wait_for_everyone()
+    else:
+        modeling.save_merged(trainer, output_dir, tokenizer)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(output_dir)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir
+
+
+def _merge_from_adapter(output_dir: Path, model_args: ModelConfig, tokenizer, args: RewardConfig) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    with suppress_seqcls_warning():
+        base = AutoModelForSequenceClassification.from_pretrained(model_args.model_name_or_path, num_labels=1, dtype=dtype)
+    modeling.match_vocab(base, tokenizer)
+    merged = PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload()
+    merged.config.pad_token_id = tokenizer.pad_token_id
+    merged.save_pretrained(output_dir, safe_serialization=True)
+
+
+# --------------------------------------------------------------------------------------------
+# After training
+
+
+# The card's snippet in the form that runs on transformers 5.23; tests exec this very text.
+PIPELINE_SNIPPET = '''\
+import torch
+from transformers import AutoTokenizer, pipeline
+
+MODEL = "{path}"
+rm_tokenizer = AutoTokenizer.from_pretrained(MODEL)
+rm_pipe = pipeline(
+    "sentiment-analysis",          # alias of "text-classification"
+    model=MODEL,
+    tokenizer=rm_tokenizer,
+    device="cpu",                  # the card's device="auto" raises on transformers 5; use 0, "cuda" or device_map="auto"
+    dtype=torch.float32,           # bf16 on a GPU; the card's model_kwargs={{"torch_dtype": ...}} is deprecated
+)
+pipe_kwargs = {{
+    "top_k": None,                 # replaces the removed return_all_scores=True: one list of scores per text
+    "function_to_apply": "none",   # the raw reward, not a sigmoid
+    "batch_size": {batch_size},
+}}
+test_texts = [
+    "###Human: My daughter wants to know how to convert fractions to decimals, but I'm not sure how to explain it. Can you help? ###Assistant: Sure. So one way of converting fractions to decimals is to ask \\u201chow many halves are there?\\u201d and then write this as a decimal number.",
+    "###Human: I have fresh whole chicken in my fridge. What dish can I prepare using it that will take me less than an hour to cook? ###Assistant: Are you interested in a quick and easy recipe you can prepare with chicken you have on hand, or something more involved?",
+]
+# The reward model was trained on text + EOS (TRL's RewardTrainer appends it): score the same text.
+pipe_outputs = rm_pipe([text + rm_tokenizer.eos_token for text in test_texts], **pipe_kwargs)
+rewards = [output[0]["score"] for output in pipe_outputs]
+'''
+
+SCORER_SNIPPET = '''\
+from hhrm.scoring import RewardScorer
+
+scorer = RewardScorer.from_pretrained("{path}")        # batches by length, appends EOS itself
+rewards = scorer.score(test_texts)                        # full texts, or:
+rewards = scorer.score_pairs(prompts, responses)          # prompt ends with " ###Assistant:", response starts with a space
+'''
+
+
+def pipeline_snippet(path: str | Path, batch_size: int = 1) -> str:
+    return PIPELINE_SNIPPET.format(path=str(path), batch_size=batch_size)
+
+
+def usage(path: str | Path) -> str:
+    return (
+        "The card's `pipeline` snippet, in the form that runs on transformers 5.23 (`device=\"auto\"` raises "
+        "and `return_all_scores` is silently ignored there). Append EOS to each text: every path in hhrm "
+        "scores `text + eos`, so these rewards equal hhrm's scorer and the evaluation below.\n\n"
+        f"```python\n{pipeline_snippet(path)}```\n\n"
+        f"hhrm's batched scorer (what RAFT uses):\n\n```python\n{SCORER_SNIPPET.format(path=path)}```\n"
+    )
+
+
+def finish(trainer: trl.RewardTrainer, pairs: RewardPairs, splits: hdata.PreferenceSplits, output_dir: str | Path,
+           configs: dict[str, Any], train_metrics: dict[str, float], before: dict[str, float] | None) -> dict[str, Any]:
+    """Evaluate the exported folder, write metrics.json, eval_rm.json, data_report.json and the model card."""
+    from hhrm import rm_eval
+
+    args: RewardConfig = trainer.args
+    output_dir = Path(output_dir)
+    metrics: dict[str, Any] = {f"train_{k}" if not k.startswith("train") else k: v for k, v in train_metrics.items()}
+    metrics.update(pairs.counts)
+    if trainer.accelerator.is_main_process:
+        # Evaluate what was exported (reloaded from disk), not the in-memory training copy.
+        scorer = scoring.RewardScorer.from_pretrained(output_dir, batch_size=args.scorer_batch_size)
+        result = rm_eval.evaluate(
+            scorer, pairs.test, args, policy_path=configs["model"].model_name_or_path, before=before,
+            train_prompts=set(pairs.train["prompt"]),
+        )
+        metrics.update(result["metrics"])
+        rm_eval.write_results(result | {"counts": pairs.counts}, output_dir / "eval_rm.json")
+        report = hdata.data_report(splits, trainer.processing_class, pairs.counts)
+        hdata.write_json(report, output_dir / "data_report.json")
+        hdata.write_json(metrics, output_dir / "metrics.json")
+        write_card(output_dir, configs, metrics, report)
+        rm_eval.update_card(output_dir, rm_eval.card_section(result["metrics"], result["held_out"], str(output_dir)))
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def write_card(output_dir: Path, configs: dict[str, Any], metrics: dict[str, Any], report: dict[str, Any]) -> Path:
+    args = configs["training"]
+    steps = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return modelcard.write_model_card(
+        output_dir,
+        title=f"Reward model from {configs['model'].model_name_or_path} on HH-RLHF pairs (hhrm)",
+        summary=(
+            "Bradley-Terry reward model trained with TRL `RewardTrainer` (`AutoModelForSequenceClassification`, "
+            f"`num_labels=1`) on the RM-train pairs of the card's split, {metrics.get('train_pairs')} pairs after dropping "
+            f"{metrics.get('pairs_dropped_long')} over {metrics.get('max_pair_tokens')} tokens (dropped, never truncated). "
+            f"lr {args.learning_rate}, {args.num_train_epochs} epoch(s), `{args.lr_scheduler_type}` schedule, "
+            f"{steps} pairs per optimizer step. The reward of a text is the score at its final EOS token "
+            "(the text is `###Human: ... ###Assistant: ...` + EOS).\n\n"
+            f"Held-out (RM-test, {metrics.get('eval_pairs')} pairs, none also in RM-train): exact accuracy "
+            f"{metrics.get('eval_accuracy_exact', float('nan')):.4f} (ties count as wrong), mean Bradley-Terry loss "
+            f"{metrics.get('eval_bt_loss', float('nan')):.4f}. Per-length-bucket accuracy and the reward/length "
+            "correlation are in the metrics table and `eval_rm.json`."
+        ),
+        metrics=metrics,
+        configs=configs,
+        data={"source": report["source"], "bad_rows": report["bad_rows"],
+              **{k: report[k] for k in ("train", "test") if k in report}},
+        usage=usage(output_dir),
+        pipeline_tag="text-classification",
+    )
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    keys = ("eval_accuracy_exact_before", "eval_accuracy_exact", "eval_bt_loss", "gold_auc",
+            "gold_pairwise_agreement", "pairs_dropped_long", "train_runtime")
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
+

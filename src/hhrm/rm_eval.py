@@ -1,0 +1,333 @@
+"""Honest evaluation of a reward model on held-out pairs, and against the gold reward on fresh samples.
+
+    python -m hhrm.rm_eval --config recipes/configs/tiny/rm.yaml [--reward_model DIR]
+    make eval-rm [MODEL=DIR]
+
+Reads the same config as the RM recipe: the data split, the pair-length filter, and
+``model_name_or_path`` (the SFT policy the RM started from, which samples the fresh responses).
+The reward model evaluated is ``--reward_model`` (default: the recipe's ``output_dir``).
+
+Headline numbers are computed here, not taken from ``RewardTrainer``: its logged accuracy is a mean
+of per-batch means. Accuracy is exact over pairs, and a tie (equal rewards) counts as wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+
+from hhrm import data as hdata
+from hhrm import scoring, synthetic
+
+logger = logging.getLogger(__name__)
+
+CARD_BEGIN = "<!-- hhrm.rm_eval: begin -->"
+CARD_END = "<!-- hhrm.rm_eval: end -->"
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+
+
+def bt_loss(chosen: np.ndarray, rejected: np.ndarray) -> np.ndarray:
+    """Per-pair Bradley-Terry loss ``-log sigmoid(r_c - r_r)``, stable for large margins."""
+    return np.logaddexp(0.0, -(np.asarray(chosen, float) - np.asarray(rejected, float)))
+
+
+def exact_accuracy(chosen: np.ndarray, rejected: np.ndarray) -> float:
+    """Share of pairs with ``r_c > r_r`` strictly: a tie is wrong (a constant RM scores 0, not 0.5)."""
+    if len(chosen) == 0:
+        return float("nan")
+    return float(np.mean(np.asarray(chosen) > np.asarray(rejected)))
+
+
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks (0-based) with ties given their average rank."""
+    x = np.asarray(x, float)
+    order = np.argsort(x, kind="mergesort")
+    r = np.empty(len(x), float)
+    r[order] = np.arange(len(x), dtype=float)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=r)
+    return (sums / counts)[inverse]
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    return pearson(ranks(x), ranks(y))
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC of ``scores`` for binary ``labels`` (Mann-Whitney; a tied pos/neg pair counts half)."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels) > 0.5
+    pos, neg = scores[labels], np.sort(scores[~labels])
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    below = np.searchsorted(neg, pos, side="left")
+    equal = np.searchsorted(neg, pos, side="right") - below
+    return float((below + 0.5 * equal).sum() / (len(pos) * len(neg)))
+
+
+def quantile_edges(values: np.ndarray, n: int) -> list[int]:
+    """``n`` buckets' integer edges from the quantiles of ``values`` (duplicates merged)."""
+    qs = np.quantile(np.asarray(values, float), np.linspace(0, 1, n + 1))
+    edges = sorted({int(math.floor(qs[0]))} | {int(math.ceil(q)) for q in qs[1:]})
+    return edges if len(edges) > 1 else [edges[0], edges[0]]
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out pairs
+
+
+def pair_rewards(scorer: scoring.RewardScorer, ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Rewards of prompt+chosen and prompt+rejected (token ids reused when the pairs carry them)."""
+    if "chosen_ids" in ds.column_names:
+        chosen_ids, rejected_ids = list(ds["chosen_ids"]), list(ds["rejected_ids"])
+    else:
+        chosen_ids = scoring.encode(scorer.tokenizer, [p + c for p, c in zip(ds["prompt"], ds["chosen"])])
+        rejected_ids = scoring.encode(scorer.tokenizer, [p + r for p, r in zip(ds["prompt"], ds["rejected"])])
+    rewards = np.array(scorer.score_ids(chosen_ids + rejected_ids))
+    return rewards[: len(ds)], rewards[len(ds) :]
+
+
+def evaluate_pairs(scorer: scoring.RewardScorer, ds: Dataset, n_buckets: int = 4,
+                   prefix: str = "eval_") -> tuple[dict[str, float], dict[str, Any]]:
+    """Exact accuracy, BT loss, reward stats, accuracy by length bucket and length bias.
+
+    Returns ``(flat metrics, details)``; details hold the bucket table and the raw rewards.
+    """
+    if len(ds) == 0:
+        raise ValueError("no held-out pairs to evaluate (RM-test is empty after filtering)")
+    rc, rr = pair_rewards(scorer, ds)
+    tok = scorer.tokenizer
+    pair_len = np.array([max(len(c), len(r)) for c, r in zip(*_ids(tok, ds))])
+    resp_c = np.array([len(x) for x in tok(list(ds["chosen"]), add_special_tokens=False)["input_ids"]])
+    resp_r = np.array([len(x) for x in tok(list(ds["rejected"]), add_special_tokens=False)["input_ids"]])
+    all_rewards = np.concatenate([rc, rr])
+    m: dict[str, float] = {
+        "accuracy_exact": exact_accuracy(rc, rr),
+        "ties": int(np.sum(rc == rr)),
+        "bt_loss": float(bt_loss(rc, rr).mean()),
+        "margin_mean": float(np.mean(rc - rr)),
+        "reward_mean": float(all_rewards.mean()),
+        "reward_std": float(all_rewards.std()),
+        "reward_chosen_mean": float(rc.mean()),
+        "reward_rejected_mean": float(rr.mean()),
+        # Length bias: does the reward follow response length, within the data and within a pair?
+        "reward_length_pearson": pearson(all_rewards, np.concatenate([resp_c, resp_r])),
+        "reward_length_spearman": spearman(all_rewards, np.concatenate([resp_c, resp_r])),
+    }
+    differ = resp_c != resp_r
+    m["longer_preferred_rate"] = float(np.mean(np.where(resp_c > resp_r, rc > rr, rr > rc)[differ])) if differ.any() else float("nan")
+    m["data_chosen_longer_rate"] = float(np.mean((resp_c > resp_r)[differ])) if differ.any() else float("nan")
+    edges = quantile_edges(pair_len, n_buckets)
+    buckets = []
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        inside = (pair_len >= lo) & ((pair_len <= hi) if i == len(edges) - 2 else (pair_len < hi))
+        name = f"{lo}-{hi}" if i == len(edges) - 2 else f"{lo}-{hi - 1}"
+        acc = exact_accuracy(rc[inside], rr[inside])
+        buckets.append({"tokens": name, "pairs": int(inside.sum()), "accuracy_exact": acc})
+        m[f"accuracy_len_{name}"] = acc
+    metrics = {f"{prefix}{k}": v for k, v in m.items()}
+    details = {"length_buckets": buckets, "length_bucket_edges": edges,
+               "rewards": {"chosen": rc.tolist(), "rejected": rr.tolist()}}
+    return metrics, details
+
+
+def _ids(tokenizer, ds: Dataset) -> tuple[list[list[int]], list[list[int]]]:
+    if "chosen_ids" in ds.column_names:
+        return list(ds["chosen_ids"]), list(ds["rejected_ids"])
+    return (scoring.encode(tokenizer, [p + c for p, c in zip(ds["prompt"], ds["chosen"])]),
+            scoring.encode(tokenizer, [p + r for p, r in zip(ds["prompt"], ds["rejected"])]))
+
+
+# --------------------------------------------------------------------------------------------
+# Gold agreement on fresh responses (embedded data only)
+
+
+def distinct_prompts(prompts: list[str], n: int) -> list[str]:
+    """The first ``n`` distinct prompts, in order (fixed across runs so numbers compare)."""
+    seen: dict[str, None] = {}
+    for p in prompts:
+        seen.setdefault(p, None)
+        if len(seen) >= n:
+            break
+    return list(seen)
+
+
+def gold_agreement_stats(prompts: list[str], responses: list[list[str]], rewards: list[list[float]]) -> dict[str, float]:
+    """How well RM scores of sampled responses track the gold reward (1 correct / 0 wrong).
+
+    * ``gold_auc``: AUC of the RM score for correct vs wrong responses, over all samples;
+    * ``gold_pairwise_agreement``: among same-prompt pairs whose gold differs, the share the RM orders
+      the correct one strictly higher (ties wrong, like the held-out accuracy);
+    * ``gold_best_of_k_accuracy`` vs ``gold_sample_accuracy``: gold accuracy of the RM's pick among
+      the K samples (what RAFT keeps) vs of a random sample; ``gold_oracle_best_of_k``: any correct.
+    """
+    gold = [[synthetic.gold_reward(p, r) for r in rs] for p, rs in zip(prompts, responses)]
+    flat_gold = np.array([g for gs in gold for g in gs])
+    flat_rm = np.array([s for ss in rewards for s in ss])
+    agree = pairs = 0
+    best, oracle = [], []
+    for gs, ss in zip(gold, rewards):
+        for i in range(len(gs)):
+            for j in range(len(gs)):
+                if gs[i] > gs[j]:
+                    pairs += 1
+                    agree += ss[i] > ss[j]
+        best.append(gs[int(np.argmax(ss))])
+        oracle.append(max(gs))
+    return {
+        "gold_auc": auc(flat_rm, flat_gold),
+        "gold_pairwise_agreement": agree / pairs if pairs else float("nan"),
+        "gold_pairs": pairs,
+        "gold_samples": len(flat_gold),
+        "gold_sample_accuracy": float(flat_gold.mean()) if len(flat_gold) else float("nan"),
+        "gold_best_of_k_accuracy": float(np.mean(best)) if best else float("nan"),
+        "gold_oracle_best_of_k": float(np.mean(oracle)) if oracle else float("nan"),
+        "gold_reward_correct_mean": float(flat_rm[flat_gold > 0.5].mean()) if (flat_gold > 0.5).any() else float("nan"),
+        "gold_reward_wrong_mean": float(flat_rm[flat_gold < 0.5].mean()) if (flat_gold < 0.5).any() else float("nan"),
+    }
+
+
+def gold_agreement(scorer: scoring.RewardScorer, policy_path: str | Path, prompts: list[str], k: int,
+                   max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
+    """Sample ``k`` responses per prompt from the policy at ``policy_path``; compare RM scores with gold."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hhrm import generation
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    policy.to(next(scorer.model.parameters()).device)
+    torch.manual_seed(seed)
+    sampling = generation.SamplingArguments(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature)
+    responses = generation.generate_responses(policy, tokenizer, prompts, k, sampling, batch_size=64)
+    flat = scorer.score_pairs([p for p, rs in zip(prompts, responses) for _ in rs], [r for rs in responses for r in rs])
+    rewards, pos = [], 0
+    for rs in responses:
+        rewards.append(flat[pos : pos + len(rs)])
+        pos += len(rs)
+    stats = gold_agreement_stats(prompts, responses, rewards)
+    examples = [{"prompt": p, "response": r, "rm": s, "gold": synthetic.gold_reward(p, r)}
+                for p, rs, ss in list(zip(prompts, responses, rewards))[:5] for r, s in zip(rs, ss)]
+    return {"metrics": stats | {"gold_prompts": len(prompts)}, "examples": examples}
+
+
+def is_gold_checkable(prompts: list[str]) -> bool:
+    """True for the embedded data set, whose answers :mod:`hhrm.synthetic` can grade."""
+    try:
+        return bool(prompts) and all(synthetic.task_name(p) is not None for p in prompts)
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Everything, as the recipe and the CLI run it
+
+
+def evaluate(scorer: scoring.RewardScorer, test: Dataset, args: Any, policy_path: str | Path | None = None,
+             before: dict[str, float] | None = None, tokenizer_for_lengths=None,
+             train_prompts: set[str] | None = None) -> dict[str, Any]:
+    """Held-out pair metrics, plus gold agreement when the data is the embedded set and a policy is given."""
+    metrics, details = evaluate_pairs(scorer, test, args.length_buckets)
+    if before:
+        metrics.update(before)
+    result: dict[str, Any] = {"metrics": metrics, "held_out": details}
+    prompts = distinct_prompts(list(test["prompt"]), args.gold_prompts) if args.gold_prompts else []
+    if policy_path is not None and is_gold_checkable(prompts):
+        gold = gold_agreement(scorer, policy_path, prompts, args.gold_samples_per_prompt,
+                              args.gold_max_new_tokens, args.gold_temperature, args.seed)
+        metrics.update(gold["metrics"])
+        if train_prompts is not None:
+            metrics["gold_prompts_seen_in_train"] = sum(p in train_prompts for p in prompts)
+        result["gold_examples"] = gold["examples"]
+    return result
+
+
+def write_results(result: dict[str, Any], path: str | Path) -> Path:
+    return hdata.write_json(json.loads(json.dumps(result, default=float)), path)
+
+
+def card_section(metrics: dict[str, Any], details: dict[str, Any], model: str) -> str:
+    rows = ["| metric | value |", "| --- | --- |"]
+    rows += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    buckets = ["| pair tokens | pairs | exact accuracy |", "| --- | --- | --- |"]
+    buckets += [f"| {b['tokens']} | {b['pairs']} | {b['accuracy_exact']:.4f} |" for b in details["length_buckets"]]
+    return "\n".join([CARD_BEGIN, f"## Evaluation (`python -m hhrm.rm_eval`, {model})", "", *rows, "",
+                      "Accuracy by length bucket:", "", *buckets, CARD_END, ""])
+
+
+def update_card(folder: Path, section: str) -> Path:
+    """Insert (or replace) the evaluation section of ``folder/README.md``."""
+    path = folder / "README.md"
+    text = path.read_text() if path.is_file() else ""
+    if CARD_BEGIN in text and CARD_END in text:
+        head, rest = text.split(CARD_BEGIN, 1)
+        text = head + section.rstrip("\n") + rest.split(CARD_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + section
+    path.write_text(text)
+    return path
+
+
+@dataclass
+class RMEvalArguments:
+    """What ``python -m hhrm.rm_eval`` evaluates, on top of the RM recipe's config."""
+
+    reward_model: str | None = field(default=None, metadata={"help": "Reward model folder. Default: output_dir."})
+    policy_model: str | None = field(
+        default=None, metadata={"help": "Policy that samples fresh responses. Default: model_name_or_path (the SFT model)."}
+    )
+    eval_output_dir: str | None = field(
+        default=None, metadata={"help": "Where eval_rm.json and the card section go. Default: the reward model folder."}
+    )
+    skip_gold: bool = field(default=False, metadata={"help": "Skip the gold agreement on fresh samples."})
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from trl import ModelConfig, TrlParser
+
+    from hhrm import rm
+    from hhrm.runtime import setup_logging
+
+    parser = TrlParser((hdata.DataArguments, rm.RewardConfig, ModelConfig, RMEvalArguments))
+    data_args, args, model_args, eval_args = parser.parse_args_and_config(argv)
+    setup_logging()
+    rm.resolve_max_length(args, data_args)
+    reward_model = Path(eval_args.reward_model or args.output_dir)
+    if not (reward_model / "config.json").is_file():
+        raise FileNotFoundError(f"reward_model={str(reward_model)!r}: no model folder there (train it with `make rm`)")
+    out = Path(eval_args.eval_output_dir or reward_model)
+    scorer = rm_scorer(reward_model, args.scorer_batch_size)
+    splits = hdata.load_splits(data_args)
+    pairs = rm.prepare_pairs(splits, scorer.tokenizer, args.max_length, args.dedup_test)
+    policy = None if eval_args.skip_gold else (eval_args.policy_model or model_args.model_name_or_path)
+    result = evaluate(scorer, pairs.test, args, policy, train_prompts=set(pairs.train["prompt"]))
+    metrics = pairs.counts | result["metrics"]
+    write_results(result | {"counts": pairs.counts, "reward_model": str(reward_model)}, out / "eval_rm.json")
+    update_card(out, card_section(metrics, result["held_out"], str(reward_model)))
+    print(json.dumps(metrics, indent=2, default=float))
+    return metrics
+
+
+def rm_scorer(path: str | Path, batch_size: int = 64) -> scoring.RewardScorer:
+    return scoring.RewardScorer.from_pretrained(path, batch_size=batch_size)
+
+
+if __name__ == "__main__":
+    main()
