@@ -1,0 +1,206 @@
+"""Reward-model stage: config rules, the pair filter, honest metrics, and one text -> one reward on every path."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from hhrm import data, rm, rm_eval, scoring
+
+FAST = dict(output_dir="unused", use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none",
+            save_strategy="no", disable_tqdm=True)
+
+
+def config(tmp_path, **kw) -> rm.RewardConfig:
+    return rm.RewardConfig(**(FAST | {"output_dir": str(tmp_path / "out")} | kw))
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+def test_gradient_accumulation_is_derived_from_the_global_batch(tmp_path):
+    assert rm.gradient_accumulation(32, 4, 1) == 8
+    assert rm.gradient_accumulation(32, 4, 8) == 1
+    args = config(tmp_path, global_batch_size=16, per_device_train_batch_size=4)
+    assert args.gradient_accumulation_steps * args.per_device_train_batch_size * args.world_size == 16
+    with pytest.raises(ValueError, match="global_batch_size=30"):
+        config(tmp_path, global_batch_size=30, per_device_train_batch_size=4)
+
+
+def test_one_length_limit(tmp_path):
+    args = config(tmp_path)
+    assert rm.resolve_max_length(args, data.DataArguments(max_pair_tokens=300)) == 300 == args.max_length
+    with pytest.raises(ValueError, match="max_pair_tokens"):
+        rm.resolve_max_length(config(tmp_path, max_length=128), data.DataArguments(max_pair_tokens=512))
+
+
+def test_quantized_rm_needs_bf16_and_lora(tmp_path):
+    from trl import ModelConfig
+
+    with pytest.raises(ValueError, match="bf16"):
+        rm.check_precision(ModelConfig(load_in_4bit=True, use_peft=True), config(tmp_path))
+
+
+def test_lora_config_trains_and_saves_the_score_head():
+    from trl import ModelConfig
+
+    cfg = rm.reward_peft_config(ModelConfig(use_peft=True, lora_r=4))
+    assert str(cfg.task_type).endswith("SEQ_CLS") and "score" in cfg.modules_to_save
+    assert rm.reward_peft_config(ModelConfig(use_peft=False)) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_ties_count_as_wrong():
+    chosen, rejected = np.array([1.0, 2.0, 0.5, 3.0]), np.array([1.0, 1.0, 0.7, 3.0])
+    assert rm_eval.exact_accuracy(chosen, rejected) == 0.25
+    assert rm_eval.bt_loss(np.array([0.0]), np.array([0.0]))[0] == pytest.approx(math.log(2))
+    assert rm_eval.bt_loss(np.array([1000.0]), np.array([0.0]))[0] == pytest.approx(0.0)  # stable, no overflow
+
+
+def test_auc_and_rank_correlation():
+    assert rm_eval.auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    assert rm_eval.auc(np.array([1.0, 1.0]), np.array([0, 1])) == 0.5  # tie: half
+    assert math.isnan(rm_eval.auc(np.array([1.0]), np.array([1])))
+    assert rm_eval.spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 25, 100])) == pytest.approx(1.0)
+
+
+def test_gold_agreement_stats():
+    prompts = ["###Human: What is 2 plus 3? ###Assistant:"]
+    responses = [[" 2 plus 3 is 5.", " 2 plus 3 is 6.", " 2 plus 3 is 7."]]
+    stats = rm_eval.gold_agreement_stats(prompts, responses, [[1.0, 2.0, 0.0]])
+    assert stats["gold_pairs"] == 2 and stats["gold_pairwise_agreement"] == 0.5
+    assert stats["gold_best_of_k_accuracy"] == 0.0 and stats["gold_oracle_best_of_k"] == 1.0
+    assert stats["gold_auc"] == 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs: the 512-token filter and train/test overlap
+
+
+@pytest.fixture(scope="module")
+def tok(tiny):
+    return AutoTokenizer.from_pretrained(tiny["base"])
+
+
+PROMPT = "###Human: How many words are in this list: apple river? ###Assistant:"
+SHORT = " There are 2 words in the list."
+
+
+def response_of_length(tok, tokens: int) -> str:
+    """A response whose prompt + response + EOS is exactly ``tokens`` long."""
+    for n in range(1, 2 * tokens):
+        response = SHORT + " apple" * n
+        length = len(scoring.encode(tok, [PROMPT + response])[0])
+        if length == tokens:
+            return response
+        if length > tokens:
+            break
+    pytest.skip(f"cannot build a {tokens}-token text with this tokenizer")
+
+
+def long_fixture(tok) -> Dataset:
+    at, over = response_of_length(tok, 512), response_of_length(tok, 513)
+    return Dataset.from_dict({
+        "prompt": [PROMPT] * 5,
+        "chosen": [SHORT, at, over, SHORT, over],
+        "rejected": [SHORT + " No.", SHORT, SHORT, over, over],
+    })
+
+
+def test_filter_drops_exactly_the_long_pairs(tmp_path, tok, tiny):
+    fixture = long_fixture(tok)
+    kept, dropped = rm.drop_long(rm.tokenize_pairs(fixture, tok), 512)
+    assert dropped == 3  # 513 tokens (EOS counted) in chosen, rejected or both: dropped, never truncated
+    assert list(kept["chosen"]) == [fixture["chosen"][0], fixture["chosen"][1]]
+    assert max(len(x) for x in kept["chosen_ids"]) == 512
+    # RewardTrainer's own filter (which counts the EOS it appends) agrees with ours on the raw pairs.
+    from trl import RewardTrainer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["base"], num_labels=1)
+    trainer = RewardTrainer(model=model, args=config(tmp_path, max_length=512), train_dataset=fixture,
+                            processing_class=tok)
+    assert list(trainer.train_dataset["chosen_ids"]) == list(kept["chosen_ids"])
+    assert list(trainer.train_dataset["rejected_ids"]) == list(kept["rejected_ids"])
+
+
+def test_prepare_pairs_counts_drops_and_removes_overlap(tok):
+    extra = long_fixture(tok)
+    train = Dataset.from_dict({k: list(extra[k]) for k in extra.column_names})
+    test = Dataset.from_dict({k: list(extra[k][:1]) + [" unseen"] if k != "prompt" else list(extra[k][:2])
+                              for k in extra.column_names})
+    splits = data.PreferenceSplits(train=train, test=test, drops={}, source={})
+    pairs = rm.prepare_pairs(splits, tok, 512)
+    assert pairs.counts["pairs_dropped_long"] == 3
+    assert pairs.counts["eval_pairs_overlapping_train"] == 1 and pairs.counts["eval_pairs"] == 1
+    assert data.check_no_overlap(pairs.train, pairs.test) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# One text, one reward: RewardTrainer, hhrm's scorer, the evaluation and the card's pipeline snippet
+
+
+@pytest.fixture(scope="module")
+def saved_rm(tiny, tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("rm")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["base"], num_labels=1)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def snippet_rewards(path, batch_size: int) -> tuple[list[str], list[float]]:
+    scope: dict = {}
+    exec(rm.pipeline_snippet(path, batch_size), scope)  # the very text the model card shows
+    return scope["test_texts"], scope["rewards"]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_card_pipeline_snippet_equals_direct_forward(saved_rm, batch_size):
+    texts, rewards = snippet_rewards(saved_rm, batch_size)
+    tok = AutoTokenizer.from_pretrained(saved_rm)
+    model = AutoModelForSequenceClassification.from_pretrained(saved_rm).eval()
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
+    with torch.no_grad():
+        direct = [model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in scoring.encode(tok, texts)]
+    assert len(rewards) == len(texts)
+    assert rewards == pytest.approx(direct, abs=1e-5)
+
+
+def test_same_reward_on_all_four_paths(saved_rm, tmp_path):
+    from trl import RewardTrainer
+
+    texts, pipe = snippet_rewards(saved_rm, 2)
+    prompts = [t.split(" ###Assistant:")[0] + " ###Assistant:" for t in texts]
+    responses = [t[len(p):] for t, p in zip(texts, prompts)]
+    # rejected = the same texts, so both halves of the trainer's batch must give the same rewards.
+    pairs = Dataset.from_dict({"prompt": prompts, "chosen": responses, "rejected": responses})
+
+    tok = AutoTokenizer.from_pretrained(saved_rm)
+    model = AutoModelForSequenceClassification.from_pretrained(saved_rm).eval()
+    # 1. training: RewardTrainer's own tokenization (raw text in) and collator, through the model.
+    trainer = RewardTrainer(model=model, args=config(tmp_path, per_device_eval_batch_size=8), train_dataset=pairs,
+                            eval_dataset=pairs, processing_class=tok)
+    batch = next(iter(trainer.get_eval_dataloader()))
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    train_chosen, train_rejected = logits[: len(texts)].tolist(), logits[len(texts):].tolist()
+    # 2. hhrm's scorer; 3. the evaluation; 4. the card's pipeline snippet.
+    scorer = scoring.RewardScorer.from_pretrained(saved_rm)
+    scored = scorer.score_pairs(prompts, responses)
+    eval_chosen, eval_rejected = rm_eval.pair_rewards(scorer, pairs)
+    for other in (train_rejected, scored, eval_chosen.tolist(), eval_rejected.tolist(), pipe):
+        assert other == pytest.approx(train_chosen, abs=1e-5)
