@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         elif name == "rm":
             overrides += ["--model_name_or_path", str(out / "sft")]
         elif name == "raft":
-            overrides += ["--model_name_or_path", str(out / "sft"), "--reward_model_path", str(out / "rm")]
+            overrides += ["--model_name_or_path", str(out / "sft"), "--reward_model_name_or_path", str(out / "rm")]
         if name != "raft" and stage_out.exists():
             shutil.rmtree(stage_out)  # a fresh run; RAFT keeps its folder so an interrupted demo resumes
         stats = run_stage(name, recipe, Path(args.configs) / f"{name}.yaml", overrides, out / f"{name}.log")
