@@ -424,7 +424,8 @@ class RaftRunner:
         gen_stats: dict[str, Any] = {}
         responses = self.generate(it, [r["prompt"] for r in mine], k, self.sampling, self.seed_for(it, 1), gen_stats)
         rows = [
-            {"index": r["index"], "prompt": r["prompt"], "responses": resp, "response_tokens": self._token_counts(resp)}
+            {"index": r["index"], "rank": self.rank, "prompt": r["prompt"], "responses": resp,
+             "response_tokens": self._token_counts(resp)}
             for r, resp in zip(mine, responses)
         ]
         held = self._heldout_rows(it)

@@ -1,0 +1,162 @@
+"""The RAFT loop end to end on tiny models: reward rises, resume is exact, 2 processes share the prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hhrm import data as hdata
+from hhrm import raft
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+TEST_OFFSET = 100
+
+
+@pytest.fixture(scope="module")
+def models(tiny, tmp_path_factory) -> dict[str, Path]:
+    """A briefly fine-tuned tiny policy and a tiny reward model trained from it (about a minute on CPU)."""
+    from transformers import AutoTokenizer
+    from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+
+    out = tmp_path_factory.mktemp("raft_models")
+    splits = hdata.load_splits(hdata.DataArguments(dataset_name=str(tiny["data"]), test_offset=TEST_OFFSET))
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    common = dict(use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
+                  logging_steps=50, seed=0, disable_tqdm=True)
+    sft = SFTTrainer(model=str(tiny["base"]), train_dataset=splits.sft_texts(), processing_class=tok,
+                     args=SFTConfig(output_dir=str(out / "sft"), max_steps=60, per_device_train_batch_size=8,
+                                    learning_rate=3e-3, max_length=128, packing=True, packing_strategy="wrapped",
+                                    **common))
+    sft.train()
+    sft.save_model(str(out / "sft"))
+    tok.save_pretrained(out / "sft")
+    pairs = splits.train.map(lambda r: {"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]},
+                             remove_columns=["prompt"])
+    rm = RewardTrainer(model=str(out / "sft"), train_dataset=pairs, processing_class=tok,
+                       args=RewardConfig(output_dir=str(out / "rm"), max_steps=80, per_device_train_batch_size=16,
+                                         learning_rate=1e-3, max_length=256, **common))
+    rm.train()
+    rm.save_model(str(out / "rm"))
+    tok.save_pretrained(out / "rm")
+    return {"policy": out / "sft", "rm": out / "rm", "data": tiny["data"]}
+
+
+def settings(models: dict[str, Path], output_dir: Path, **overrides) -> dict:
+    values = dict(
+        model_name_or_path=str(models["policy"]), reward_model_name_or_path=str(models["rm"]),
+        dataset_name=str(models["data"]), test_offset=TEST_OFFSET, output_dir=str(output_dir),
+        num_iterations=2, prompts_per_iteration=32, num_samples=4, max_new_tokens=16, heldout_prompts=24,
+        generation_batch_size=32, reward_batch_size=64, max_length=128, per_device_train_batch_size=8,
+        num_train_epochs=1, learning_rate=5e-4, logging_steps=50, seed=0, progress=False, disable_tqdm=True,
+        offload_models="false",
+    )
+    values.update(overrides)
+    return values
+
+
+def run(values: dict):
+    """Parse exactly as recipes/raft.py does, then run in this process."""
+    from trl import ModelConfig, TrlParser
+
+    argv = [x for k, v in values.items() for x in (f"--{k}", str(v))]
+    data_args, args, model_args = TrlParser((hdata.DataArguments, raft.RaftConfig, ModelConfig)).parse_args_and_config(argv)
+    runner = raft.RaftRunner(args, data_args, model_args)
+    try:
+        return runner.run()
+    finally:
+        runner._free("policy")
+        runner._free("scorer")
+
+
+def kept(output_dir: Path, it: int) -> list[dict]:
+    return raft.read_jsonl(output_dir / f"iter_{it:03d}" / "kept.jsonl")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("raft_a")
+    run(settings(models, out))
+    return out
+
+
+def test_reward_rises_and_outputs_are_written(uninterrupted):
+    out = uninterrupted
+    rows = json.loads((out / "metrics_per_iteration.json").read_text())
+    its, final = rows["iterations"], rows["final"]
+    assert [r["iteration"] for r in its] == [0, 1]
+    assert its[1]["reward_first_sample"] > its[0]["reward_first_sample"]
+    assert final["heldout_reward"] > its[0]["heldout_reward"]
+    head = json.loads((out / "metrics.json").read_text())
+    assert head["reward_first_sample_last"] == its[1]["reward_first_sample"]
+    assert "gold_accuracy_first" in head and "gold_accuracy_last" in head
+    for name in ("README.md", "reward_curve.png", "metrics.md", "config.json", "model.safetensors", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    d = out / "iter_000"
+    for name in ("prompts.jsonl", "samples.jsonl", "scored.jsonl", "kept.jsonl", "metrics.json", "policy/config.json"):
+        assert (d / name).is_file(), name
+    scored = raft.read_jsonl(d / "scored.jsonl")
+    assert len(scored) == 32 and all(len(r["responses"]) == len(r["rewards"]) == 4 for r in scored)
+    m = its[0]
+    for key in ("reward_best_of_k", "distinct_1", "distinct_2", "response_tokens_mean", "filtered_empty",
+                "seconds_generate", "seconds_score", "seconds_train", "generated_tokens_per_second", "gold_accuracy"):
+        assert key in m, key
+    assert m["reward_best_of_k"] >= m["reward_first_sample"]
+
+
+def test_resume_after_interruption_in_each_stage_gives_identical_results(models, uninterrupted, tmp_path):
+    out = tmp_path / "raft_b"
+    for stop in ("0:generate", "0:train", "1:draw", "1:generate", "1:score", "1:select", "1:train", "1:metrics"):
+        with pytest.raises(raft.StopRequested):
+            run(settings(models, out, stop_after=stop))
+        if stop == "1:select":
+            # a kill in the middle of training: a half-written policy folder and a stray temp file
+            (out / "iter_001" / "policy.tmp").mkdir()
+            (out / "iter_001" / "policy.tmp" / "model.safetensors").write_bytes(b"garbage")
+            (out / "iter_001" / "kept.jsonl.tmp").write_text("{broken")
+    run(settings(models, out))
+    for it in (0, 1):
+        assert kept(out, it) == kept(uninterrupted, it)
+        assert raft.read_jsonl(out / f"iter_{it:03d}" / "scored.jsonl") == raft.read_jsonl(
+            uninterrupted / f"iter_{it:03d}" / "scored.jsonl")
+    a = json.loads((uninterrupted / "metrics_per_iteration.json").read_text())["final"]
+    b = json.loads((out / "metrics_per_iteration.json").read_text())["final"]
+    assert a["heldout_reward"] == b["heldout_reward"]
+
+
+def test_bad_settings_fail_early_naming_the_setting(models, tmp_path):
+    with pytest.raises(ValueError, match="num_samples"):
+        run(settings(models, tmp_path, num_samples=0))
+    with pytest.raises(ValueError, match="prompts_per_iteration"):
+        run(settings(models, tmp_path, prompts_per_iteration=10**6))
+    with pytest.raises(ValueError, match="selection"):
+        run(settings(models, tmp_path, selection="best_of_n"))
+    with pytest.raises(ValueError, match="stop_after"):
+        run(settings(models, tmp_path, stop_after="zero:draw"))
+
+
+def test_two_processes_cover_every_prompt_once(models, tmp_path):
+    out = tmp_path / "raft_ddp"
+    values = settings(models, out, num_iterations=1, prompts_per_iteration=21, heldout_prompts=9)
+    argv = [x for k, v in values.items() for x in (f"--{k}", str(v))]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "recipes/raft.py", *argv]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    d = out / "iter_000"
+    drawn = [r["index"] for r in raft.read_jsonl(d / "prompts.jsonl")]
+    samples = raft.read_jsonl(d / "samples.jsonl")
+    assert len(drawn) == len(set(drawn)) == 21
+    assert [r["index"] for r in samples] == drawn  # every drawn prompt exactly once, in order
+    assert {r["rank"] for r in samples} == {0, 1}  # and both processes generated
+    assert sorted(r["index"] for r in raft.read_jsonl(d / "scored.jsonl")) == sorted(drawn)
+    assert len(raft.read_jsonl(d / "kept.jsonl")) <= 21
+    held = raft.read_jsonl(d / "heldout_scored.jsonl")
+    assert [r["position"] for r in held] == list(range(9))
+    assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()

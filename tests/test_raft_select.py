@@ -1,0 +1,92 @@
+"""RAFT selection and junk filters on hand-made rewards (no models)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hhrm import raft_select
+from hhrm.raft_select import JunkFilter, distinct_n, filter_counts, select, select_best_of_k, select_top_fraction
+
+OK = None
+
+
+def test_best_of_k_picks_the_highest_reward_per_prompt():
+    rewards = [[0.1, 0.9, 0.5], [2.0, -1.0, 1.0]]
+    reasons = [[OK] * 3, [OK] * 3]
+    assert select_best_of_k(rewards, reasons) == [(0, 1), (1, 0)]
+
+
+def test_best_of_k_ties_go_to_the_first_sample():
+    rewards = [[0.5, 0.7, 0.7, 0.7]]
+    assert select_best_of_k(rewards, [[OK] * 4]) == [(0, 1)]
+
+
+def test_best_of_k_never_keeps_a_filtered_sample_and_skips_all_filtered_prompts():
+    rewards = [[9.0, 1.0, 2.0], [5.0, 6.0, 7.0], [float("nan"), 0.0, -1.0]]
+    reasons = [["repetitive", OK, OK], ["empty", "too_short", "pattern"], [OK, "empty", OK]]
+    # prompt 0: 9.0 is junk -> 2.0; prompt 1: nothing left -> skipped; prompt 2: NaN is never kept -> -1.0
+    assert select_best_of_k(rewards, reasons) == [(0, 2), (2, 2)]
+
+
+def test_top_fraction_ranks_the_whole_batch():
+    rewards = [[1.0, 8.0], [7.0, 6.0], [0.0, 5.0]]
+    reasons = [[OK, OK], [OK, OK], [OK, OK]]
+    # 6 samples, fraction 0.5 -> keep 3: 8.0, 7.0, 6.0 (prompt 2 gets nothing, prompt 1 gets two)
+    assert select_top_fraction(rewards, reasons, 0.5) == [(0, 1), (1, 0), (1, 1)]
+
+
+def test_top_fraction_ties_and_filters():
+    rewards = [[3.0, 3.0], [3.0, 10.0]]
+    reasons = [[OK, OK], [OK, "pattern"]]
+    # ceil(0.5 * 4) = 2 kept; 10.0 is filtered; three 3.0 ties -> the two earliest positions
+    assert select_top_fraction(rewards, reasons, 0.5) == [(0, 0), (0, 1)]
+    # asking for more than pass the filters keeps only those that pass
+    assert select_top_fraction(rewards, reasons, 1.0) == [(0, 0), (0, 1), (1, 0)]
+
+
+def test_top_fraction_one_over_k_keeps_as_many_as_best_of_k():
+    rewards = [[float(i * 3 + j) for j in range(4)] for i in range(5)]
+    reasons = [[OK] * 4 for _ in range(5)]
+    assert len(select_top_fraction(rewards, reasons, 1 / 4)) == len(select_best_of_k(rewards, reasons)) == 5
+
+
+def test_select_dispatch_and_errors():
+    rewards, reasons = [[1.0, 2.0]], [[OK, OK]]
+    assert select(rewards, reasons, "best_of_k") == [(0, 1)]
+    assert select(rewards, reasons, "top_fraction", 0.5) == [(0, 1)]
+    with pytest.raises(ValueError, match="selection="):
+        select(rewards, reasons, "best_of_n")
+    with pytest.raises(ValueError, match="top_fraction="):
+        select(rewards, reasons, "top_fraction", 0.0)
+    with pytest.raises(ValueError, match="shape"):
+        select_best_of_k([[1.0, 2.0]], [[OK]])
+
+
+def test_junk_filter_reasons_in_order():
+    f = JunkFilter(min_tokens=3, max_repeat_fraction=0.4, patterns=[r"(?i)i'm sorry"])
+    assert f.reason("   ", 0) == "empty"
+    assert f.reason(" Yes.", 2) == "too_short"
+    assert f.reason(" the cat sat the cat sat the cat sat the cat sat", 20) == "repetitive"
+    assert f.reason(" I'm sorry, I can't help with that.", 10) == "pattern"
+    assert f.reason(" There are 5 words in the list.", 8) is None
+
+
+def test_junk_filter_settings_fail_early():
+    with pytest.raises(ValueError, match="filter_max_repeat_fraction"):
+        JunkFilter(max_repeat_fraction=0.0)
+    with pytest.raises(ValueError, match="filter_patterns"):
+        JunkFilter(patterns=["("])
+    # 1.0 turns the repetition check off
+    assert JunkFilter(max_repeat_fraction=1.0).reason(" a a a a a a a a", 8) is None
+
+
+def test_filter_counts_and_distinct():
+    counts = filter_counts([[OK, "empty"], ["empty", "pattern"]])
+    assert counts == {"empty": 2, "too_short": 0, "repetitive": 0, "pattern": 1, "passed": 1}
+    assert set(raft_select.FILTER_REASONS) <= set(counts)
+    assert distinct_n(["a b a b"], 1) == 0.5
+    assert distinct_n(["a b", "a b"], 2) == 0.5
+    assert distinct_n([""], 2) == 0.0
+    assert math.isclose(raft_select.repeat_fraction("x y z x y z"), 1 - 3 / 4)
