@@ -76,18 +76,18 @@ class Preset:
     # SFT: documents up to sft_max_length tokens, about sft_tokens of them per side and repeat
     sft_max_length: int = 1024
     sft_rows_per_step: int = 1
-    sft_tokens: int = 8192
+    sft_tokens: int = 4096
     # RM: pairs whose texts are <= rm_max_tokens (the card: 512), rm_pairs of them, rm_batch pairs per step
     rm_max_tokens: int = 512
-    rm_pairs: int = 64
+    rm_pairs: int = 32
     rm_batch: int = 8
     # Generation: gen_prompts prompts (<= gen_prompt_max tokens) x K; gen_seq_prompts of them one sequence at a time
     gen_prompts: int = 16
     gen_k: int = 8
-    gen_new_tokens: int = 32
+    gen_new_tokens: int = 48
     gen_prompt_max: int = 256
     gen_batch: int = 16
-    gen_seq_prompts: int = 2
+    gen_seq_prompts: int = 1
     # Scoring: score_texts prompt+response texts
     score_texts: int = 128
     score_batch: int = 64
@@ -550,7 +550,9 @@ def bench_gen(ctx: "Context") -> list[dict[str, Any]]:
     K = p.gen_k
     sampling = SamplingArguments(max_new_tokens=p.gen_new_tokens)
     model = build_model("causal", p, tok, ctx.device, ctx.dtype, seed=1).eval()
-    seq_prompts = prompts[: p.gen_seq_prompts]
+    by_length = sorted(prompts, key=lambda q: len(tok(q, add_special_tokens=False)["input_ids"]))
+    mid = len(by_length) // 2  # prompts of median length for the slowest side
+    seq_prompts = by_length[max(0, mid - p.gen_seq_prompts // 2) :][: p.gen_seq_prompts]
 
     def counted(fn: Callable[[], Any]) -> Callable[[], float]:
         def run() -> float:
@@ -561,15 +563,20 @@ def bench_gen(ctx: "Context") -> list[dict[str, Any]]:
 
         return run
 
-    batched = Side(f"hhrm generate_responses: {p.gen_batch} prompts x K={K} per call",
+    def plain_generate(prompt: str, n: int) -> None:
+        # The original RAFT aligner: model.generate on one prompt with num_return_sequences=n.
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        model.generate(input_ids=enc["input_ids"].to(ctx.device), attention_mask=enc["attention_mask"].to(ctx.device),
+                       generation_config=sampling.generation_config(tok, n), tokenizer=tok)
+
+    batched = Side(f"hhrm generate_responses, {p.gen_batch} prompts x K={K} per call",
                    counted(lambda: generate_responses(model, tok, prompts, K, sampling, batch_size=p.gen_batch)))
-    per_prompt = Side(f"1 prompt x K={K} per generate call",
-                      counted(lambda: [generate_responses(model, tok, [q], K, sampling, batch_size=1) for q in prompts]),
-                      warmup=lambda: generate_responses(model, tok, prompts[:1], K, sampling, batch_size=1))
-    one_seq = Side("1 sequence per generate call",
-                   counted(lambda: [generate_responses(model, tok, [q], 1, sampling, batch_size=1)
-                                    for q in seq_prompts for _ in range(K)]),
-                   warmup=lambda: generate_responses(model, tok, prompts[:1], 1, sampling, batch_size=1))
+    per_prompt = Side(f"generate(1 prompt, num_return_sequences={K}) per call",
+                      counted(lambda: [plain_generate(q, K) for q in prompts]),
+                      warmup=lambda: plain_generate(prompts[0], K))
+    one_seq = Side("generate(1 prompt, 1 sequence) per call",
+                   counted(lambda: [plain_generate(q, 1) for q in seq_prompts for _ in range(K)]),
+                   warmup=lambda: plain_generate(prompts[0], 1))
     interleave(ctx.clock, [batched, per_prompt, one_seq], p.repeats)
     del model
     gc.collect()
@@ -713,11 +720,24 @@ RUNNERS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
 }
 
 
+def pick_threads(requested: int | None) -> tuple[int, float]:
+    """``requested``, else the usable CPUs not already busy (1-minute load average), at least 1.
+
+    On a shared machine, OpenMP threads that wait for a descheduled sibling make a 2-thread matmul
+    2-3x slower than a 1-thread one (measured here), which would swamp every ratio.
+    """
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if requested:
+        return requested, load
+    return max(1, min(usable, int(usable - load + 0.5))), load
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads, load = pick_threads(args.threads)
     if device.type == "cpu":
         torch.set_num_threads(threads)
     preset = PRESETS[args.size]
@@ -746,7 +766,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "hhrm make bench",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, "-m", "hhrm.bench", *sys.argv[1:]]),
-        "machine": machine_info(device, dtype, threads),
+        "machine": machine_info(device, dtype, threads) | {
+            "load_average_1min": {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}},
         "size": args.size,
         "preset": asdict(preset),
         "model": {"n_matmul_params": ctx.n_params.get("sft"), "vocab_size": preset.vocab or len(tokenizer)},
@@ -791,7 +812,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", choices=sorted(PRESETS), default="cpu", help="model/workload preset")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable CPUs)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: usable CPUs minus the 1-minute load average, >= 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (preset default)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
     parser.add_argument("--sft-strategies", default="wrapped,bfd", help="packing strategies to time (wrapped[,bfd])")
