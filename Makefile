@@ -34,7 +34,7 @@ rm: embedded
 
 eval-rm: CONFIG ?= recipes/configs/tiny/rm.yaml
 eval-rm: install
-	$(PY) -m hhrm.rm_eval --config $(CONFIG) $(if $(MODEL),--model_name_or_path $(MODEL)) $(ARGS)
+	$(PY) -m hhrm.rm_eval --config $(CONFIG) $(if $(MODEL),--reward_model $(MODEL)) $(ARGS)
 
 raft: CONFIG ?= recipes/configs/tiny/raft.yaml
 raft: embedded

@@ -10,6 +10,7 @@ def main() -> None:
     data_args, args, model_args = TrlParser((data.DataArguments, rm.RewardConfig, ModelConfig)).parse_args_and_config()
     setup_logging()
     rm.resolve_max_length(args, data_args)
+    rm.check_model_path(model_args)
     tokenizer = modeling.load_tokenizer(model_args)
     pairs = rm.prepare_pairs(splits := data.load_splits(data_args), tokenizer, args.max_length, args.dedup_test)
     model = rm.load_reward_model(model_args, args, tokenizer)

@@ -204,6 +204,16 @@ def check_precision(model_args: ModelConfig, args: RewardConfig) -> None:
         raise ValueError("load_in_4bit/load_in_8bit needs use_peft=true (quantized weights cannot be fine-tuned)")
 
 
+def check_model_path(model_args: ModelConfig) -> None:
+    """A missing local starting point is a missing stage, not a hub id: say which stage to run."""
+    path = model_args.model_name_or_path or ""
+    if not Path(path).exists() and (path.startswith(("/", ".", "outputs")) or path.count("/") != 1):
+        raise FileNotFoundError(
+            f"model_name_or_path={path!r}: no such folder. The RM starts from the SFT output: run `make sft` "
+            "(or the SFT recipe with the matching config) first, or point model_name_or_path at a model folder"
+        )
+
+
 def load_reward_model(model_args: ModelConfig, args: RewardConfig, tokenizer):
     """``AutoModelForSequenceClassification`` with one label, its pad id set from ``tokenizer``."""
     from transformers import AutoModelForSequenceClassification, set_seed

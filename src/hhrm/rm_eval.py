@@ -24,7 +24,7 @@ import numpy as np
 from datasets import Dataset
 
 from hhrm import data as hdata
-from hhrm import scoring, synthetic
+from hhrm import scoring, sft, synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +203,16 @@ def gold_agreement_stats(prompts: list[str], responses: list[list[str]], rewards
     }
 
 
+def accuracy_by_task(test: Dataset, chosen: np.ndarray, rejected: np.ndarray) -> dict[str, float]:
+    """Embedded data: exact accuracy per task family, and on refusals vs wrong-but-well-formed rejections."""
+    groups: dict[str, list[bool]] = {}
+    for p, r, c_reward, r_reward in zip(test["prompt"], test["rejected"], chosen, rejected):
+        kind = "refusal" if r.strip() in synthetic.REFUSALS else "wrong_answer"
+        for key in (f"eval_accuracy_task_{synthetic.task_name(p)}", f"eval_accuracy_rejected_{kind}"):
+            groups.setdefault(key, []).append(bool(c_reward > r_reward))
+    return {k: float(np.mean(v)) for k, v in sorted(groups.items())}
+
+
 def gold_agreement(scorer: scoring.RewardScorer, policy_path: str | Path, prompts: list[str], k: int,
                    max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
     """Sample ``k`` responses per prompt from the policy at ``policy_path``; compare RM scores with gold."""
@@ -228,14 +238,6 @@ def gold_agreement(scorer: scoring.RewardScorer, policy_path: str | Path, prompt
     return {"metrics": stats | {"gold_prompts": len(prompts)}, "examples": examples}
 
 
-def is_gold_checkable(prompts: list[str]) -> bool:
-    """True for the embedded data set, whose answers :mod:`hhrm.synthetic` can grade."""
-    try:
-        return bool(prompts) and all(synthetic.task_name(p) is not None for p in prompts)
-    except ValueError:
-        return False
-
-
 # --------------------------------------------------------------------------------------------
 # Everything, as the recipe and the CLI run it
 
@@ -249,7 +251,9 @@ def evaluate(scorer: scoring.RewardScorer, test: Dataset, args: Any, policy_path
         metrics.update(before)
     result: dict[str, Any] = {"metrics": metrics, "held_out": details}
     prompts = distinct_prompts(list(test["prompt"]), args.gold_prompts) if args.gold_prompts else []
-    if policy_path is not None and is_gold_checkable(prompts):
+    if sft.is_gold_checkable(list(test["prompt"])):
+        metrics.update(accuracy_by_task(test, np.array(details["rewards"]["chosen"]), np.array(details["rewards"]["rejected"])))
+    if policy_path is not None and sft.is_gold_checkable(prompts):
         gold = gold_agreement(scorer, policy_path, prompts, args.gold_samples_per_prompt,
                               args.gold_max_new_tokens, args.gold_temperature, args.seed)
         metrics.update(gold["metrics"])
