@@ -354,6 +354,7 @@ def finish(trainer: trl.RewardTrainer, pairs: RewardPairs, splits: hdata.Prefere
 def write_card(output_dir: Path, configs: dict[str, Any], metrics: dict[str, Any], report: dict[str, Any]) -> Path:
     args = configs["training"]
     steps = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     return modelcard.write_model_card(
         output_dir,
         title=f"Reward model from {configs['model'].model_name_or_path} on HH-RLHF pairs (hhrm)",
@@ -361,13 +362,16 @@ def write_card(output_dir: Path, configs: dict[str, Any], metrics: dict[str, Any
             "Bradley-Terry reward model trained with TRL `RewardTrainer` (`AutoModelForSequenceClassification`, "
             f"`num_labels=1`) on the RM-train pairs of the card's split, {metrics.get('train_pairs')} pairs after dropping "
             f"{metrics.get('pairs_dropped_long')} over {metrics.get('max_pair_tokens')} tokens (dropped, never truncated). "
-            f"lr {args.learning_rate}, {args.num_train_epochs} epoch(s), `{args.lr_scheduler_type}` schedule, "
+            f"lr {args.learning_rate}, {args.num_train_epochs} epoch(s), `{schedule}` schedule, "
             f"{steps} pairs per optimizer step. The reward of a text is the score at its final EOS token "
             "(the text is `###Human: ... ###Assistant: ...` + EOS).\n\n"
             f"Held-out (RM-test, {metrics.get('eval_pairs')} pairs, none also in RM-train): exact accuracy "
             f"{metrics.get('eval_accuracy_exact', float('nan')):.4f} (ties count as wrong), mean Bradley-Terry loss "
-            f"{metrics.get('eval_bt_loss', float('nan')):.4f}. Per-length-bucket accuracy and the reward/length "
-            "correlation are in the metrics table and `eval_rm.json`."
+            f"{metrics.get('eval_bt_loss', float('nan')):.4f}. Length bias: Pearson correlation of reward with "
+            f"response length {metrics.get('eval_reward_length_pearson', float('nan')):.3f}; the longer response "
+            f"wins {metrics.get('eval_longer_preferred_rate', float('nan')):.3f} of pairs (the data's chosen response "
+            f"is the longer one in {metrics.get('eval_data_chosen_longer_rate', float('nan')):.3f}). Accuracy by "
+            "length bucket is below and in `eval_rm.json`."
         ),
         metrics=metrics,
         configs=configs,
