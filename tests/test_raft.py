@@ -160,3 +160,8 @@ def test_two_processes_cover_every_prompt_once(models, tmp_path):
     held = raft.read_jsonl(d / "heldout_scored.jsonl")
     assert [r["position"] for r in held] == list(range(9))
     assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
+
+
+def test_resume_with_other_settings_is_refused(models, uninterrupted):
+    with pytest.raises(ValueError, match="other settings.*num_samples"):
+        run(settings(models, uninterrupted, num_samples=3))

@@ -672,11 +672,35 @@ class RaftRunner:
             self.state.wait_for_everyone()
             torch.distributed.destroy_process_group()
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a finished stage's outputs depend on; a resume with other values would mix two runs."""
+        skip = {"progress", "stop_after", "logging_steps", "disable_tqdm", "output_dir", "offload_models",
+                "generation_batch_size", "reward_batch_size", "logging_dir", "run_name"}
+        raft_args = {k: v for k, v in modelcard.config_dict(self.args).items() if k not in skip}
+        return {"data": modelcard.config_dict(self.data_args), "model": self.model_args.model_name_or_path,
+                "raft": raft_args}
+
+    def check_resume(self) -> None:
+        previous = read_json(self.out / "run.json").get("fingerprint")
+        if previous is None:
+            return
+        now = json.loads(json.dumps(self.fingerprint(), default=str))
+        changed = sorted(f"{part}.{k}" for part in now for k in (set(now[part]) | set(previous.get(part, {})))
+                         if isinstance(now[part], dict) and now[part].get(k) != previous.get(part, {}).get(k))
+        if previous.get("model") != now["model"]:
+            changed.append("model_name_or_path")
+        if changed:
+            raise ValueError(
+                f"output_dir={str(self.out)!r} holds a RAFT run with other settings ({', '.join(changed[:8])}); "
+                "resuming would mix two runs: use a new output_dir or delete that folder"
+            )
+
     def run(self) -> dict[str, Any]:
+        self.check_resume()
         if self.state.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json({"prompt_set": self.prompt_report, "offload_models": self.offload, "world_size": self.world},
-                       self.out / "run.json")
+            write_json({"prompt_set": self.prompt_report, "offload_models": self.offload, "world_size": self.world,
+                        "fingerprint": json.loads(json.dumps(self.fingerprint(), default=str))}, self.out / "run.json")
         self.state.wait_for_everyone()
         for it in range(self.args.num_iterations):
             d = self.iter_dir(it)
