@@ -2,8 +2,9 @@
 
 Each dialogue ends with a Human question from one of a few task families (addition, comparison,
 unit conversion, picking a word from a list, counting words). The chosen answer is correct; the
-rejected one is usually a *wrong but well-formed* answer (same sentence, wrong value), sometimes a
-refusal or an evasive reply, so a reward model has to learn correctness, not style.
+rejected one is usually a *wrong but well-formed* answer — the same sentence with a wrong value, or
+the right answer to a different question of the same kind — sometimes a refusal or an evasive
+reply, so a reward model has to learn correctness, not style.
 
 :func:`gold_reward` scores any response to any generated prompt (1.0 correct, 0.0 otherwise): it
 re-derives the expected answer from the question text alone, so it also grades model samples.
@@ -191,7 +192,26 @@ def _raw(turns: list[tuple[str, str]]) -> str:
     return "".join(f"\n\n{role}: {text}" for role, text in turns)
 
 
-def make_example(rng: random.Random, wrong_share: float = 0.8, multi_turn_share: float = 0.35) -> dict[str, str]:
+# How rejected answers go wrong. "other_question" answers a different question of the same kind
+# ("There are 400 centimeters in 4 meters." asked about 5 meters): fluent and self-consistent, so
+# a reward model must check the answer against the question, the very mistake a policy makes.
+REJECTION_KINDS = {"wrong_value": 0.45, "other_question": 0.35, "refusal": 0.20}
+
+
+def _is_correct(question: str, answer: str) -> bool:
+    found = match_task(question)
+    return found is not None and found[0].extract(answer) == found[0].expected(found[1])
+
+
+def _other_question_answer(rng: random.Random, task: Task, question: str, fallback: str) -> str:
+    for _ in range(20):
+        _, answer, _ = task.make(rng)
+        if not _is_correct(question, answer):
+            return answer
+    return fallback
+
+
+def make_example(rng: random.Random, multi_turn_share: float = 0.35) -> dict[str, str]:
     """One raw-format pair: ``{"chosen": dialogue, "rejected": dialogue}``."""
     task = rng.choice(TASKS)
     question, right, wrong = task.make(rng)
@@ -202,7 +222,10 @@ def make_example(rng: random.Random, wrong_share: float = 0.8, multi_turn_share:
         else:
             q0, a0, _ = rng.choice(TASKS).make(rng)
             context += [("Human", q0), ("Assistant", a0)]
-    if rng.random() >= wrong_share:
+    kind = rng.choices(list(REJECTION_KINDS), weights=list(REJECTION_KINDS.values()))[0]
+    if kind == "other_question":
+        wrong = _other_question_answer(rng, task, question, wrong)
+    elif kind == "refusal":
         wrong = rng.choice(REFUSALS)
     context.append(("Human", question))
     return {
