@@ -28,7 +28,7 @@ def test_rm_recipe_trains_exports_and_evaluates(tiny, tmp_path):
     out = tmp_path / "rm"
     cfg = {
         "model_name_or_path": str(tiny["base"]), "dataset_name": str(tiny["data"]), "test_offset": 100,
-        "output_dir": str(out), "num_train_epochs": 1, "learning_rate": 2.0e-3, "lr_scheduler_type": "linear",
+        "output_dir": str(out), "num_train_epochs": 3, "learning_rate": 1.0e-3, "lr_scheduler_type": "linear",
         "global_batch_size": 16, "per_device_train_batch_size": 8, "activation_checkpointing": False,
         "eval_strategy": "no", "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "seed": 0,
         "gold_prompts": 20, "gold_samples_per_prompt": 2, "gold_max_new_tokens": 12,
