@@ -1,0 +1,33 @@
+"""`make demo` end to end: the real recipes on the embedded default (a few minutes on 2 cores)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_runs_sft_rm_raft_and_reports(tmp_path):
+    out = tmp_path / "tiny"
+    proc = subprocess.run([sys.executable, "-m", "hhrm.demo", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "demo_summary.json").read_text())
+    stages = summary["stages"]
+    assert list(stages) == ["sft", "rm", "raft"]
+    for name, stage in stages.items():
+        assert stage["seconds"] > 0 and stage["max_rss_mb"] > 0, name
+        assert (Path(stage["output_dir"]) / "model.safetensors").is_file(), name
+        assert (Path(stage["output_dir"]) / "README.md").is_file(), name
+    sft, rm, raft = (stages[k]["metrics"] for k in ("sft", "rm", "raft"))
+    assert sft["eval_loss"] < 0.2 * sft["eval_loss_before"]
+    assert sft["gold_accuracy"] > 0.2  # greedy answers of the SFT policy on held-out prompts
+    assert rm["eval_accuracy_exact"] > 0.75 and rm["gold_auc"] > 0.6
+    assert raft["reward_first_sample_last"] > raft["reward_first_sample_first"]
+    assert (out / "raft" / "reward_curve.png").is_file()
+    # The printed summary names where everything is and the headline numbers.
+    assert str(out / "raft") in proc.stdout and "eval_accuracy_exact=" in proc.stdout
