@@ -100,8 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
             overrides += ["--model_name_or_path", str(out / "sft")]
         elif name == "raft":
             overrides += ["--model_name_or_path", str(out / "sft"), "--reward_model_name_or_path", str(out / "rm")]
-        if name != "raft" and stage_out.exists():
-            shutil.rmtree(stage_out)  # a fresh run; RAFT keeps its folder so an interrupted demo resumes
+        if stage_out.exists():
+            # A fresh run: the stages before were just retrained, so a kept RAFT folder would resume
+            # iterations made with other models (`make raft` is the way to resume a run).
+            shutil.rmtree(stage_out)
         stats = run_stage(name, recipe, Path(args.configs) / f"{name}.yaml", overrides, out / f"{name}.log")
         summary["stages"][name] = {**stats, "output_dir": str(stage_out), "metrics": read_metrics(stage_out)}
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
