@@ -106,18 +106,27 @@ def test_raw_loader_on_real_hh_sample(hh_sample):
 
 
 def test_long_pairs_dropped_not_truncated(tiny):
+    from datasets import Dataset
+
+    from hhrm import rm
+
     tok = AutoTokenizer.from_pretrained(tiny["base"])
     short = {"prompt": "###Human: hi ###Assistant:", "chosen": " yes", "rejected": " no"}
     long = {"prompt": "###Human: hi ###Assistant:", "chosen": " word" * 100, "rejected": " no"}
-    from datasets import Dataset
-
     ds = Dataset.from_list([short, long, short])
-    kept, dropped = data.filter_long_pairs(ds, tok, max_tokens=50)
-    assert dropped == 1 and len(kept) == 2 and kept["chosen"] == [" yes", " yes"]
+    kept, dropped = rm.drop_long(rm.tokenize_pairs(ds, tok), 50)
+    assert dropped == 1 and len(kept) == 2 and list(kept["chosen"]) == [" yes", " yes"]
     lc, _ = data.pair_lengths(ds, tok)
-    # EOS counts, as RewardTrainer counts it: the limit is inclusive of the appended EOS.
-    kept, dropped = data.filter_long_pairs(ds, tok, max_tokens=int(lc[0]) - 1)
+    # EOS counts, as RewardTrainer counts it: the limit is inclusive of the appended EOS, and the
+    # data report's lengths are the very lengths the drop uses.
+    assert list(lc) == [len(ids) for ids in rm.tokenize_pairs(ds, tok)["chosen_ids"]]
+    kept, dropped = rm.drop_long(rm.tokenize_pairs(ds, tok), int(lc[0]) - 1)
     assert dropped == 3
+
+
+def test_distinct_prompts_keeps_first_occurrence_order():
+    assert data.distinct_prompts(["b", "a", "b", "c", "a", "d"], 3) == ["b", "a", "c"]
+    assert data.distinct_prompts(["a", "a"], 5) == ["a"]
 
 
 def test_data_report_has_percentiles_and_drops(dahoas_dir, tiny):

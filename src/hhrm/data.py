@@ -316,26 +316,27 @@ def check_no_overlap(train: Dataset, test: Dataset) -> int:
 # Token lengths
 
 
-def pair_lengths(ds: Dataset, tokenizer, add_eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Token counts of ``prompt+chosen`` and ``prompt+rejected`` (plus EOS, as RewardTrainer counts)."""
-    eos = tokenizer.eos_token if add_eos and tokenizer.eos_token else ""
-    texts_c = [p + c + eos for p, c in zip(ds["prompt"], ds["chosen"])]
-    texts_r = [p + r + eos for p, r in zip(ds["prompt"], ds["rejected"])]
-    enc = tokenizer(texts_c + texts_r, add_special_tokens=False)["input_ids"]
-    lens = np.array([len(x) for x in enc])
-    return lens[: len(texts_c)], lens[len(texts_c) :]
+def pair_lengths(ds: Dataset, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Token counts of ``prompt+chosen`` and ``prompt+rejected`` as the reward model sees them.
+
+    Counted with :func:`hhrm.scoring.encode` (text + EOS, the tokenizer's own special tokens), the
+    one tokenization the RM trains and scores with, so the report and the 512-token drop agree.
+    """
+    from hhrm.scoring import encode
+
+    texts = [p + c for p, c in zip(ds["prompt"], ds["chosen"])] + [p + r for p, r in zip(ds["prompt"], ds["rejected"])]
+    lens = np.array([len(x) for x in encode(tokenizer, texts)])
+    return lens[: len(ds)], lens[len(ds) :]
 
 
-def filter_long_pairs(ds: Dataset, tokenizer, max_tokens: int) -> tuple[Dataset, int]:
-    """Drop (not truncate) pairs whose chosen or rejected text is over ``max_tokens``; returns the count."""
-    if len(ds) == 0:
-        return ds, 0
-    lc, lr = pair_lengths(ds, tokenizer)
-    keep = np.flatnonzero((lc <= max_tokens) & (lr <= max_tokens))
-    dropped = len(ds) - len(keep)
-    if dropped:
-        logger.info("dropped %d of %d pairs over %d tokens", dropped, len(ds), max_tokens)
-    return ds.select(keep), dropped
+def distinct_prompts(prompts: Iterable[str], n: int) -> list[str]:
+    """The first ``n`` distinct prompts, in order (fixed across stages so their numbers compare)."""
+    seen: dict[str, None] = {}
+    for p in prompts:
+        if len(seen) >= n:
+            break
+        seen.setdefault(p, None)
+    return list(seen)
 
 
 def length_stats(lengths: np.ndarray) -> dict[str, float]:

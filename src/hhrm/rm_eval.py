@@ -158,16 +158,6 @@ def _ids(tokenizer, ds: Dataset) -> tuple[list[list[int]], list[list[int]]]:
 # Gold agreement on fresh responses (embedded data only)
 
 
-def distinct_prompts(prompts: list[str], n: int) -> list[str]:
-    """The first ``n`` distinct prompts, in order (fixed across runs so numbers compare)."""
-    seen: dict[str, None] = {}
-    for p in prompts:
-        seen.setdefault(p, None)
-        if len(seen) >= n:
-            break
-    return list(seen)
-
-
 def gold_agreement_stats(prompts: list[str], responses: list[list[str]], rewards: list[list[float]]) -> dict[str, float]:
     """How well RM scores of sampled responses track the gold reward (1 correct / 0 wrong).
 
@@ -250,7 +240,7 @@ def evaluate(scorer: scoring.RewardScorer, test: Dataset, args: Any, policy_path
     if before:
         metrics.update(before)
     result: dict[str, Any] = {"metrics": metrics, "held_out": details}
-    prompts = distinct_prompts(list(test["prompt"]), args.gold_prompts) if args.gold_prompts else []
+    prompts = hdata.distinct_prompts(test["prompt"], args.gold_prompts) if args.gold_prompts else []
     if sft.is_gold_checkable(list(test["prompt"])):
         metrics.update(accuracy_by_task(test, np.array(details["rewards"]["chosen"]), np.array(details["rewards"]["rejected"])))
     if policy_path is not None and sft.is_gold_checkable(prompts):

@@ -47,12 +47,7 @@ def sft_datasets(splits: hdata.PreferenceSplits, eval_rows: int) -> tuple[Datase
 
 def heldout_prompts(splits: hdata.PreferenceSplits, n: int) -> list[str]:
     """The first ``n`` distinct RM-test prompts (fixed across stages so their numbers compare)."""
-    seen: dict[str, None] = {}
-    for p in splits.test["prompt"]:
-        seen.setdefault(p, None)
-        if len(seen) >= n:
-            break
-    return list(seen)
+    return hdata.distinct_prompts(splits.test["prompt"], n)
 
 
 def is_gold_checkable(prompts: list[str]) -> bool:
