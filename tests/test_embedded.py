@@ -1,4 +1,5 @@
 import json
+import random
 
 import pytest
 import torch
@@ -12,29 +13,44 @@ def test_generation_is_deterministic_and_seeded():
     assert synthetic.generate(50, seed=3) != synthetic.generate(50, seed=4)
 
 
-def test_gold_reward_prefers_every_chosen_answer():
-    rows = synthetic.generate(500, seed=1)
+def test_gold_reward_agrees_with_every_preference():
+    rows = synthetic.generate(1000, seed=1)
     ds, report = data.normalize_rows(rows, "raw", "gen")
-    assert report.dropped == 0 and len(ds) == 500
-    wrong_but_well_formed = 0
+    assert report.dropped == 0 and len(ds) == 1000
+    right_chosen = wrong_but_well_formed = 0
     for row in ds:
-        assert synthetic.gold_reward(row["prompt"], row["chosen"]) == 1.0
-        assert synthetic.gold_reward(row["prompt"], row["rejected"]) == 0.0
-        wrong_but_well_formed += row["rejected"].strip() not in synthetic.REFUSALS
-    # Most rejections are wrong answers in the right form, so style alone cannot separate them.
-    assert wrong_but_well_formed / len(ds) > 0.7
+        chosen, rejected = (synthetic.gold_reward(row["prompt"], row[k]) for k in ("chosen", "rejected"))
+        assert rejected == 0.0
+        right_chosen += chosen
+        if chosen == 0.0:  # a wrong attempt preferred to a refusal, as in real preference data
+            assert row["rejected"].strip() in synthetic.REFUSALS and row["chosen"].strip() not in synthetic.REFUSALS
+        else:
+            wrong_but_well_formed += row["rejected"].strip() not in synthetic.REFUSALS
+    assert right_chosen / len(ds) == pytest.approx(1 - synthetic.WRONG_CHOSEN_SHARE, abs=0.05)
+    # Most rejections of right answers are wrong answers in the right form: style cannot separate them.
+    assert wrong_but_well_formed / right_chosen > 0.75
     assert {synthetic.task_name(p) for p in ds["prompt"]} == {t.name for t in synthetic.TASKS}
+
+
+def test_rejections_include_the_policy_typical_miscopy():
+    rng = random.Random(0)
+    task = next(t for t in synthetic.TASKS if t.name == "compare")
+    answers = {synthetic._rejected_answer(rng, task, (43, 32), "near_question") for _ in range(200)}
+    # One operand miscopied, the rest of the sentence in the chosen answer's form.
+    assert "Of 43 and 32, the larger is 43." not in answers
+    assert any(a.startswith("Of 43 and ") and not a.startswith("Of 43 and 32,") for a in answers)
+    assert any(a.startswith("Of ") and a.endswith("and 32, the larger is 43.") and "Of 43 " not in a for a in answers)
 
 
 @pytest.mark.parametrize(
     "question, good, bad",
     [
-        ("What is 7 plus 8?", " 7 plus 8 is 15.", " 7 plus 8 is 16."),
-        ("Which number is larger, 12 or 71?", " The larger number is 71.", " The larger number is 12."),
-        ("How many centimeters are in 3 meters?", " There are 300 centimeters in 3 meters.", " 30 centimeters."),
-        ("What is the last word in this list: apple river stone?", " The last word is stone.", " The last word is apple."),
-        ("What is the first word in this list: apple river stone?", " The first word is apple.", " I don't know."),
+        ("How many centimeters are in 7 meters?", " 7 meters is 700 centimeters.", " 8 meters is 700 centimeters."),
+        ("Which number is larger, 12 or 41?", " Of 12 and 41, the larger is 41.", " Of 12 and 41, the larger is 12."),
+        ("Which number is larger, 12 or 41?", " 41", " Of 12 and 40, the larger is 41."),  # miscopied operand
+        ("How many centimeters are in 3 meters?", " 3 meters is 300 centimeters.", " 3 meters is 30 centimeters."),
         ("How many words are in this list: apple river stone?", " There are 3 words in the list.", " There are 4 words."),
+        ("How many words are in this list: apple river stone?", " There are 3 words in the list.", " I don't know."),
     ],
 )
 def test_gold_reward_grades_free_text(question, good, bad):
@@ -51,11 +67,11 @@ def test_gold_reward_rejects_foreign_prompts():
 
 
 def test_gold_summary_per_task():
-    p_add = formatting.make_prompt([("Human", "What is 1 plus 1?")])
+    p_cnv = formatting.make_prompt([("Human", "How many centimeters are in 1 meters?")])
     p_cmp = formatting.make_prompt([("Human", "Which number is larger, 10 or 20?")])
-    out = synthetic.gold_summary([p_add, p_add, p_cmp], [" 1 plus 1 is 2.", " 3", " 20"])
+    out = synthetic.gold_summary([p_cnv, p_cnv, p_cmp], [" 1 meters is 100 centimeters.", " 3", " 20"])
     assert out["gold_accuracy"] == pytest.approx(2 / 3)
-    assert out["gold_accuracy_add"] == 0.5 and out["gold_accuracy_compare"] == 1.0
+    assert out["gold_accuracy_convert"] == 0.5 and out["gold_accuracy_compare"] == 1.0
 
 
 def test_embedded_folder_is_a_normal_hf_model(tiny):

@@ -74,8 +74,8 @@ def test_auc_and_rank_correlation():
 
 
 def test_gold_agreement_stats():
-    prompts = ["###Human: What is 2 plus 3? ###Assistant:"]
-    responses = [[" 2 plus 3 is 5.", " 2 plus 3 is 6.", " 2 plus 3 is 7."]]
+    prompts = ["###Human: How many centimeters are in 2 meters? ###Assistant:"]
+    responses = [[" 2 meters is 200 centimeters.", " 2 meters is 20 centimeters.", " 2 meters is 2000 centimeters."]]
     stats = rm_eval.gold_agreement_stats(prompts, responses, [[1.0, 2.0, 0.0]])
     assert stats["gold_pairs"] == 2 and stats["gold_pairwise_agreement"] == 0.5
     assert stats["gold_best_of_k_accuracy"] == 0.0 and stats["gold_oracle_best_of_k"] == 1.0

@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # (stage, recipe, headline metrics shown in the summary, in this order)
 STAGES = (
     ("sft", "recipes/sft.py", ("eval_loss_before", "eval_loss", "gold_accuracy")),
-    ("rm", "recipes/rm.py", ("eval_accuracy_exact", "eval_bt_loss", "pairs_dropped_long", "gold_auc", "gold_best_of_k_accuracy")),
-    ("raft", "recipes/raft.py", ("reward_first_sample_first", "reward_first_sample_last", "gold_accuracy_first", "gold_accuracy_last")),
+    ("rm", "recipes/rm.py", ("eval_accuracy_exact", "eval_accuracy_rejected_wrong_answer", "eval_bt_loss", "pairs_dropped_long",
+                              "gold_auc", "gold_best_of_k_accuracy")),
+    ("raft", "recipes/raft.py", ("reward_first_sample_first", "reward_first_sample_last", "gold_accuracy_sampled_first",
+                                  "gold_accuracy_sampled_last", "gold_accuracy_first", "gold_accuracy_last")),
 )
 
 

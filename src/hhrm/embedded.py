@@ -27,8 +27,8 @@ class EmbeddedSpec:
     """Sizes of the embedded default. Changing any field rebuilds it."""
 
     seed: int = 0
-    data_version: int = 2  # bump when hhrm.synthetic changes what it generates
-    train_rows: int = 3000
+    data_version: int = 3  # bump when hhrm.synthetic changes what it generates
+    train_rows: int = 10000
     test_rows: int = 1000
     vocab_size: int = 1024
     hidden_size: int = 128

@@ -639,7 +639,14 @@ class RaftRunner:
             "heldout_reward_last": final.get("heldout_reward"),
         }
         if self.gold:
-            headline |= {"gold_accuracy_first": first.get("gold_accuracy"), "gold_accuracy_last": final.get("gold_accuracy")}
+            # Greedy answers and one sample per held-out prompt (at the RAFT temperature: the policy RAFT
+            # optimises), then the first sample on each iteration's drawn prompts (the gold twin of
+            # reward_first_sample).
+            headline |= {"gold_accuracy_first": first.get("gold_accuracy"), "gold_accuracy_last": final.get("gold_accuracy"),
+                         "gold_accuracy_sampled_first": first.get("gold_accuracy_sampled"),
+                         "gold_accuracy_sampled_last": final.get("gold_accuracy_sampled"),
+                         "gold_accuracy_first_sample_first": first.get("gold_accuracy_first_sample"),
+                         "gold_accuracy_first_sample_last": last.get("gold_accuracy_first_sample")}
         for s in STAGES[:-1]:
             headline[f"seconds_{s}_total"] = sum((r.get(f"seconds_{s}") or 0.0) for r in rows)
         headline["seconds_final_eval"] = final.get("seconds_final_eval")
@@ -743,7 +750,8 @@ def link_policy(src: Path, dst: Path) -> None:
 
 
 TABLE_COLUMNS = ("iteration", "reward_first_sample", "reward_best_of_k", "reward_kept", "heldout_reward",
-                 "gold_accuracy", "response_tokens_mean", "distinct_2", "kept", "generated_tokens_per_second",
+                 "gold_accuracy", "gold_accuracy_sampled", "gold_accuracy_first_sample", "response_tokens_mean",
+                 "distinct_2", "kept", "generated_tokens_per_second",
                  "seconds_generate", "seconds_score", "seconds_train")
 
 
@@ -796,6 +804,6 @@ def plot_reward_curve(rows: list[dict[str, Any]], final: dict[str, Any] | None, 
 
 
 def headline_line(m: dict[str, Any]) -> str:
-    keys = ("reward_first_sample", "reward_best_of_k", "heldout_reward", "gold_accuracy", "kept", "seconds_generate",
-            "seconds_train")
+    keys = ("reward_first_sample", "reward_best_of_k", "heldout_reward", "gold_accuracy", "gold_accuracy_sampled", "kept",
+            "seconds_generate", "seconds_train")
     return ", ".join(f"{k}={m[k]:.4g}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}" for k in keys if k in m)

@@ -1,10 +1,18 @@
 """The embedded preference data set: HH-format dialogues whose final answers code can check.
 
-Each dialogue ends with a Human question from one of a few task families (addition, comparison,
-unit conversion, picking a word from a list, counting words). The chosen answer is correct; the
-rejected one is usually a *wrong but well-formed* answer — the same sentence with a wrong value, or
-the right answer to a different question of the same kind — sometimes a refusal or an evasive
-reply, so a reward model has to learn correctness, not style.
+Each dialogue ends with a Human question from one of three task families (comparing two numbers,
+converting meters to centimeters, counting the words of a list), answered in one sentence that
+restates the operands. Usually the chosen answer is correct and the rejected one is *wrong but
+well-formed* — the same sentence with a wrong value, with an operand miscopied, or the right answer
+to a different question — sometimes a refusal, so a reward model has to learn correctness, not
+style. In 30% of pairs, as in real preference data, the chosen answer is itself a wrong attempt
+preferred to a refusal: SFT on the chosen answers imitates those mistakes, and only the
+comparisons (the reward model, then RAFT) can remove them.
+
+The tasks are sized for the embedded 4-layer model: it learns to copy operands and then decide, and
+its typical mistakes (miscopied operands) are among the rejections the reward model learns from.
+Addition was dropped: the tiny reward model never learned sums well enough to rank the policy's
+off-by-one answers, so RAFT picked wrong sums.
 
 :func:`gold_reward` scores any response to any generated prompt (1.0 correct, 0.0 otherwise): it
 re-derives the expected answer from the question text alone, so it also grades model samples.
@@ -33,6 +41,8 @@ SMALL_TALK = [
     ("Thanks for the help earlier.", "You are welcome. Anything else?"),
 ]
 
+COMPARE_LOW, COMPARE_HIGH = 10, 49
+
 REFUSALS = [
     "I'm sorry, I can't help with that.",
     "I don't know the answer to that.",
@@ -43,13 +53,22 @@ REFUSALS = [
 
 @dataclass(frozen=True)
 class Task:
-    """One task family: a question pattern, how to make a question, and how to grade an answer."""
+    """One task family, built from its operands: a question, an answer stating a value, the solver.
+
+    Answers restate the operands ("Of 43 and 32, the larger is 43."), so a reward model can check
+    both the copy and the result, and so can :func:`gold_reward`.
+    """
 
     name: str
-    pattern: re.Pattern
-    make: Callable[[random.Random], tuple[str, str, str]]  # -> (question, correct answer, wrong answer)
-    expected: Callable[[re.Match], str]
-    extract: Callable[[str], str | None]
+    pattern: re.Pattern  # parses a question back into its operands
+    parse: Callable[[re.Match], tuple]
+    sample: Callable[[random.Random], tuple]
+    question: Callable[[tuple], str]
+    answer: Callable[[tuple, int], str]  # the answer sentence for these operands, stating this value
+    solve: Callable[[tuple], int]
+    wrong: Callable[[random.Random, tuple], int]  # a plausible wrong value
+    near: Callable[[random.Random, tuple], tuple] | None  # operands of a nearby question (a miscopy)
+    extract: Callable[[str], str | None]  # the value an answer states
 
 
 def _ints(text: str) -> list[str]:
@@ -66,108 +85,93 @@ def _last_int(text: str) -> str | None:
     return found[-1] if found else None
 
 
-def _word_after_is(text: str) -> str | None:
-    m = re.search(r"\bis ([A-Za-z]+)", text)
-    return m.group(1).lower() if m else None
-
-
-def _near_miss(rng: random.Random, value: int, low: int = 0) -> int:
+def _near_miss(rng: random.Random, value: int, low: int = 0, high: int | None = None, steps=(-3, -2, -1, 1, 2, 3, 10, -10)) -> int:
     """A wrong value close to the right one, as a plausible mistake would be."""
     while True:
-        wrong = value + rng.choice([-3, -2, -1, 1, 2, 3, 10, -10])
-        if wrong != value and wrong >= low:
+        wrong = value + rng.choice(steps)
+        if wrong != value and wrong >= low and (high is None or wrong <= high):
             return wrong
 
 
-def _make_add(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
-    q = f"What is {a} plus {b}?"
-    return q, f"{a} plus {b} is {a + b}.", f"{a} plus {b} is {_near_miss(rng, a + b)}."
+def _near_operands(rng: random.Random, ops: tuple[int, ...], low: int, high: int) -> tuple[int, ...]:
+    """``ops`` with one operand changed to a close value (the miscopy a small model makes)."""
+    i = rng.randrange(len(ops))
+    changed = list(ops)
+    changed[i] = _near_miss(rng, ops[i], low, high, steps=(-3, -2, -1, 1, 2, 3))
+    return tuple(changed)
 
 
-def _make_compare(rng: random.Random) -> tuple[str, str, str]:
-    a, b = rng.sample(range(10, 100), 2)
-    q = f"Which number is larger, {a} or {b}?"
-    return q, f"The larger number is {max(a, b)}.", f"The larger number is {min(a, b)}."
-
-
-def _make_convert(rng: random.Random) -> tuple[str, str, str]:
-    m = rng.randint(1, 30)
-    q = f"How many centimeters are in {m} meters?"
-    wrong = rng.choice([m * 10, m * 1000, _near_miss(rng, m * 100, 1)])
-    return q, f"There are {m * 100} centimeters in {m} meters.", f"There are {wrong} centimeters in {m} meters."
-
-
-def _make_pick(rng: random.Random) -> tuple[str, str, str]:
-    n = rng.randint(3, 5)
-    words = rng.sample(WORDS, n)
-    which = rng.choice(["first", "last"])
-    right = words[0] if which == "first" else words[-1]
-    wrong = rng.choice([w for w in words if w != right])
-    q = f"What is the {which} word in this list: {' '.join(words)}?"
-    return q, f"The {which} word is {right}.", f"The {which} word is {wrong}."
-
-
-def _make_count(rng: random.Random) -> tuple[str, str, str]:
-    n = rng.randint(2, 7)
-    words = rng.sample(WORDS, n)
-    q = f"How many words are in this list: {' '.join(words)}?"
-    wrong = rng.choice([k for k in (n - 1, n + 1, n + 2) if k > 0])
-    return q, f"There are {n} words in the list.", f"There are {wrong} words in the list."
+def _count_sample(rng: random.Random) -> tuple:
+    return tuple(rng.sample(WORDS, rng.randint(2, 7)))
 
 
 TASKS: tuple[Task, ...] = (
     Task(
-        "add",
-        re.compile(r"^What is (\d+) plus (\d+)\?$"),
-        _make_add,
-        lambda m: str(int(m[1]) + int(m[2])),
-        _last_int,
-    ),
-    Task(
         "compare",
         re.compile(r"^Which number is larger, (\d+) or (\d+)\?$"),
-        _make_compare,
-        lambda m: str(max(int(m[1]), int(m[2]))),
+        lambda m: (int(m[1]), int(m[2])),
+        lambda rng: tuple(rng.sample(range(COMPARE_LOW, COMPARE_HIGH + 1), 2)),
+        lambda o: f"Which number is larger, {o[0]} or {o[1]}?",
+        lambda o, v: f"Of {o[0]} and {o[1]}, the larger is {v}.",
+        lambda o: max(o),
+        lambda rng, o: rng.choice([min(o), min(o), _near_miss(rng, max(o), COMPARE_LOW, COMPARE_HIGH + 10)]),
+        lambda rng, o: _near_operands(rng, o, COMPARE_LOW, COMPARE_HIGH),
         _last_int,
     ),
     Task(
         "convert",
         re.compile(r"^How many centimeters are in (\d+) meters\?$"),
-        _make_convert,
-        lambda m: str(int(m[1]) * 100),
-        _first_int,
-    ),
-    Task(
-        "pick",
-        re.compile(r"^What is the (first|last) word in this list: ([a-z ]+)\?$"),
-        _make_pick,
-        lambda m: m[2].split()[0] if m[1] == "first" else m[2].split()[-1],
-        _word_after_is,
+        lambda m: (int(m[1]),),
+        lambda rng: (rng.randint(1, 30),),
+        lambda o: f"How many centimeters are in {o[0]} meters?",
+        lambda o, v: f"{o[0]} meters is {v} centimeters.",
+        lambda o: o[0] * 100,
+        lambda rng, o: rng.choice([o[0] * 10, o[0] * 1000, _near_miss(rng, o[0] * 100, 1)]),
+        lambda rng, o: _near_operands(rng, o, 1, 30),
+        _last_int,
     ),
     Task(
         "count",
         re.compile(r"^How many words are in this list: ([a-z ]+)\?$"),
-        _make_count,
-        lambda m: str(len(m[1].split())),
+        lambda m: tuple(m[1].split()),
+        _count_sample,
+        lambda o: f"How many words are in this list: {' '.join(o)}?",
+        lambda o, v: f"There are {v} words in the list.",
+        len,
+        lambda rng, o: rng.choice([k for k in (len(o) - 1, len(o) + 1, len(o) + 2) if k > 0]),
+        None,  # the answer does not restate the list
         _first_int,
     ),
 )
 
 
-def match_task(question: str) -> tuple[Task, re.Match] | None:
-    """The task family a Human question belongs to, or ``None`` for a question not generated here."""
+def match_task(question: str) -> tuple[Task, tuple] | None:
+    """The task family of a Human question and its operands, or ``None`` for a question not generated here."""
     for task in TASKS:
         m = task.pattern.match(question.strip())
         if m:
-            return task, m
+            return task, task.parse(m)
     return None
 
 
 def gold_answer(prompt: str) -> str | None:
     """The correct answer to the last question of ``prompt`` (either marker format)."""
     found = match_task(formatting.last_human_turn(prompt))
-    return found[0].expected(found[1]) if found else None
+    return str(found[0].solve(found[1])) if found else None
+
+
+def _is_correct(question: str, response: str) -> bool:
+    """The stated value is right, and every number in the response is one the question or the
+    answer gives: "Of 39 and 34, the larger is 39." for 39 or 32 miscopied an operand and is wrong."""
+    found = match_task(question)
+    if found is None:
+        raise ValueError(f"not a generated question: {question[-120:]!r}")
+    task, ops = found
+    expected = str(task.solve(ops))
+    if task.extract(response) != expected:
+        return False
+    allowed = set(_ints(question)) | {expected}
+    return all(n in allowed for n in _ints(response))
 
 
 def gold_reward(prompt: str, response: str) -> float:
@@ -175,12 +179,10 @@ def gold_reward(prompt: str, response: str) -> float:
 
     Only the text before the next turn marker counts, as RAFT cuts generations there.
     """
-    found = match_task(formatting.last_human_turn(prompt))
-    if found is None:
+    question = formatting.last_human_turn(prompt)
+    if match_task(question) is None:
         raise ValueError(f"not a generated prompt: {prompt[-120:]!r}")
-    task, m = found
-    answer = task.extract(formatting.cut_at_next_turn(response))
-    return 1.0 if answer is not None and answer == task.expected(m) else 0.0
+    return 1.0 if _is_correct(question, formatting.cut_at_next_turn(response)) else 0.0
 
 
 def task_name(prompt: str) -> str | None:
@@ -192,46 +194,63 @@ def _raw(turns: list[tuple[str, str]]) -> str:
     return "".join(f"\n\n{role}: {text}" for role, text in turns)
 
 
-# How rejected answers go wrong. "other_question" answers a different question of the same kind
-# ("There are 400 centimeters in 4 meters." asked about 5 meters): fluent and self-consistent, so
-# a reward model must check the answer against the question, the very mistake a policy makes.
-REJECTION_KINDS = {"wrong_value": 0.45, "other_question": 0.35, "refusal": 0.20}
+# How rejected answers go wrong, all but refusals in the chosen answer's own form:
+# - wrong_value: the operands restated right, a wrong result ("3 meters is 30 centimeters.");
+# - near_question: one operand miscopied, with the result right for the miscopy, wrong for it, or
+#   right for the question ("Of 44 and 32, the larger is 43." asked about 43 or 32) - the policy's
+#   own typical mistake;
+# - other_question: the right answer to a different question of the same kind;
+# - refusal.
+REJECTION_KINDS = {"wrong_value": 0.35, "near_question": 0.30, "other_question": 0.20, "refusal": 0.15}
 
 
-def _is_correct(question: str, answer: str) -> bool:
-    found = match_task(question)
-    return found is not None and found[0].extract(answer) == found[0].expected(found[1])
+WRONG_KINDS = ("wrong_value", "near_question", "other_question")
+# Share of pairs whose chosen answer is itself wrong (and whose rejected one is a refusal).
+WRONG_CHOSEN_SHARE = 0.3
 
 
-def _other_question_answer(rng: random.Random, task: Task, question: str, fallback: str) -> str:
-    for _ in range(20):
-        _, answer, _ = task.make(rng)
+def _rejected_answer(rng: random.Random, task: Task, ops: tuple, kind: str) -> str:
+    question = task.question(ops)
+    if kind == "near_question" and task.near is not None:
+        near = task.near(rng, ops)
+        # Right for the miscopy, wrong for it, or the true result beside miscopied operands.
+        value = rng.choice([task.solve(near), task.wrong(rng, near), task.solve(ops)])
+        answer = task.answer(near, value)
         if not _is_correct(question, answer):
             return answer
-    return fallback
+    if kind == "other_question":
+        for _ in range(20):
+            other = task.sample(rng)
+            answer = task.answer(other, task.solve(other))
+            if not _is_correct(question, answer):
+                return answer
+    if kind == "refusal":
+        return rng.choice(REFUSALS)
+    return task.answer(ops, task.wrong(rng, ops))
 
 
 def make_example(rng: random.Random, multi_turn_share: float = 0.35) -> dict[str, str]:
     """One raw-format pair: ``{"chosen": dialogue, "rejected": dialogue}``."""
     task = rng.choice(TASKS)
-    question, right, wrong = task.make(rng)
+    ops = task.sample(rng)
     context: list[tuple[str, str]] = []
     if rng.random() < multi_turn_share:
         if rng.random() < 0.5:
             context += list(zip(("Human", "Assistant"), rng.choice(SMALL_TALK)))
         else:
-            q0, a0, _ = rng.choice(TASKS).make(rng)
-            context += [("Human", q0), ("Assistant", a0)]
-    kind = rng.choices(list(REJECTION_KINDS), weights=list(REJECTION_KINDS.values()))[0]
-    if kind == "other_question":
-        wrong = _other_question_answer(rng, task, question, wrong)
-    elif kind == "refusal":
-        wrong = rng.choice(REFUSALS)
-    context.append(("Human", question))
-    return {
-        "chosen": _raw(context + [("Assistant", right)]),
-        "rejected": _raw(context + [("Assistant", wrong)]),
-    }
+            earlier = rng.choice(TASKS)
+            o = earlier.sample(rng)
+            context += [("Human", earlier.question(o)), ("Assistant", earlier.answer(o, earlier.solve(o)))]
+    context.append(("Human", task.question(ops)))
+    if rng.random() < WRONG_CHOSEN_SHARE:
+        # Like real preference data, the preferred answer is not always right: a wrong attempt still
+        # beats a refusal. SFT imitates these mistakes; only the comparisons say they are mistakes.
+        kind = rng.choices(WRONG_KINDS, weights=[REJECTION_KINDS[k] for k in WRONG_KINDS])[0]
+        chosen, rejected = _rejected_answer(rng, task, ops, kind), rng.choice(REFUSALS)
+    else:
+        kind = rng.choices(list(REJECTION_KINDS), weights=list(REJECTION_KINDS.values()))[0]
+        chosen, rejected = task.answer(ops, task.solve(ops)), _rejected_answer(rng, task, ops, kind)
+    return {"chosen": _raw(context + [("Assistant", chosen)]), "rejected": _raw(context + [("Assistant", rejected)])}
 
 
 def generate(n: int, seed: int) -> list[dict[str, str]]:
