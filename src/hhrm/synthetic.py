@@ -85,7 +85,8 @@ def _last_int(text: str) -> str | None:
     return found[-1] if found else None
 
 
-def _near_miss(rng: random.Random, value: int, low: int = 0, high: int | None = None, steps=(-3, -2, -1, 1, 2, 3, 10, -10)) -> int:
+def _near_miss(rng: random.Random, value: int, low: int = 0, high: int | None = None,
+               steps: tuple[int, ...] = (-3, -2, -1, 1, 2, 3, 10, -10)) -> int:
     """A wrong value close to the right one, as a plausible mistake would be."""
     while True:
         wrong = value + rng.choice(steps)
@@ -114,6 +115,7 @@ TASKS: tuple[Task, ...] = (
         lambda o: f"Which number is larger, {o[0]} or {o[1]}?",
         lambda o, v: f"Of {o[0]} and {o[1]}, the larger is {v}.",
         lambda o: max(o),
+        # Mostly the smaller operand; sometimes a number near the larger that is neither operand.
         lambda rng, o: rng.choice([min(o), min(o), _near_miss(rng, max(o), COMPARE_LOW, COMPARE_HIGH + 10)]),
         lambda rng, o: _near_operands(rng, o, COMPARE_LOW, COMPARE_HIGH),
         _last_int,
