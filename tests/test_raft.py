@@ -91,8 +91,8 @@ def test_reward_rises_and_outputs_are_written(uninterrupted):
     its, final = rows["iterations"], rows["final"]
     assert [r["iteration"] for r in its] == [0, 1]
     assert its[1]["reward_first_sample"] > its[0]["reward_first_sample"]
-    # Held-out prompts answered greedily: deterministic, unlike the one sampled answer per prompt.
-    assert final["heldout_greedy_reward"] > its[0]["heldout_greedy_reward"]
+    # And on held-out prompts, for the sampling policy RAFT optimises (seeded, so deterministic).
+    assert final["heldout_reward"] > its[0]["heldout_reward"]
     head = json.loads((out / "metrics.json").read_text())
     assert head["reward_first_sample_last"] == its[1]["reward_first_sample"]
     assert "gold_accuracy_first" in head and "gold_accuracy_last" in head

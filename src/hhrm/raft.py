@@ -390,9 +390,21 @@ class RaftRunner:
         """Sampling seed: depends on (seed, iteration, stage, rank) only, never on what ran before."""
         return (self.args.seed * 1_000_003 + iteration * 101 + stage) * 257 + self.rank
 
+    def done(self, marker: Path) -> bool:
+        """Whether a stage output exists, as rank 0 sees it, on every rank.
+
+        Each rank checking the file itself is a race: rank 0 may write the marker of a stage (metrics)
+        before a slower rank has checked it, and that rank would then skip the stage's barriers."""
+        answer = [is_done(marker)]
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(answer, from_process=0)
+        return answer[0]
+
     def _stage(self, iteration: int, name: str, marker: Path, work: Callable[[], dict[str, Any] | None]) -> None:
         """Run ``work`` unless ``marker`` exists; record its wall time; honour ``stop_after``."""
-        if not is_done(marker):
+        if not self.done(marker):
             start = time.perf_counter()
             stats = work() or {}
             stats["seconds"] = time.perf_counter() - start
@@ -605,9 +617,9 @@ class RaftRunner:
     def stage_final(self) -> dict[str, Any]:
         n = self.args.num_iterations
         fdir = self.out / "final"
-        if not is_done(fdir / "heldout_scored.jsonl"):
+        if not self.done(fdir / "heldout_scored.jsonl"):
             start = time.perf_counter()
-            if not is_done(fdir / "heldout_samples.jsonl"):
+            if not self.done(fdir / "heldout_samples.jsonl"):
                 held = self._heldout_rows(n)
                 self._write_main(held, fdir / "heldout_samples.jsonl")
             held = read_jsonl(fdir / "heldout_samples.jsonl")
@@ -711,7 +723,7 @@ class RaftRunner:
         self.state.wait_for_everyone()
         for it in range(self.args.num_iterations):
             d = self.iter_dir(it)
-            if is_done(d / "metrics.json"):
+            if self.done(d / "metrics.json"):
                 logger.info("iteration %d already complete", it)
                 if self.stop_after and self.stop_after[0] == it:
                     raise StopRequested(f"stopped after {self.args.stop_after} (stop_after)")
