@@ -13,7 +13,6 @@ is the optional vLLM path behind the same call shape; vLLM is imported only when
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from hhrm import formatting
+from hhrm import formatting, modeling
 
 
 @dataclass
@@ -104,7 +103,7 @@ def generate_responses(
 
         context = unwrap_model_for_generation(model, accelerator)
     else:
-        context = contextlib.nullcontext(model)
+        context = modeling.full_parameters(model)  # a no-op unless ZeRO-3 partitioned the loaded model
     with context as gen_model:
         device = next(gen_model.parameters()).device
         was_training = gen_model.training

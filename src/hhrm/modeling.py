@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +97,28 @@ def save_merged(trainer, output_dir: str | Path, tokenizer) -> Path:
         tokenizer.save_pretrained(output_dir)
     trainer.accelerator.wait_for_everyone()
     return output_dir
+
+
+def zero3_partitioned(model) -> bool:
+    """Whether ``model`` holds only this rank's ZeRO-3 shard of its parameters.
+
+    Under a ZeRO-3 launch with ``zero3_init_flag``, ``from_pretrained`` partitions every model it
+    loads, also those no trainer wraps (RAFT's policy before its first fine-tune, the reward model):
+    their weights are empty on each rank until gathered.
+    """
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def full_parameters(model) -> Iterator[Any]:
+    """``model`` with all its parameters present on every rank for the duration (inference only).
+
+    A collective under ZeRO-3: every rank must enter it, also one with nothing to compute.
+    """
+    if not zero3_partitioned(model):
+        yield model
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        yield model

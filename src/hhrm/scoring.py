@@ -17,6 +17,8 @@ from typing import Iterator
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from hhrm import modeling
+
 
 def with_eos(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[str]:
     """Append the EOS string to each text that does not end with it (RewardTrainer's rule)."""
@@ -79,9 +81,9 @@ class RewardScorer:
     @torch.no_grad()
     def score(self, texts: list[str]) -> list[float]:
         """Reward of each full text (EOS appended when missing), in input order."""
-        if not texts:
-            return []
-        return self.score_ids(encode(self.tokenizer, texts))
+        if not texts and not modeling.zero3_partitioned(self.model):
+            return []  # (under ZeRO-3 an empty rank still joins the parameter gather below)
+        return self.score_ids(encode(self.tokenizer, texts) if texts else [])
 
     @torch.no_grad()
     def score_ids(self, ids: list[list[int]]) -> list[float]:
@@ -92,6 +94,13 @@ class RewardScorer:
         pad = self.tokenizer.pad_token_id
         was_training = self.model.training
         self.model.eval()
+        with modeling.full_parameters(self.model):
+            self._score_batches(order, ids, rewards, device, pad)
+        if was_training:
+            self.model.train()
+        return rewards
+
+    def _score_batches(self, order: list[int], ids: list[list[int]], rewards: list[float], device, pad: int) -> None:
         for batch in self._batches(order, ids):
             width = max(len(ids[i]) for i in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -102,9 +111,6 @@ class RewardScorer:
             logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
             for i, value in zip(batch, logits[:, 0].float().tolist()):
                 rewards[i] = value
-        if was_training:
-            self.model.train()
-        return rewards
 
     def score_pairs(self, prompts: list[str], responses: list[str]) -> list[float]:
         """Reward of each ``prompt + response``."""
