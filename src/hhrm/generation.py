@@ -89,7 +89,8 @@ def generate_responses(
     config = sampling.generation_config(tokenizer, k)
     if seed is not None:
         torch.manual_seed(seed)
-    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    # An empty list is valid (a rank with no prompts): it still enters the gather context below.
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     out: list[list[str]] = [[] for _ in prompts]
     new_tokens = 0

@@ -113,12 +113,18 @@ def zero3_partitioned(model) -> bool:
 def full_parameters(model) -> Iterator[Any]:
     """``model`` with all its parameters present on every rank for the duration (inference only).
 
-    A collective under ZeRO-3: every rank must enter it, also one with nothing to compute.
+    A collective under ZeRO-3: every rank must enter it, also one with nothing to compute. It is
+    re-entrant (an inner call gathers nothing), so a caller that works in a rank-dependent number of
+    chunks wraps them all in one call.
     """
-    if not zero3_partitioned(model):
+    if not zero3_partitioned(model) or getattr(model, "_hhrm_full_parameters", False):
         yield model
         return
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        yield model
+        model._hhrm_full_parameters = True
+        try:
+            yield model
+        finally:
+            model._hhrm_full_parameters = False

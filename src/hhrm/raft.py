@@ -377,8 +377,10 @@ class RaftRunner:
 
             starts = tqdm(starts, desc=desc, unit="chunk")
         out: list[float] = []
-        for s in starts:
-            out += scorer.score_pairs(texts_prompts[s : s + chunk], texts_responses[s : s + chunk])
+        # One gather for all chunks: ranks' shards differ in size, so their chunk counts may too.
+        with modeling.full_parameters(scorer.model):
+            for s in starts:
+                out += scorer.score_pairs(texts_prompts[s : s + chunk], texts_responses[s : s + chunk])
         return out
 
     # ----- stage plumbing ----------------------------------------------------------------
@@ -454,8 +456,8 @@ class RaftRunner:
         positions = list(range(len(self.heldout)))
         mine = shard(positions, self.rank, self.world)
         prompts = [self.heldout[i] for i in mine]
-        sampled = self.generate(it, prompts, 1, self.sampling, self.seed_for(it, 2), {}) if prompts else []
-        greedy = self.generate(it, prompts, 1, self.args.greedy_arguments(), self.seed_for(it, 3), {}) if prompts else []
+        sampled = self.generate(it, prompts, 1, self.sampling, self.seed_for(it, 2), {})
+        greedy = self.generate(it, prompts, 1, self.args.greedy_arguments(), self.seed_for(it, 3), {})
         rows = [{"position": i, "prompt": p, "sampled": s[0], "greedy": g[0]}
                 for i, p, s, g in zip(mine, prompts, sampled, greedy)]
         return gather_rows(rows, "position", positions)

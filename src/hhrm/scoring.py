@@ -81,8 +81,7 @@ class RewardScorer:
     @torch.no_grad()
     def score(self, texts: list[str]) -> list[float]:
         """Reward of each full text (EOS appended when missing), in input order."""
-        if not texts and not modeling.zero3_partitioned(self.model):
-            return []  # (under ZeRO-3 an empty rank still joins the parameter gather below)
+        # No early return for an empty list: under ZeRO-3 every rank must join score_ids' parameter gather.
         return self.score_ids(encode(self.tokenizer, texts) if texts else [])
 
     @torch.no_grad()
@@ -95,22 +94,20 @@ class RewardScorer:
         was_training = self.model.training
         self.model.eval()
         with modeling.full_parameters(self.model):
-            self._score_batches(order, ids, rewards, device, pad)
+            for batch in self._batches(order, ids):
+                width = max(len(ids[i]) for i in batch)
+                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                attention = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):  # right padding: the head reads the last non-pad token
+                    input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                    attention[row, : len(ids[i])] = 1
+                logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                    use_cache=False).logits
+                for i, value in zip(batch, logits[:, 0].float().tolist()):
+                    rewards[i] = value
         if was_training:
             self.model.train()
         return rewards
-
-    def _score_batches(self, order: list[int], ids: list[list[int]], rewards: list[float], device, pad: int) -> None:
-        for batch in self._batches(order, ids):
-            width = max(len(ids[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):  # right padding: the head reads the last non-pad token
-                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                attention[row, : len(ids[i])] = 1
-            logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
-            for i, value in zip(batch, logits[:, 0].float().tolist()):
-                rewards[i] = value
 
     def score_pairs(self, prompts: list[str], responses: list[str]) -> list[float]:
         """Reward of each ``prompt + response``."""

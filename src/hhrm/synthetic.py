@@ -156,12 +156,6 @@ def match_task(question: str) -> tuple[Task, tuple] | None:
     return None
 
 
-def gold_answer(prompt: str) -> str | None:
-    """The correct answer to the last question of ``prompt`` (either marker format)."""
-    found = match_task(formatting.last_human_turn(prompt))
-    return str(found[0].solve(found[1])) if found else None
-
-
 def _is_correct(question: str, response: str) -> bool:
     """The stated value is right, and every number in the response is one the question or the
     answer gives: "Of 39 and 34, the larger is 39." for 39 or 32 miscopied an operand and is wrong."""
