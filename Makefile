@@ -41,7 +41,7 @@ raft: embedded
 	$(LAUNCH) recipes/raft.py --config $(CONFIG) $(ARGS)
 
 demo: install
-	$(PY) -m hhrm.demo --out $(TINY)
+	$(PY) scripts/demo.py --out $(TINY)
 
 test: install
 	$(PY) -m pytest -q -ra tests $(ARGS)

@@ -1,6 +1,6 @@
 """The whole recipe on the embedded default: build it, then SFT -> RM -> RAFT, on this machine.
 
-    python -m hhrm.demo --out outputs/tiny        (what `make demo` runs)
+    python scripts/demo.py --out outputs/tiny        (what `make demo` runs)
 
 Each stage is the real recipe launched with ``accelerate launch`` and the tiny YAML config, exactly
 as a user would run it; this driver only times them, reads their ``metrics.json`` and prints where
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hhrm.embedded import ensure_embedded
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 # (stage, recipe, headline metrics shown in the summary, in this order)
 STAGES = (
@@ -32,10 +32,10 @@ STAGES = (
 )
 
 
-def run_stage(name: str, recipe: str, config: Path, overrides: list[str], log_path: Path) -> dict:
+def run_stage(name: str, recipe: str, config: Path, overrides: list[str], log_path: Path, threads: int) -> dict:
     """Launch one recipe; returns wall seconds and the peak RSS of its process tree (MB)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "accelerate_configs" / "cpu.yaml"), "--num_cpu_threads_per_process", str(os.cpu_count() or 1),
+           str(ROOT / "accelerate_configs" / "cpu.yaml"), "--num_cpu_threads_per_process", str(threads),
            str(ROOT / recipe), "--config", str(config), *overrides]
     print(f"\n=== {name}: {' '.join(cmd[2:])}\n    log: {log_path}", flush=True)
     start = time.perf_counter()
@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="outputs/tiny", help="where the embedded default and all stages go")
     parser.add_argument("--configs", default=str(ROOT / "recipes" / "configs" / "tiny"), help="folder of stage YAMLs")
     parser.add_argument("--stages", default="sft,rm,raft", help="comma-separated subset, in pipeline order")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="CPU threads per stage (the metrics' last digits depend on it; see README)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     wanted = args.stages.split(",")
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     paths = ensure_embedded(out)
-    summary: dict = {"out": str(out), "stages": {}}
+    summary: dict = {"out": str(out), "threads": args.threads, "stages": {}}
     for name, recipe, _ in STAGES:
         if name not in wanted:
             continue
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
             # A fresh run: the stages before were just retrained, so a kept RAFT folder would resume
             # iterations made with other models (`make raft` is the way to resume a run).
             shutil.rmtree(stage_out)
-        stats = run_stage(name, recipe, Path(args.configs) / f"{name}.yaml", overrides, out / f"{name}.log")
+        stats = run_stage(name, recipe, Path(args.configs) / f"{name}.yaml", overrides, out / f"{name}.log",
+                          args.threads)
         summary["stages"][name] = {**stats, "output_dir": str(stage_out), "metrics": read_metrics(stage_out)}
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     summary_path = out / "demo_summary.json"
