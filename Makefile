@@ -11,7 +11,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --config_file $(ACCEL) --num_cpu_threads_
 TINY := outputs/tiny
 ARGS ?=
 
-.PHONY: install embedded sft rm eval-rm raft demo test test-fast bench clean
+.PHONY: install embedded sft rm eval-rm raft demo test test-fast bench style quality clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -34,7 +34,7 @@ rm: embedded
 
 eval-rm: CONFIG ?= recipes/configs/tiny/rm.yaml
 eval-rm: install
-	$(PY) -m hhrm.rm_eval --config $(CONFIG) $(if $(MODEL),--reward_model $(MODEL)) $(ARGS)
+	$(PY) recipes/eval_rm.py --config $(CONFIG) $(if $(MODEL),--reward_model $(MODEL)) $(ARGS)
 
 raft: CONFIG ?= recipes/configs/tiny/raft.yaml
 raft: embedded
@@ -43,14 +43,24 @@ raft: embedded
 demo: install
 	$(PY) scripts/demo.py --out $(TINY)
 
-test: install
+test: install quality
 	$(PY) -m pytest -q -ra tests $(ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow" tests $(ARGS)
 
+# ruff: format + lint (line length 119, isort order); settings in pyproject.toml.
+STYLE_PATHS := src recipes tests bench scripts
+style: install
+	$(VENV)/bin/ruff format $(STYLE_PATHS)
+	$(VENV)/bin/ruff check --fix $(STYLE_PATHS)
+
+quality: install
+	$(VENV)/bin/ruff format --check $(STYLE_PATHS)
+	$(VENV)/bin/ruff check $(STYLE_PATHS)
+
 bench: install
-	$(PY) -m hhrm.bench --out bench/results.json $(ARGS)
+	$(PY) -m bench --out bench/results.json $(ARGS)
 
 clean:
 	rm -rf outputs

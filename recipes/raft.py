@@ -1,28 +1,41 @@
-"""RAFT stage: `accelerate launch recipes/raft.py --config recipes/configs/tiny/raft.yaml [--field value ...]`.
+"""RAFT stage: reward-ranked fine-tuning, best of K samples per prompt, resumable stage by stage.
 
-Re-running the same command after an interruption resumes from the last completed stage.
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/raft.py --config recipes/configs/tiny/raft.yaml
+    make raft [CONFIG=...] [ARGS="--field value ..."]
+
+Re-running the same command after an interruption resumes at the first unfinished stage.
 """
 
 from trl import ModelConfig, TrlParser
 
-from hhrm import data, raft
+from hhrm import data, reporting
+from hhrm.raft import RaftConfig, RaftRunner, StopRequested
+from hhrm.raft.report import HEADLINE
 from hhrm.runtime import setup_logging
 
 
-def main() -> None:
-    data_args, args, model_args = TrlParser((data.DataArguments, raft.RaftConfig, ModelConfig)).parse_args_and_config()
-    setup_logging()
-    runner = raft.RaftRunner(args, data_args, model_args)
+def main(data_args: data.DataArguments, args: RaftConfig, model_args: ModelConfig) -> dict:
+    ################
+    # Prompts, held-out set and models (loaded when a stage needs them)
+    ################
+    runner = RaftRunner(args, data_args, model_args)
+
+    ################
+    # Iterations: draw, generate, score, select, train, metrics; then the final evaluation
+    ################
     try:
         metrics = runner.run()
-    except raft.StopRequested as stop:
-        runner.state.print(str(stop))
-        return
     finally:
         runner.close()
-    runner.state.print(f"RAFT policy saved to {args.output_dir}: " + raft.headline_line(
-        {k.removesuffix("_last"): v for k, v in metrics.items() if k.endswith("_last")}))
+    runner.state.print(f"RAFT policy saved to {args.output_dir}: " + reporting.headline(metrics, HEADLINE))
+    return metrics
 
 
 if __name__ == "__main__":
-    main()
+    parser = TrlParser((data.DataArguments, RaftConfig, ModelConfig))
+    data_args, args, model_args = parser.parse_args_and_config()
+    setup_logging()
+    try:
+        main(data_args, args, model_args)
+    except StopRequested as stop:  # stop_after: a planned stop, not a failure
+        print(stop)

@@ -10,7 +10,6 @@ everything is. Wall time and peak RSS per stage go to ``<out>/demo_summary.json`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -18,17 +17,17 @@ import sys
 import time
 from pathlib import Path
 
+from hhrm import reporting, rm, sft
 from hhrm.embedded import ensure_embedded
+from hhrm.raft import report as raft_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (stage, recipe, headline metrics shown in the summary, in this order)
+# (stage, recipe, headline metrics shown in the summary): each stage declares its own headline keys.
 STAGES = (
-    ("sft", "recipes/sft.py", ("eval_loss_before", "eval_loss", "gold_accuracy")),
-    ("rm", "recipes/rm.py", ("eval_accuracy_exact", "eval_accuracy_rejected_wrong_answer", "eval_bt_loss", "pairs_dropped_long",
-                              "gold_auc", "gold_best_of_k_accuracy")),
-    ("raft", "recipes/raft.py", ("reward_first_sample_first", "reward_first_sample_last", "gold_accuracy_sampled_first",
-                                  "gold_accuracy_sampled_last", "gold_accuracy_first", "gold_accuracy_last")),
+    ("sft", "recipes/sft.py", sft.HEADLINE),
+    ("rm", "recipes/rm.py", rm.HEADLINE),
+    ("raft", "recipes/raft.py", raft_report.HEADLINE),
 )
 
 
@@ -51,22 +50,13 @@ def run_stage(name: str, recipe: str, config: Path, overrides: list[str], log_pa
     return {"seconds": round(seconds, 1), "max_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
-def read_metrics(folder: Path) -> dict:
-    path = folder / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def format_summary(summary: dict) -> str:
     lines = ["", "hhrm demo: embedded default, SFT -> RM -> RAFT", ""]
     for name, _, keys in STAGES:
         stage = summary["stages"].get(name)
         if not stage:
             continue
-        shown = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-            for k in keys
-            if (v := stage["metrics"].get(k)) is not None
-        )
+        shown = reporting.headline(stage["metrics"], keys)
         lines.append(f"  {name:5s} {stage['seconds']:7.1f} s  {stage['max_rss_mb']:7.0f} MB  {stage['output_dir']}")
         if shown:
             lines.append(f"        {shown}")
@@ -110,11 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(stage_out)
         stats = run_stage(name, recipe, Path(args.configs) / f"{name}.yaml", overrides, out / f"{name}.log",
                           args.threads)
-        summary["stages"][name] = {**stats, "output_dir": str(stage_out), "metrics": read_metrics(stage_out)}
+        summary["stages"][name] = {**stats, "output_dir": str(stage_out), "metrics": reporting.read_json(stage_out / "metrics.json")}
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     summary_path = out / "demo_summary.json"
     summary["summary_path"] = str(summary_path)
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    reporting.write_json(summary, summary_path)
     print(format_summary(summary))
     return summary
 

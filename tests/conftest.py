@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test-first-half.jsonl.gz"
+# The real HH-RLHF sample (Anthropic's raw jsonl[.gz]) is named by an environment variable, never assumed.
+HH_SAMPLE = os.environ.get("HHRM_HH_SAMPLE", "")
 TEST_SPEC = dict(train_rows=800, test_rows=300)
 
 
@@ -26,7 +27,17 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def hh_sample() -> Path:
-    """The real HH-RLHF sample beside the project; tests using it skip where it is absent."""
-    if not SHARED_HH.is_file():
-        pytest.skip(f"real HH-RLHF sample not found at {SHARED_HH}")
-    return SHARED_HH
+    """The real HH-RLHF sample named by ``HHRM_HH_SAMPLE``; tests using it skip where it is not set or absent."""
+    if not HH_SAMPLE or not Path(HH_SAMPLE).is_file():
+        pytest.skip(f"real HH-RLHF sample not available (HHRM_HH_SAMPLE={HH_SAMPLE!r}): set it to a raw jsonl(.gz)")
+    return Path(HH_SAMPLE)
+
+
+def load_recipe(name: str):
+    """``recipes/<name>.py`` as a module, so a test calls its ``main`` with config objects."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,18 +1,24 @@
-"""Smoke test of ``make bench``: it runs at tiny sizes and writes well-formed JSON (no timing assertions)."""
+"""Smoke test of ``make bench`` (``python -m bench``): it runs at tiny sizes and writes well-formed JSON (no timing
+assertions)."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_tiny_writes_wellformed_json(tmp_path, capsys):
-    from hhrm import bench
-
+def test_bench_tiny_writes_wellformed_json(tmp_path):
     out = tmp_path / "results.json"
     summary = tmp_path / "demo_summary.json"
     summary.write_text(json.dumps({"stages": {"sft": {"seconds": 1.5, "max_rss_mb": 300.0}}}))
-    bench.main(["--size", "tiny", "--data", "embedded", "--out", str(out), "--demo-summary", str(summary)])
+    proc = subprocess.run([sys.executable, "-m", "bench", "--size", "tiny", "--data", "embedded", "--out", str(out),
+                           "--demo-summary", str(summary)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
     result = json.loads(out.read_text())
     for key in ("machine", "entries", "preset", "total_seconds", "data"):
@@ -35,24 +41,15 @@ def test_bench_tiny_writes_wellformed_json(tmp_path, capsys):
     # the batched scorer and the card's pipeline compute the same rewards
     assert by_id["score_scorer_vs_pipeline"]["details"]["max_abs_reward_diff"] < 1e-3
     assert by_id["demo"]["stages"][0] == {"stage": "sft", "seconds": 1.5, "max_rss_mb": 300.0}
-    assert "sft_packing_tokens_per_s" in capsys.readouterr().out  # the table was printed
+    assert "sft_packing_tokens_per_s" in proc.stdout  # the table was printed
+    assert f"wrote {out}" in proc.stdout
 
 
-def test_generation_shared_prefill_matches_plain_generate(tiny):
-    """hhrm's fast generation path (static cache, prefill once per prompt, cache repeated K times) gives
-    the same tokens as plain ``generate(num_return_sequences=K)``: checked with top_k=1 sampling."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hhrm.generation import SamplingArguments, generate_responses
-
-    tok = AutoTokenizer.from_pretrained(tiny["base"])
-    model = AutoModelForCausalLM.from_pretrained(tiny["base"]).eval()
-    prompts = ["###Human: What is 3 plus 4? ###Assistant:",
-               "###Human: Hi! ###Assistant: Hello! ###Human: Which number is larger, 12 or 40? ###Assistant:"]
-    sampling = SamplingArguments(max_new_tokens=10, top_k=1, stop_at_turn_marker=False)
-    got = generate_responses(model, tok, prompts, 3, sampling, batch_size=2)
-    for prompt, row in zip(prompts, got):
-        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=sampling.generation_config(tok, 3))
-        assert row == tok.batch_decode(ref[:, ids.shape[1]:], skip_special_tokens=True)
+def test_bench_missing_data_file_is_an_error(tmp_path):
+    """A --data path that does not exist stops the bench (no silent fallback to the embedded data)."""
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--size", "tiny", "--data", "/no/such/file.jsonl",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "--data" in proc.stderr and "/no/such/file.jsonl" in proc.stderr
+    assert not out.exists()

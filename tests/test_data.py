@@ -38,7 +38,7 @@ def test_card_splits_on_dahoas_schema(dahoas_dir):
     assert splits.train[40]["prompt"] == "###Human: question 100? ###Assistant:"
     assert splits.test[0]["prompt"] == "###Human: question 105? ###Assistant:"
     assert splits.train[0]["chosen"] == " good answer 0" and splits.train[0]["rejected"] == " bad answer 0"
-    assert data.check_no_overlap(splits.train, splits.test) == 0
+    assert data.overlapping_pairs(splits.train, splits.test) == []
     sft = splits.sft_texts()
     assert len(sft) == 45 and sft[0]["text"] == "###Human: question 0? ###Assistant: good answer 0"
 
@@ -51,8 +51,8 @@ def test_offset_larger_than_test_split_is_reported(dahoas_dir):
 def test_bad_config_values_fail_early():
     with pytest.raises(ValueError, match="dataset_format"):
         data.DataArguments(dataset_format="csv")
-    with pytest.raises(ValueError, match="max_pair_tokens"):
-        data.DataArguments(max_pair_tokens=0)
+    with pytest.raises(ValueError, match="test_offset"):
+        data.DataArguments(test_offset=-1)
 
 
 def test_missing_local_data_names_the_path(tmp_path):
@@ -103,25 +103,6 @@ def test_raw_loader_on_real_hh_sample(hh_sample):
         assert row["prompt"].startswith("###Human:") and row["prompt"].endswith(" ###Assistant:")
         assert "\n\nHuman:" not in row["prompt"] and "\n\nAssistant:" not in row["chosen"]
         assert row["chosen"].startswith(" ") and row["chosen"] != row["rejected"]
-
-
-def test_long_pairs_dropped_not_truncated(tiny):
-    from datasets import Dataset
-
-    from hhrm import rm
-
-    tok = AutoTokenizer.from_pretrained(tiny["base"])
-    short = {"prompt": "###Human: hi ###Assistant:", "chosen": " yes", "rejected": " no"}
-    long = {"prompt": "###Human: hi ###Assistant:", "chosen": " word" * 100, "rejected": " no"}
-    ds = Dataset.from_list([short, long, short])
-    kept, dropped = rm.drop_long(rm.tokenize_pairs(ds, tok), 50)
-    assert dropped == 1 and len(kept) == 2 and list(kept["chosen"]) == [" yes", " yes"]
-    lc, _ = data.pair_lengths(ds, tok)
-    # EOS counts, as RewardTrainer counts it: the limit is inclusive of the appended EOS, and the
-    # data report's lengths are the very lengths the drop uses.
-    assert list(lc) == [len(ids) for ids in rm.tokenize_pairs(ds, tok)["chosen_ids"]]
-    kept, dropped = rm.drop_long(rm.tokenize_pairs(ds, tok), int(lc[0]) - 1)
-    assert dropped == 3
 
 
 def test_distinct_prompts_keeps_first_occurrence_order():

@@ -16,7 +16,7 @@ def test_prompt_response_split_round_trips():
     prompt, response = f.split_prompt_response(RAW)
     assert prompt == "###Human: Can you help? ###Assistant: Sure. ###Human: What is 2 plus 2? ###Assistant:"
     assert response == " 2 plus 2 is 4."
-    assert f.join(prompt, response) == f.rewrite_markers(RAW)
+    assert prompt + response == f.rewrite_markers(RAW)
     # Already-rewritten text parses to the same turns.
     assert f.split_prompt_response(f.rewrite_markers(RAW)) == (prompt, response)
 

@@ -62,5 +62,24 @@ def test_bad_settings_fail_early(base):
         generate_responses(model, tok, PROMPTS, 1, SamplingArguments(max_new_tokens=0))
     with pytest.raises(ValueError, match="temperature"):
         generate_responses(model, tok, PROMPTS, 1, SamplingArguments(temperature=0.0))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingArguments(top_p=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingArguments(top_k=-1)
     with pytest.raises(ValueError, match="k="):
         generate_responses(model, tok, PROMPTS, 0)
+
+
+def test_generation_shared_prefill_matches_plain_generate(tiny):
+    """hhrm's fast generation path (static cache, prefill once per prompt, cache repeated K times) gives
+    the same tokens as plain ``generate(num_return_sequences=K)``: checked with top_k=1 sampling."""
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["base"]).eval()
+    prompts = ["###Human: What is 3 plus 4? ###Assistant:",
+               "###Human: Hi! ###Assistant: Hello! ###Human: Which number is larger, 12 or 40? ###Assistant:"]
+    sampling = SamplingArguments(max_new_tokens=10, top_k=1, stop_at_turn_marker=False)
+    got = generate_responses(model, tok, prompts, 3, sampling, batch_size=2)
+    for prompt, row in zip(prompts, got):
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=sampling.generation_config(tok, 3))
+        assert row == tok.batch_decode(ref[:, ids.shape[1]:], skip_special_tokens=True)

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_recipe
+
 from hhrm import data as hdata
-from hhrm import raft
+from hhrm.raft import RaftConfig, StopRequested
+from hhrm.reporting import read_jsonl
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,21 +64,16 @@ def settings(models: dict[str, Path], output_dir: Path, **overrides) -> dict:
 
 
 def run(values: dict):
-    """Parse exactly as recipes/raft.py does, then run in this process."""
+    """Parse as recipes/raft.py parses its command line, then call the recipe's main in this process."""
     from trl import ModelConfig, TrlParser
 
     argv = [x for k, v in values.items() for x in (f"--{k}", str(v))]
-    data_args, args, model_args = TrlParser((hdata.DataArguments, raft.RaftConfig, ModelConfig)).parse_args_and_config(argv)
-    runner = raft.RaftRunner(args, data_args, model_args)
-    try:
-        return runner.run()
-    finally:
-        runner._free("policy")
-        runner._free("scorer")
+    configs = TrlParser((hdata.DataArguments, RaftConfig, ModelConfig)).parse_args_and_config(argv)
+    return load_recipe("raft").main(*configs)
 
 
 def kept(output_dir: Path, it: int) -> list[dict]:
-    return raft.read_jsonl(output_dir / f"iter_{it:03d}" / "kept.jsonl")
+    return read_jsonl(output_dir / f"iter_{it:03d}" / "kept.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +99,7 @@ def test_reward_rises_and_outputs_are_written(uninterrupted):
     d = out / "iter_000"
     for name in ("prompts.jsonl", "samples.jsonl", "scored.jsonl", "kept.jsonl", "metrics.json", "policy/config.json"):
         assert (d / name).is_file(), name
-    scored = raft.read_jsonl(d / "scored.jsonl")
+    scored = read_jsonl(d / "scored.jsonl")
     assert len(scored) == 32 and all(len(r["responses"]) == len(r["rewards"]) == 4 for r in scored)
     m = its[0]
     for key in ("reward_best_of_k", "distinct_1", "distinct_2", "response_tokens_mean", "filtered_empty",
@@ -113,7 +111,7 @@ def test_reward_rises_and_outputs_are_written(uninterrupted):
 def test_resume_after_interruption_in_each_stage_gives_identical_results(models, uninterrupted, tmp_path):
     out = tmp_path / "raft_b"
     for stop in ("0:generate", "0:train", "1:draw", "1:generate", "1:score", "1:select", "1:train", "1:metrics"):
-        with pytest.raises(raft.StopRequested):
+        with pytest.raises(StopRequested):
             run(settings(models, out, stop_after=stop))
         if stop == "1:select":
             # a kill in the middle of training: a half-written policy folder and a stray temp file
@@ -123,7 +121,7 @@ def test_resume_after_interruption_in_each_stage_gives_identical_results(models,
     run(settings(models, out))
     for it in (0, 1):
         assert kept(out, it) == kept(uninterrupted, it)
-        assert raft.read_jsonl(out / f"iter_{it:03d}" / "scored.jsonl") == raft.read_jsonl(
+        assert read_jsonl(out / f"iter_{it:03d}" / "scored.jsonl") == read_jsonl(
             uninterrupted / f"iter_{it:03d}" / "scored.jsonl")
     a = json.loads((uninterrupted / "metrics_per_iteration.json").read_text())["final"]
     b = json.loads((out / "metrics_per_iteration.json").read_text())["final"]
@@ -135,7 +133,9 @@ def test_bad_settings_fail_early_naming_the_setting(models, tmp_path):
         run(settings(models, tmp_path, num_samples=0))
     with pytest.raises(ValueError, match="prompts_per_iteration"):
         run(settings(models, tmp_path, prompts_per_iteration=10**6))
-    with pytest.raises(ValueError, match="selection"):
+    with pytest.raises(ValueError, match="selection"):  # a config object (YAML values are not checked by argparse)
+        RaftConfig(output_dir=str(tmp_path), selection="best_of_n")
+    with pytest.raises(SystemExit):  # on the command line argparse names the setting and its choices, exit 2
         run(settings(models, tmp_path, selection="best_of_n"))
     with pytest.raises(ValueError, match="stop_after"):
         run(settings(models, tmp_path, stop_after="zero:draw"))
@@ -151,14 +151,14 @@ def test_two_processes_cover_every_prompt_once(models, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     d = out / "iter_000"
-    drawn = [r["index"] for r in raft.read_jsonl(d / "prompts.jsonl")]
-    samples = raft.read_jsonl(d / "samples.jsonl")
+    drawn = [r["index"] for r in read_jsonl(d / "prompts.jsonl")]
+    samples = read_jsonl(d / "samples.jsonl")
     assert len(drawn) == len(set(drawn)) == 21
     assert [r["index"] for r in samples] == drawn  # every drawn prompt exactly once, in order
     assert {r["rank"] for r in samples} == {0, 1}  # and both processes generated
-    assert sorted(r["index"] for r in raft.read_jsonl(d / "scored.jsonl")) == sorted(drawn)
-    assert len(raft.read_jsonl(d / "kept.jsonl")) <= 21
-    held = raft.read_jsonl(d / "heldout_scored.jsonl")
+    assert sorted(r["index"] for r in read_jsonl(d / "scored.jsonl")) == sorted(drawn)
+    assert len(read_jsonl(d / "kept.jsonl")) <= 21
+    held = read_jsonl(d / "heldout_scored.jsonl")
     assert [r["position"] for r in held] == list(range(9))
     assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from hhrm import raft_select
-from hhrm.raft_select import JunkFilter, distinct_n, filter_counts, select, select_best_of_k, select_top_fraction
+from hhrm.raft import select as raft_select
+from hhrm.raft.select import JunkFilter, distinct_n, filter_counts, select, select_best_of_k, select_top_fraction
 
 OK = None
 

@@ -34,10 +34,12 @@ def test_gradient_accumulation_is_derived_from_the_global_batch(tmp_path):
 
 
 def test_one_length_limit(tmp_path):
-    args = config(tmp_path)
-    assert rm.resolve_max_length(args, data.DataArguments(max_pair_tokens=300)) == 300 == args.max_length
-    with pytest.raises(ValueError, match="max_pair_tokens"):
-        rm.resolve_max_length(config(tmp_path, max_length=128), data.DataArguments(max_pair_tokens=512))
+    """The pair-length limit lives in RewardConfig.max_length only (the card's 512 by default)."""
+    assert config(tmp_path).max_length == 512
+    assert not hasattr(data.DataArguments(), "max_pair_tokens")
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="max_length"):
+            config(tmp_path, max_length=bad)
 
 
 def test_quantized_rm_needs_bf16_and_lora(tmp_path):
@@ -53,33 +55,6 @@ def test_lora_config_trains_and_saves_the_score_head():
     cfg = rm.reward_peft_config(ModelConfig(use_peft=True, lora_r=4))
     assert str(cfg.task_type).endswith("SEQ_CLS") and "score" in cfg.modules_to_save
     assert rm.reward_peft_config(ModelConfig(use_peft=False)) is None
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics
-
-
-def test_ties_count_as_wrong():
-    chosen, rejected = np.array([1.0, 2.0, 0.5, 3.0]), np.array([1.0, 1.0, 0.7, 3.0])
-    assert rm_eval.exact_accuracy(chosen, rejected) == 0.25
-    assert rm_eval.bt_loss(np.array([0.0]), np.array([0.0]))[0] == pytest.approx(math.log(2))
-    assert rm_eval.bt_loss(np.array([1000.0]), np.array([0.0]))[0] == pytest.approx(0.0)  # stable, no overflow
-
-
-def test_auc_and_rank_correlation():
-    assert rm_eval.auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
-    assert rm_eval.auc(np.array([1.0, 1.0]), np.array([0, 1])) == 0.5  # tie: half
-    assert math.isnan(rm_eval.auc(np.array([1.0]), np.array([1])))
-    assert rm_eval.spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 25, 100])) == pytest.approx(1.0)
-
-
-def test_gold_agreement_stats():
-    prompts = ["###Human: How many centimeters are in 2 meters? ###Assistant:"]
-    responses = [[" 2 meters is 200 centimeters.", " 2 meters is 20 centimeters.", " 2 meters is 2000 centimeters."]]
-    stats = rm_eval.gold_agreement_stats(prompts, responses, [[1.0, 2.0, 0.0]])
-    assert stats["gold_pairs"] == 2 and stats["gold_pairwise_agreement"] == 0.5
-    assert stats["gold_best_of_k_accuracy"] == 0.0 and stats["gold_oracle_best_of_k"] == 1.0
-    assert stats["gold_auc"] == 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,7 +116,7 @@ def test_prepare_pairs_counts_drops_and_removes_overlap(tok):
     pairs = rm.prepare_pairs(splits, tok, 512)
     assert pairs.counts["pairs_dropped_long"] == 3
     assert pairs.counts["eval_pairs_overlapping_train"] == 1 and pairs.counts["eval_pairs"] == 1
-    assert data.check_no_overlap(pairs.train, pairs.test) == 0
+    assert data.overlapping_pairs(pairs.train, pairs.test) == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,6 +176,21 @@ def test_same_reward_on_all_four_paths(saved_rm, tmp_path):
     # 2. hhrm's scorer; 3. the evaluation; 4. the card's pipeline snippet.
     scorer = scoring.RewardScorer.from_pretrained(saved_rm)
     scored = scorer.score_pairs(prompts, responses)
-    eval_chosen, eval_rejected = rm_eval.pair_rewards(scorer, pairs)
+    eval_chosen, eval_rejected = rm_eval.pair_rewards(scorer, *rm_eval.pair_ids(tok, pairs))
     for other in (train_rejected, scored, eval_chosen.tolist(), eval_rejected.tolist(), pipe):
         assert other == pytest.approx(train_chosen, abs=1e-5)
+
+
+def test_long_pairs_dropped_not_truncated(tiny):
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    short = {"prompt": "###Human: hi ###Assistant:", "chosen": " yes", "rejected": " no"}
+    long = {"prompt": "###Human: hi ###Assistant:", "chosen": " word" * 100, "rejected": " no"}
+    ds = Dataset.from_list([short, long, short])
+    kept, dropped = rm.drop_long(rm.tokenize_pairs(ds, tok), 50)
+    assert dropped == 1 and len(kept) == 2 and list(kept["chosen"]) == [" yes", " yes"]
+    lc, _ = data.pair_lengths(ds, tok)
+    # EOS counts, as RewardTrainer counts it: the limit is inclusive of the appended EOS, and the
+    # data report's lengths are the very lengths the drop uses.
+    assert list(lc) == [len(ids) for ids in rm.tokenize_pairs(ds, tok)["chosen_ids"]]
+    kept, dropped = rm.drop_long(rm.tokenize_pairs(ds, tok), int(lc[0]) - 1)
+    assert dropped == 3

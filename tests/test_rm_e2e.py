@@ -59,14 +59,14 @@ def test_rm_recipe_trains_exports_and_evaluates(tiny, tmp_path):
     scorer = scoring.RewardScorer.from_pretrained(out)
     assert scope["rewards"] == pytest.approx(scorer.score(scope["test_texts"]), abs=1e-5)
 
-    # The eval module alone reproduces the recipe's headline numbers on the same folder.
+    # The eval recipe alone reproduces the recipe's headline numbers on the same folder.
     eval_dir = tmp_path / "eval"
-    run(["-m", "hhrm.rm_eval", "--config", str(config), "--skip_gold", "true", "--eval_output_dir", str(eval_dir)],
+    run(["recipes/eval_rm.py", "--config", str(config), "--skip_gold", "true", "--eval_output_dir", str(eval_dir)],
         tmp_path)
     result = json.loads((eval_dir / "eval_rm.json").read_text())
     assert result["metrics"]["eval_accuracy_exact"] == pytest.approx(metrics["eval_accuracy_exact"], abs=1e-9)
     assert result["metrics"]["eval_bt_loss"] == pytest.approx(metrics["eval_bt_loss"], rel=1e-6)
-    assert "hhrm.rm_eval" in (eval_dir / "README.md").read_text()
+    assert "recipes/eval_rm.py" in (eval_dir / "README.md").read_text()
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,9 +47,6 @@ class DataArguments:
         default=6275,
         metadata={"help": "The first N test rows join the training data (card: 6,275); the rest are the RM test."},
     )
-    max_pair_tokens: int = field(
-        default=512, metadata={"help": "RM: drop pairs whose chosen or rejected text (with EOS) is longer."}
-    )
     max_train_rows: int | None = field(default=None, metadata={"help": "Keep only the first N train rows (quick runs)."})
     max_test_rows: int | None = field(default=None, metadata={"help": "Keep only the first N test rows (quick runs)."})
 
@@ -59,8 +55,6 @@ class DataArguments:
             raise ValueError(f"dataset_format={self.dataset_format!r}: expected one of {FORMATS}")
         if self.test_offset < 0:
             raise ValueError(f"test_offset={self.test_offset}: must be >= 0")
-        if self.max_pair_tokens <= 0:
-            raise ValueError(f"max_pair_tokens={self.max_pair_tokens}: must be > 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,10 +300,10 @@ def _merge(a: DropReport, b: DropReport) -> DropReport:
     return merged
 
 
-def check_no_overlap(train: Dataset, test: Dataset) -> int:
-    """Number of test pairs whose exact (prompt, chosen, rejected) also occurs in train."""
+def overlapping_pairs(train: Dataset, test: Dataset) -> list[int]:
+    """Positions of the test pairs whose exact (prompt, chosen, rejected) also occurs in train."""
     seen = set(zip(train["prompt"], train["chosen"], train["rejected"]))
-    return sum(1 for key in zip(test["prompt"], test["chosen"], test["rejected"]) if key in seen)
+    return [i for i, key in enumerate(zip(test["prompt"], test["chosen"], test["rejected"])) if key in seen]
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,6 +333,11 @@ def distinct_prompts(prompts: Iterable[str], n: int) -> list[str]:
     return list(seen)
 
 
+def heldout_prompts(splits: PreferenceSplits, n: int) -> list[str]:
+    """The first ``n`` distinct RM-test prompts (fixed across stages so their numbers compare)."""
+    return distinct_prompts(splits.test["prompt"], n)
+
+
 def length_stats(lengths: np.ndarray) -> dict[str, float]:
     if len(lengths) == 0:
         return {"count": 0}
@@ -362,13 +361,6 @@ def data_report(splits: PreferenceSplits, tokenizer, extra: dict[str, Any] | Non
     for name, ds in (("train", splits.train), ("test", splits.test)):
         lc, lr = pair_lengths(ds, tokenizer)
         report[name] = {"pairs": len(ds), "chosen_tokens": length_stats(lc), "rejected_tokens": length_stats(lr)}
-    report["train_test_overlap"] = check_no_overlap(splits.train, splits.test)
+    report["train_test_overlap"] = len(overlapping_pairs(splits.train, splits.test))
     report.update(extra or {})
     return report
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    return path

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hhrm import formatting, synthetic
+from hhrm.reporting import write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +37,6 @@ class EmbeddedSpec:
     num_heads: int = 4
     intermediate_size: int = 512
     max_position_embeddings: int = 512
-
-
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
 
 
 def build_data(out: Path, spec: EmbeddedSpec) -> dict[str, list[dict]]:
@@ -74,24 +68,42 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_length: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **SPECIAL_TOKENS)
 
 
-def build_base_model(out: Path, texts: list[str], spec: EmbeddedSpec) -> None:
-    """Tokenizer + randomly initialised Llama, saved as a normal Hugging Face folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(tokenizer, *, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
+                 intermediate_size: int, max_position_embeddings: int, vocab_size: int | None = None, **extra):
+    """hhrm's one ``LlamaConfig`` builder: ``vocab_size`` defaults to ``len(tokenizer)``, the bos/eos/pad ids come
+    from the tokenizer, embeddings are untied; ``extra`` goes to ``LlamaConfig`` as is (``attn_implementation``...)."""
+    from transformers import LlamaConfig
 
-    tokenizer = train_tokenizer(texts, spec.vocab_size, spec.max_position_embeddings)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads,
-        max_position_embeddings=spec.max_position_embeddings,
+    return LlamaConfig(
+        vocab_size=len(tokenizer) if vocab_size is None else vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def build_base_model(out: Path, texts: list[str], spec: EmbeddedSpec) -> None:
+    """Tokenizer + randomly initialised Llama, saved as a normal Hugging Face folder."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = train_tokenizer(texts, spec.vocab_size, spec.max_position_embeddings)
+    config = llama_config(
+        tokenizer,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
+        num_heads=spec.num_heads,
+        num_kv_heads=spec.num_heads,
+        intermediate_size=spec.intermediate_size,
+        max_position_embeddings=spec.max_position_embeddings,
     )
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)

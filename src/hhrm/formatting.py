@@ -77,11 +77,6 @@ def make_response(answer: str) -> str:
     return " " + answer.strip()
 
 
-def join(prompt: str, response: str) -> str:
-    """Full rendered dialogue; the inverse of :func:`split_prompt_response`."""
-    return prompt + response
-
-
 def cut_at_next_turn(response: str) -> str:
     """Keep a generated response up to the next turn marker (the model starting a new turn)."""
     cut = len(response)

@@ -35,11 +35,18 @@ class SamplingArguments:
     top_k: int = 0
     stop_at_turn_marker: bool = True
 
-    def generation_config(self, tokenizer, num_return_sequences: int) -> GenerationConfig:
+    def __post_init__(self) -> None:
+        # The one place sampling settings are checked; the messages use the config fields' names.
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be > 0")
         if self.do_sample and self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature}: must be > 0 when sampling")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0")
+
+    def generation_config(self, tokenizer, num_return_sequences: int) -> GenerationConfig:
         kwargs = dict(
             max_new_tokens=self.max_new_tokens,
             num_return_sequences=num_return_sequences,
@@ -99,23 +106,13 @@ def generate_responses(
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"generate ({k}/prompt)", unit="batch")
-    if accelerator is not None:
-        from trl.models.utils import unwrap_model_for_generation
-
-        context = unwrap_model_for_generation(model, accelerator)
-    else:
-        context = modeling.full_parameters(model)  # a no-op unless ZeRO-3 partitioned the loaded model
-    with context as gen_model:
+    with _whole_model(model, accelerator) as gen_model:
         device = next(gen_model.parameters()).device
         was_training = gen_model.training
         gen_model.eval()
         for batch in batches:
-            width = max(len(ids[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):  # left padding: every prompt ends at the same position
-                input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
-                attention[row, width - len(ids[i]) :] = 1
+            input_ids, attention = left_padded([ids[i] for i in batch], tokenizer.pad_token_id)
+            width = input_ids.shape[1]
             seqs = _generate(gen_model, tokenizer, input_ids.to(device), attention.to(device), config, k)
             completion = seqs[:, width:]  # the cut by token position: everything after the prompt
             new_tokens += int((completion != tokenizer.pad_token_id).sum())
@@ -129,6 +126,27 @@ def generate_responses(
     return out
 
 
+def _whole_model(model, accelerator):
+    """A context giving the model with every weight present: TRL's unwrap for a trainer-wrapped model
+    (DDP/FSDP/ZeRO-3), else hhrm's ZeRO-3 gather (a no-op unless ZeRO-3 partitioned the loaded model)."""
+    if accelerator is not None:
+        from trl.models.utils import unwrap_model_for_generation
+
+        return unwrap_model_for_generation(model, accelerator)
+    return modeling.full_parameters(model)
+
+
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``rows`` padded on the left: every prompt ends at the same position."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :] = torch.tensor(r)
+        attention[i, width - len(r) :] = 1
+    return input_ids, attention
+
+
 @torch.no_grad()
 def _generate(model, tokenizer, input_ids, attention, config: GenerationConfig, k: int) -> torch.Tensor:
     """``model.generate`` of a left-padded batch, ``k`` samples per prompt, in prompt-major order.
@@ -137,7 +155,7 @@ def _generate(model, tokenizer, input_ids, attention, config: GenerationConfig, 
     cache is preallocated (a growing cache re-copies itself with ``torch.cat`` at every step: 64% of
     batched decode time on CPU), and each prompt is prefilled once and its cache repeated ``k`` times
     (``num_return_sequences`` would run the prefill ``k`` times). The last prompt token is left out of
-    the prefill so that ``generate`` starts from it. hhrm.bench, entry ``gen_batched_vs_prompt_x_k``.
+    the prefill so that ``generate`` starts from it. ``make bench``, entry ``gen_batched_vs_prompt_x_k``.
     Other models (GPT-Neo's local attention needs a hybrid cache) use plain ``generate``.
     """
     width = input_ids.shape[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
-from trl import ModelConfig, get_peft_config, get_quantization_config
+from trl import ModelConfig, get_quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +73,6 @@ def kbit_device_map() -> dict[str, Any]:
     from accelerate import PartialState
 
     return {"": PartialState().local_process_index if torch.cuda.is_available() else "cpu"}
-
-
-def peft_config(model_args: ModelConfig):
-    """LoRA config from ModelConfig (``use_peft``), or None for full fine-tuning."""
-    return get_peft_config(model_args)
 
 
 def save_merged(trainer, output_dir: str | Path, tokenizer) -> Path:

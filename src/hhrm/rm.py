@@ -16,13 +16,17 @@ from typing import Any
 
 import trl
 from datasets import Dataset
-from trl import ModelConfig
+from trl import ModelConfig, get_peft_config
 
 from hhrm import data as hdata
-from hhrm import modelcard, modeling, scoring
+from hhrm import modeling, reporting, rm_eval, runtime, scoring
 from hhrm.runtime import DevicePrecisionMixin
 
 logger = logging.getLogger(__name__)
+
+# The stage's headline in metrics.json (printed by the recipe and the demo).
+HEADLINE = ("eval_accuracy_exact_before", "eval_accuracy_exact", "eval_accuracy_rejected_wrong_answer", "eval_bt_loss",
+            "pairs_dropped_long", "gold_auc", "gold_pairwise_agreement", "gold_best_of_k_accuracy", "train_runtime")
 
 
 @dataclass
@@ -30,9 +34,10 @@ class RewardConfig(DevicePrecisionMixin, trl.RewardConfig):
     """TRL's RewardConfig with device-chosen precision, a global batch size and hhrm's evaluation settings."""
 
     bf16: bool | None = field(default=None, metadata={"help": "None: bf16 on a bf16-capable GPU, fp32 elsewhere."})
-    max_length: int | None = field(
-        default=None,
-        metadata={"help": "Drop pairs longer than this (tokens incl. EOS). None: DataArguments.max_pair_tokens (card: 512)."},
+    max_length: int = field(
+        default=512,
+        metadata={"help": "Pairs whose chosen or rejected text (tokens incl. EOS) is longer are dropped, never "
+                  "truncated, and counted (card: 512). The one length limit of the RM stage: filter, trainer, eval."},
     )
     global_batch_size: int | None = field(
         default=None,
@@ -57,8 +62,8 @@ class RewardConfig(DevicePrecisionMixin, trl.RewardConfig):
     gold_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of those responses."})
 
     def __post_init__(self) -> None:
-        if self.max_length is not None and self.max_length <= 0:
-            raise ValueError(f"max_length={self.max_length}: must be > 0 (or unset to use max_pair_tokens)")
+        if self.max_length is None or self.max_length <= 0:
+            raise ValueError(f"max_length={self.max_length}: must be > 0 (card: 512)")
         if self.length_buckets < 1:
             raise ValueError(f"length_buckets={self.length_buckets}: must be >= 1")
         if self.gold_prompts < 0 or self.gold_samples_per_prompt < 1:
@@ -91,18 +96,6 @@ def gradient_accumulation(global_batch_size: int, per_device: int, world_size: i
     return global_batch_size // per_step
 
 
-def resolve_max_length(args: RewardConfig, data_args: hdata.DataArguments) -> int:
-    """One length limit for filtering and training: RewardConfig.max_length must agree with max_pair_tokens."""
-    if args.max_length is None:
-        args.max_length = data_args.max_pair_tokens
-    elif args.max_length != data_args.max_pair_tokens:
-        raise ValueError(
-            f"max_length={args.max_length} and max_pair_tokens={data_args.max_pair_tokens} disagree: "
-            "set only max_pair_tokens (the pair filter), max_length follows it"
-        )
-    return args.max_length
-
-
 # --------------------------------------------------------------------------------------------
 # Pairs
 
@@ -114,6 +107,7 @@ class RewardPairs:
     train: Dataset
     test: Dataset
     counts: dict[str, int]
+    splits: hdata.PreferenceSplits  # what they were made from (its bad rows go to the data report)
 
 
 def tokenize_pairs(ds: Dataset, tokenizer) -> Dataset:
@@ -131,39 +125,29 @@ def drop_long(ds: Dataset, max_tokens: int) -> tuple[Dataset, int]:
     return ds.select(keep), len(ds) - len(keep)
 
 
-def drop_overlap(train: Dataset, test: Dataset) -> tuple[Dataset, int]:
-    """Remove test pairs whose exact (prompt, chosen, rejected) is also a train pair."""
-    seen = set(zip(train["prompt"], train["chosen"], train["rejected"]))
-    keep = [i for i, key in enumerate(zip(test["prompt"], test["chosen"], test["rejected"])) if key not in seen]
-    return test.select(keep), len(test) - len(keep)
-
-
 def prepare_pairs(splits: hdata.PreferenceSplits, tokenizer, max_tokens: int, dedup_test: bool = True) -> RewardPairs:
     """Tokenize, drop pairs over ``max_tokens`` (counted per split), and make RM-test disjoint from RM-train."""
     train, dropped_train = drop_long(tokenize_pairs(splits.train, tokenizer), max_tokens)
     test, dropped_test = drop_long(tokenize_pairs(splits.test, tokenizer), max_tokens)
-    overlap = 0
-    if dedup_test:
-        test, overlap = drop_overlap(train, test)
-    remaining = hdata.check_no_overlap(train, test)
-    if dedup_test and remaining:  # a check, not an assumption: dedup must leave nothing behind
-        raise AssertionError(f"{remaining} RM-test pairs still occur in RM-train after deduplication")
+    overlap = hdata.overlapping_pairs(train, test)
+    if dedup_test and overlap:
+        test = test.select(sorted(set(range(len(test))) - set(overlap)))
     counts = {
         "train_pairs": len(train),
         "eval_pairs": len(test),
         "pairs_dropped_long": dropped_train,
         "eval_pairs_dropped_long": dropped_test,
-        "eval_pairs_overlapping_train": overlap if dedup_test else remaining,
+        "eval_pairs_overlapping_train": len(overlap),
         "max_pair_tokens": max_tokens,
     }
     logger.info(
         "RM pairs: train %d (dropped %d over %d tokens), test %d (dropped %d over %d tokens, %d overlapping train%s)",
-        len(train), dropped_train, max_tokens, len(test), dropped_test, max_tokens, counts["eval_pairs_overlapping_train"],
+        len(train), dropped_train, max_tokens, len(test), dropped_test, max_tokens, len(overlap),
         " removed" if dedup_test else " KEPT",
     )
     if len(train) == 0:
-        raise ValueError(f"no RM-train pair is <= max_pair_tokens={max_tokens} tokens; raise max_pair_tokens")
-    return RewardPairs(train=train, test=test, counts=counts)
+        raise ValueError(f"no RM-train pair is <= max_length={max_tokens} tokens; raise max_length")
+    return RewardPairs(train=train, test=test, counts=counts, splits=splits)
 
 
 def trainer_dataset(ds: Dataset) -> Dataset:
@@ -190,7 +174,7 @@ def reward_peft_config(model_args: ModelConfig):
     if "score" not in modules:
         modules.append("score")
     model_args.lora_modules_to_save = modules
-    return modeling.peft_config(model_args)
+    return get_peft_config(model_args)
 
 
 def check_precision(model_args: ModelConfig, args: RewardConfig) -> None:
@@ -255,12 +239,11 @@ def export(trainer: trl.RewardTrainer, output_dir: str | Path, tokenizer, model_
 
 
 def _merge_from_adapter(output_dir: Path, model_args: ModelConfig, tokenizer, args: RewardConfig) -> None:
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = runtime.torch_dtype(args.bf16)
     with suppress_seqcls_warning():
         base = AutoModelForSequenceClassification.from_pretrained(model_args.model_name_or_path, num_labels=1, dtype=dtype)
     modeling.match_vocab(base, tokenizer)
@@ -324,53 +307,52 @@ def usage(path: str | Path) -> str:
     )
 
 
-def finish(trainer: trl.RewardTrainer, pairs: RewardPairs, splits: hdata.PreferenceSplits, output_dir: str | Path,
-           configs: dict[str, Any], train_metrics: dict[str, float], before: dict[str, float] | None) -> dict[str, Any]:
-    """Evaluate the exported folder, write metrics.json, eval_rm.json, data_report.json and the model card."""
-    from hhrm import rm_eval
+def finish(trainer: trl.RewardTrainer, pairs: RewardPairs, configs: dict[str, Any],
+           metrics: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the exported folder; write metrics.json, eval_rm.json, data_report.json and the model card.
 
+    ``metrics``: what the recipe measured so far (train metrics, the untrained head's accuracy).
+    """
     args: RewardConfig = trainer.args
-    output_dir = Path(output_dir)
-    metrics: dict[str, Any] = {f"train_{k}" if not k.startswith("train") else k: v for k, v in train_metrics.items()}
-    metrics.update(pairs.counts)
+    output_dir = Path(args.output_dir)
+    metrics = metrics | pairs.counts
     if trainer.accelerator.is_main_process:
         # Evaluate what was exported (reloaded from disk), not the in-memory training copy.
-        scorer = scoring.RewardScorer.from_pretrained(output_dir, batch_size=args.scorer_batch_size)
-        result = rm_eval.evaluate(
-            scorer, pairs.test, args, policy_path=configs["model"].model_name_or_path, before=before,
-            train_prompts=set(pairs.train["prompt"]),
-        )
+        scorer = scoring.RewardScorer.from_pretrained(output_dir, dtype=runtime.torch_dtype(args.bf16),
+                                                      batch_size=args.scorer_batch_size)
+        result = rm_eval.evaluate(scorer, pairs.test, args, policy_path=configs["model"].model_name_or_path,
+                                  train_prompts=set(pairs.train["prompt"]))
         metrics.update(result["metrics"])
         rm_eval.write_results(result | {"counts": pairs.counts}, output_dir / "eval_rm.json")
-        report = hdata.data_report(splits, trainer.processing_class, pairs.counts)
-        hdata.write_json(report, output_dir / "data_report.json")
-        hdata.write_json(metrics, output_dir / "metrics.json")
-        write_card(output_dir, configs, metrics, report)
-        rm_eval.update_card(output_dir, rm_eval.card_section(result["metrics"], result["held_out"], str(output_dir)))
+        report = hdata.data_report(pairs.splits, trainer.processing_class, pairs.counts)
+        card = model_card(output_dir, configs, metrics, report)
+        card.sections = (rm_eval.card_section(result["metrics"], result["held_out"], str(output_dir)),)
+        reporting.write_stage_outputs(output_dir, metrics, card, report)
     trainer.accelerator.wait_for_everyone()
     return metrics
 
 
-def write_card(output_dir: Path, configs: dict[str, Any], metrics: dict[str, Any], report: dict[str, Any]) -> Path:
+def model_card(output_dir: Path, configs: dict[str, Any], metrics: dict[str, Any],
+               report: dict[str, Any]) -> reporting.ModelCard:
     args = configs["training"]
     steps = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-    return modelcard.write_model_card(
-        output_dir,
+    nan = float("nan")
+    return reporting.ModelCard(
         title=f"Reward model from {configs['model'].model_name_or_path} on HH-RLHF pairs (hhrm)",
         summary=(
             "Bradley-Terry reward model trained with TRL `RewardTrainer` (`AutoModelForSequenceClassification`, "
-            f"`num_labels=1`) on the RM-train pairs of the card's split, {metrics.get('train_pairs')} pairs after dropping "
-            f"{metrics.get('pairs_dropped_long')} over {metrics.get('max_pair_tokens')} tokens (dropped, never truncated). "
-            f"lr {args.learning_rate}, {args.num_train_epochs} epoch(s), `{schedule}` schedule, "
+            f"`num_labels=1`) on the RM-train pairs of the card's split, {metrics.get('train_pairs')} pairs after "
+            f"dropping {metrics.get('pairs_dropped_long')} over {metrics.get('max_pair_tokens')} tokens (dropped, "
+            f"never truncated). lr {args.learning_rate}, {args.num_train_epochs} epoch(s), `{schedule}` schedule, "
             f"{steps} pairs per optimizer step. The reward of a text is the score at its final EOS token "
             "(the text is `###Human: ... ###Assistant: ...` + EOS).\n\n"
             f"Held-out (RM-test, {metrics.get('eval_pairs')} pairs, none also in RM-train): exact accuracy "
-            f"{metrics.get('eval_accuracy_exact', float('nan')):.4f} (ties count as wrong), mean Bradley-Terry loss "
-            f"{metrics.get('eval_bt_loss', float('nan')):.4f}. Length bias: Pearson correlation of reward with "
-            f"response length {metrics.get('eval_reward_length_pearson', float('nan')):.3f}; the longer response "
-            f"wins {metrics.get('eval_longer_preferred_rate', float('nan')):.3f} of pairs (the data's chosen response "
-            f"is the longer one in {metrics.get('eval_data_chosen_longer_rate', float('nan')):.3f}). Accuracy by "
+            f"{metrics.get('eval_accuracy_exact', nan):.4f} (ties count as wrong), mean Bradley-Terry loss "
+            f"{metrics.get('eval_bt_loss', nan):.4f}. Length bias: Pearson correlation of reward with "
+            f"response length {metrics.get('eval_reward_length_pearson', nan):.3f}; the longer response "
+            f"wins {metrics.get('eval_longer_preferred_rate', nan):.3f} of pairs (the data's chosen response "
+            f"is the longer one in {metrics.get('eval_data_chosen_longer_rate', nan):.3f}). Accuracy by "
             "length bucket is below and in `eval_rm.json`."
         ),
         metrics=metrics,
@@ -380,10 +362,3 @@ def write_card(output_dir: Path, configs: dict[str, Any], metrics: dict[str, Any
         usage=usage(output_dir),
         pipeline_tag="text-classification",
     )
-
-
-def headline(metrics: dict[str, Any]) -> str:
-    keys = ("eval_accuracy_exact_before", "eval_accuracy_exact", "eval_bt_loss", "gold_auc",
-            "gold_pairwise_agreement", "pairs_dropped_long", "train_runtime")
-    return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
-

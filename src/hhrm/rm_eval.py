@@ -1,11 +1,7 @@
-"""Honest evaluation of a reward model on held-out pairs, and against the gold reward on fresh samples.
+"""Honest evaluation of a reward model: held-out pair metrics, and agreement with the gold reward on fresh samples.
 
-    python -m hhrm.rm_eval --config recipes/configs/tiny/rm.yaml [--reward_model DIR]
-    make eval-rm [MODEL=DIR]
-
-Reads the same config as the RM recipe: the data split, the pair-length filter, and
-``model_name_or_path`` (the SFT policy the RM started from, which samples the fresh responses).
-The reward model evaluated is ``--reward_model`` (default: the recipe's ``output_dir``).
+The metrics only; ``recipes/eval_rm.py`` (``make eval-rm``) evaluates any reward model folder with
+them, and the RM recipe runs them after training.
 
 Headline numbers are computed here, not taken from ``RewardTrainer``: its logged accuracy is a mean
 of per-batch means. Accuracy is exact over pairs, and a tie (equal rewards) counts as wrong.
@@ -13,10 +9,8 @@ of per-batch means. Accuracy is exact over pairs, and a tie (equal rewards) coun
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +18,7 @@ import numpy as np
 from datasets import Dataset
 
 from hhrm import data as hdata
-from hhrm import scoring, sft, synthetic
+from hhrm import reporting, scoring, synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -92,15 +86,19 @@ def quantile_edges(values: np.ndarray, n: int) -> list[int]:
 # Held-out pairs
 
 
-def pair_rewards(scorer: scoring.RewardScorer, ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Rewards of prompt+chosen and prompt+rejected (token ids reused when the pairs carry them)."""
+def pair_ids(tokenizer, ds: Dataset) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of prompt+chosen and prompt+rejected (:func:`hhrm.scoring.encode`), reused when the pairs carry them."""
     if "chosen_ids" in ds.column_names:
-        chosen_ids, rejected_ids = list(ds["chosen_ids"]), list(ds["rejected_ids"])
-    else:
-        chosen_ids = scoring.encode(scorer.tokenizer, [p + c for p, c in zip(ds["prompt"], ds["chosen"])])
-        rejected_ids = scoring.encode(scorer.tokenizer, [p + r for p, r in zip(ds["prompt"], ds["rejected"])])
+        return list(ds["chosen_ids"]), list(ds["rejected_ids"])
+    return (scoring.encode(tokenizer, [p + c for p, c in zip(ds["prompt"], ds["chosen"])]),
+            scoring.encode(tokenizer, [p + r for p, r in zip(ds["prompt"], ds["rejected"])]))
+
+
+def pair_rewards(scorer: scoring.RewardScorer, chosen_ids: list[list[int]],
+                 rejected_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Rewards of the encoded chosen and rejected texts."""
     rewards = np.array(scorer.score_ids(chosen_ids + rejected_ids))
-    return rewards[: len(ds)], rewards[len(ds) :]
+    return rewards[: len(chosen_ids)], rewards[len(chosen_ids) :]
 
 
 def evaluate_pairs(scorer: scoring.RewardScorer, ds: Dataset, n_buckets: int = 4,
@@ -111,9 +109,10 @@ def evaluate_pairs(scorer: scoring.RewardScorer, ds: Dataset, n_buckets: int = 4
     """
     if len(ds) == 0:
         raise ValueError("no held-out pairs to evaluate (RM-test is empty after filtering)")
-    rc, rr = pair_rewards(scorer, ds)
     tok = scorer.tokenizer
-    pair_len = np.array([max(len(c), len(r)) for c, r in zip(*_ids(tok, ds))])
+    chosen_ids, rejected_ids = pair_ids(tok, ds)
+    rc, rr = pair_rewards(scorer, chosen_ids, rejected_ids)
+    pair_len = np.array([max(len(c), len(r)) for c, r in zip(chosen_ids, rejected_ids)])
     resp_c = np.array([len(x) for x in tok(list(ds["chosen"]), add_special_tokens=False)["input_ids"]])
     resp_r = np.array([len(x) for x in tok(list(ds["rejected"]), add_special_tokens=False)["input_ids"]])
     all_rewards = np.concatenate([rc, rr])
@@ -145,13 +144,6 @@ def evaluate_pairs(scorer: scoring.RewardScorer, ds: Dataset, n_buckets: int = 4
     details = {"length_buckets": buckets, "length_bucket_edges": edges,
                "rewards": {"chosen": rc.tolist(), "rejected": rr.tolist()}}
     return metrics, details
-
-
-def _ids(tokenizer, ds: Dataset) -> tuple[list[list[int]], list[list[int]]]:
-    if "chosen_ids" in ds.column_names:
-        return list(ds["chosen_ids"]), list(ds["rejected_ids"])
-    return (scoring.encode(tokenizer, [p + c for p, c in zip(ds["prompt"], ds["chosen"])]),
-            scoring.encode(tokenizer, [p + r for p, r in zip(ds["prompt"], ds["rejected"])]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,17 +225,14 @@ def gold_agreement(scorer: scoring.RewardScorer, policy_path: str | Path, prompt
 
 
 def evaluate(scorer: scoring.RewardScorer, test: Dataset, args: Any, policy_path: str | Path | None = None,
-             before: dict[str, float] | None = None, tokenizer_for_lengths=None,
              train_prompts: set[str] | None = None) -> dict[str, Any]:
     """Held-out pair metrics, plus gold agreement when the data is the embedded set and a policy is given."""
     metrics, details = evaluate_pairs(scorer, test, args.length_buckets)
-    if before:
-        metrics.update(before)
     result: dict[str, Any] = {"metrics": metrics, "held_out": details}
     prompts = hdata.distinct_prompts(test["prompt"], args.gold_prompts) if args.gold_prompts else []
-    if sft.is_gold_checkable(list(test["prompt"])):
+    if synthetic.is_gold_checkable(list(test["prompt"])):
         metrics.update(accuracy_by_task(test, np.array(details["rewards"]["chosen"]), np.array(details["rewards"]["rejected"])))
-    if policy_path is not None and sft.is_gold_checkable(prompts):
+    if policy_path is not None and synthetic.is_gold_checkable(prompts):
         gold = gold_agreement(scorer, policy_path, prompts, args.gold_samples_per_prompt,
                               args.gold_max_new_tokens, args.gold_temperature, args.seed)
         metrics.update(gold["metrics"])
@@ -254,16 +243,15 @@ def evaluate(scorer: scoring.RewardScorer, test: Dataset, args: Any, policy_path
 
 
 def write_results(result: dict[str, Any], path: str | Path) -> Path:
-    return hdata.write_json(json.loads(json.dumps(result, default=float)), path)
+    return reporting.write_json(result, path)
 
 
 def card_section(metrics: dict[str, Any], details: dict[str, Any], model: str) -> str:
-    rows = ["| metric | value |", "| --- | --- |"]
-    rows += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
-    buckets = ["| pair tokens | pairs | exact accuracy |", "| --- | --- | --- |"]
-    buckets += [f"| {b['tokens']} | {b['pairs']} | {b['accuracy_exact']:.4f} |" for b in details["length_buckets"]]
-    return "\n".join([CARD_BEGIN, f"## Evaluation (`python -m hhrm.rm_eval`, {model})", "", *rows, "",
-                      "Accuracy by length bucket:", "", *buckets, CARD_END, ""])
+    """The evaluation section of a reward model's card (between markers, so a re-evaluation replaces it)."""
+    buckets = reporting.markdown_table(details["length_buckets"], ("tokens", "pairs", "accuracy_exact"),
+                                       ("pair tokens", "pairs", "exact accuracy"))
+    return "\n".join([CARD_BEGIN, f"## Evaluation (`recipes/eval_rm.py`, {model})", "", reporting.metrics_table(metrics),
+                      "Accuracy by length bucket:", "", buckets, CARD_END, ""])
 
 
 def update_card(folder: Path, section: str) -> Path:
@@ -277,51 +265,3 @@ def update_card(folder: Path, section: str) -> Path:
         text = text.rstrip("\n") + ("\n\n" if text else "") + section
     path.write_text(text)
     return path
-
-
-@dataclass
-class RMEvalArguments:
-    """What ``python -m hhrm.rm_eval`` evaluates, on top of the RM recipe's config."""
-
-    reward_model: str | None = field(default=None, metadata={"help": "Reward model folder. Default: output_dir."})
-    policy_model: str | None = field(
-        default=None, metadata={"help": "Policy that samples fresh responses. Default: model_name_or_path (the SFT model)."}
-    )
-    eval_output_dir: str | None = field(
-        default=None, metadata={"help": "Where eval_rm.json and the card section go. Default: the reward model folder."}
-    )
-    skip_gold: bool = field(default=False, metadata={"help": "Skip the gold agreement on fresh samples."})
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from trl import ModelConfig, TrlParser
-
-    from hhrm import rm
-    from hhrm.runtime import setup_logging
-
-    parser = TrlParser((hdata.DataArguments, rm.RewardConfig, ModelConfig, RMEvalArguments))
-    data_args, args, model_args, eval_args = parser.parse_args_and_config(argv)
-    setup_logging()
-    rm.resolve_max_length(args, data_args)
-    reward_model = Path(eval_args.reward_model or args.output_dir)
-    if not (reward_model / "config.json").is_file():
-        raise FileNotFoundError(f"reward_model={str(reward_model)!r}: no model folder there (train it with `make rm`)")
-    out = Path(eval_args.eval_output_dir or reward_model)
-    scorer = rm_scorer(reward_model, args.scorer_batch_size)
-    splits = hdata.load_splits(data_args)
-    pairs = rm.prepare_pairs(splits, scorer.tokenizer, args.max_length, args.dedup_test)
-    policy = None if eval_args.skip_gold else (eval_args.policy_model or model_args.model_name_or_path)
-    result = evaluate(scorer, pairs.test, args, policy, train_prompts=set(pairs.train["prompt"]))
-    metrics = pairs.counts | result["metrics"]
-    write_results(result | {"counts": pairs.counts, "reward_model": str(reward_model)}, out / "eval_rm.json")
-    update_card(out, card_section(metrics, result["held_out"], str(reward_model)))
-    print(json.dumps(metrics, indent=2, default=float))
-    return metrics
-
-
-def rm_scorer(path: str | Path, batch_size: int = 64) -> scoring.RewardScorer:
-    return scoring.RewardScorer.from_pretrained(path, batch_size=batch_size)
-
-
-if __name__ == "__main__":
-    main()

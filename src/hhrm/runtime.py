@@ -19,6 +19,21 @@ def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def torch_dtype(bf16: bool | None = None) -> torch.dtype:
+    """The one precision rule: bf16 when asked (or, unset, on a bf16-capable GPU), fp32 otherwise.
+
+    Stage configs resolve ``bf16`` with it when parsed; models loaded outside a trainer (the reward
+    scorer, the evaluation) take the resulting dtype from the caller's config.
+    """
+    if bf16 is None:
+        bf16 = bf16_supported()
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def has_accelerator() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return torch.cuda.is_available() or bool(mps and mps.is_available())

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from hhrm import modeling
+from hhrm import modeling, runtime
 
 
 def with_eos(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[str]:
@@ -67,10 +67,12 @@ class RewardScorer:
         self.model.config.pad_token_id = tokenizer.pad_token_id
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | None = None, dtype=None, **kwargs) -> "RewardScorer":
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is None:
-            dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    def from_pretrained(cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
+                        **kwargs) -> "RewardScorer":
+        """Load a reward model folder. ``dtype``: the caller's precision (``runtime.torch_dtype(args.bf16)``);
+        unset, the device decides by the same rule."""
+        device = device or runtime.default_device()
+        dtype = runtime.torch_dtype() if dtype is None else dtype
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype).to(device).eval()
         return cls(model, tokenizer, **kwargs)
@@ -119,7 +121,7 @@ class RewardScorer:
         batch: list[int] = []
         for i in order:  # ascending length: the last text added sets the padded width
             # A new batch also starts where a text is >10% (+16 tokens) longer than the batch's shortest: a
-            # batch padded to its longest text cost 2.3x the time of batch_size=1 on CPU (hhrm.bench).
+            # batch padded to its longest text cost 2.3x the time of batch_size=1 on CPU (make bench).
             if batch and (len(batch) >= self.batch_size or len(ids[i]) * (len(batch) + 1) > self.max_tokens_per_batch
                           or len(ids[i]) > 1.1 * len(ids[batch[0]]) + 16):
                 yield batch

@@ -5,17 +5,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trl
 from datasets import Dataset
 
 from hhrm import data as hdata
-from hhrm import generation, modelcard, synthetic
+from hhrm import generation, reporting, synthetic
 from hhrm.runtime import DevicePrecisionMixin
 
 logger = logging.getLogger(__name__)
+
+# The stage's headline in metrics.json (printed by the recipe and the demo).
+HEADLINE = ("eval_loss_before", "eval_loss", "gold_accuracy", "train_runtime")
 
 
 @dataclass
@@ -45,16 +47,6 @@ def sft_datasets(splits: hdata.PreferenceSplits, eval_rows: int) -> tuple[Datase
     return train, eval_ds
 
 
-def heldout_prompts(splits: hdata.PreferenceSplits, n: int) -> list[str]:
-    """The first ``n`` distinct RM-test prompts (fixed across stages so their numbers compare)."""
-    return hdata.distinct_prompts(splits.test["prompt"], n)
-
-
-def is_gold_checkable(prompts: list[str]) -> bool:
-    """True for the embedded data set, whose answers :mod:`hhrm.synthetic` can grade."""
-    return bool(prompts) and all(synthetic.task_name(p) is not None for p in prompts)
-
-
 def gold_eval(model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict[str, Any]:
     """Greedy answers to held-out prompts, graded by the gold reward (overall and per task)."""
     start = time.perf_counter()
@@ -63,26 +55,23 @@ def gold_eval(model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict
     return synthetic.gold_summary(prompts, answers) | {"gold_eval_seconds": time.perf_counter() - start}
 
 
-def finish(trainer: trl.SFTTrainer, splits: hdata.PreferenceSplits, output_dir: str | Path, configs: dict[str, Any],
-           train_metrics: dict[str, float], initial_eval: dict[str, float] | None) -> dict[str, Any]:
-    """Evaluate (loss, gold accuracy), write metrics.json, data_report.json and the model card."""
+def finish(trainer: trl.SFTTrainer, splits: hdata.PreferenceSplits, configs: dict[str, Any],
+           metrics: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the trained model (held-out loss, gold accuracy); write metrics, data report and model card.
+
+    ``metrics``: what the recipe measured so far (train metrics, ``eval_loss_before``); returned completed.
+    """
     args: SFTConfig = trainer.args
-    metrics: dict[str, Any] = {f"train_{k}" if not k.startswith("train") else k: v for k, v in train_metrics.items()}
-    metrics["world_size"] = trainer.accelerator.num_processes
-    if initial_eval:
-        metrics["eval_loss_before"] = initial_eval.get("eval_loss")
+    metrics = dict(metrics, world_size=trainer.accelerator.num_processes)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
-    prompts = heldout_prompts(splits, args.gold_eval_prompts)
-    if trainer.accelerator.is_main_process and is_gold_checkable(prompts):
+    prompts = hdata.heldout_prompts(splits, args.gold_eval_prompts)
+    if trainer.accelerator.is_main_process and synthetic.is_gold_checkable(prompts):
         model = trainer.accelerator.unwrap_model(trainer.model)
         metrics.update(gold_eval(model, trainer.processing_class, prompts, args.gold_max_new_tokens))
     if trainer.accelerator.is_main_process:
         report = hdata.data_report(splits, trainer.processing_class, {"sft_train_texts": len(splits.train)})
-        hdata.write_json(report, Path(output_dir) / "data_report.json")
-        hdata.write_json(metrics, Path(output_dir) / "metrics.json")
-        modelcard.write_model_card(
-            output_dir,
+        card = reporting.ModelCard(
             title=f"SFT of {configs['model'].model_name_or_path} on HH-RLHF chosen responses (hhrm)",
             summary=(
                 "Supervised fine-tuning with TRL `SFTTrainer` on the chosen dialogues, in the `###Human:` / "
@@ -92,10 +81,6 @@ def finish(trainer: trl.SFTTrainer, splits: hdata.PreferenceSplits, output_dir: 
             configs=configs,
             data={"source": report["source"], "bad_rows": report["bad_rows"], "train_pairs": len(splits.train)},
         )
+        reporting.write_stage_outputs(args.output_dir, metrics, card, report)
     trainer.accelerator.wait_for_everyone()
     return metrics
-
-
-def headline(metrics: dict[str, Any]) -> str:
-    keys = ("eval_loss_before", "eval_loss", "gold_accuracy", "train_runtime")
-    return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), (int, float)))

@@ -186,6 +186,11 @@ def task_name(prompt: str) -> str | None:
     return found[0].name if found else None
 
 
+def is_gold_checkable(prompts: list[str]) -> bool:
+    """True for prompts of the embedded data set, whose answers :func:`gold_reward` can grade."""
+    return bool(prompts) and all(task_name(p) is not None for p in prompts)
+
+
 def _raw(turns: list[tuple[str, str]]) -> str:
     return "".join(f"\n\n{role}: {text}" for role, text in turns)
 

@@ -1,0 +1,66 @@
+"""Evaluate any reward model folder on the held-out pairs (and, on the embedded data, against the gold reward).
+
+    python recipes/eval_rm.py --config recipes/configs/tiny/rm.yaml [--reward_model DIR] [--skip_gold true]
+    make eval-rm [MODEL=DIR]
+
+Reads the RM recipe's config: the data split, the pair-length limit (``max_length``) and
+``model_name_or_path`` (the SFT policy the RM started from, which samples the fresh responses). Writes
+``eval_rm.json`` and the evaluation section of the model card into the evaluated folder (or
+``--eval_output_dir``).
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import ModelConfig, TrlParser
+
+from hhrm import data, rm, rm_eval, runtime, scoring
+from hhrm.runtime import setup_logging
+
+
+@dataclass
+class EvalArguments:
+    """What is evaluated, on top of the RM recipe's config."""
+
+    reward_model: str | None = field(default=None, metadata={"help": "Reward model folder. Default: output_dir."})
+    policy_model: str | None = field(
+        default=None,
+        metadata={"help": "Policy that samples fresh responses. Default: model_name_or_path (the SFT model)."},
+    )
+    eval_output_dir: str | None = field(
+        default=None, metadata={"help": "Where eval_rm.json and the card section go. Default: the reward model folder."}
+    )
+    skip_gold: bool = field(default=False, metadata={"help": "Skip the gold agreement on fresh samples."})
+
+
+def main(data_args: data.DataArguments, args: rm.RewardConfig, model_args: ModelConfig,
+         eval_args: EvalArguments) -> dict:
+    ################
+    # The reward model and the held-out pairs, made exactly as the RM recipe makes them
+    ################
+    reward_model = Path(eval_args.reward_model or args.output_dir)
+    if not (reward_model / "config.json").is_file():
+        raise FileNotFoundError(f"reward_model={str(reward_model)!r}: no model folder there (train it with `make rm`)")
+    scorer = scoring.RewardScorer.from_pretrained(reward_model, dtype=runtime.torch_dtype(args.bf16),
+                                                  batch_size=args.scorer_batch_size)
+    pairs = rm.prepare_pairs(data.load_splits(data_args), scorer.tokenizer, args.max_length, args.dedup_test)
+
+    ################
+    # Evaluation; eval_rm.json and the model card's evaluation section
+    ################
+    policy = None if eval_args.skip_gold else (eval_args.policy_model or model_args.model_name_or_path)
+    result = rm_eval.evaluate(scorer, pairs.test, args, policy, train_prompts=set(pairs.train["prompt"]))
+    metrics = pairs.counts | result["metrics"]
+    out = Path(eval_args.eval_output_dir or reward_model)
+    rm_eval.write_results(result | {"counts": pairs.counts, "reward_model": str(reward_model)}, out / "eval_rm.json")
+    rm_eval.update_card(out, rm_eval.card_section(metrics, result["held_out"], str(reward_model)))
+    print(json.dumps(metrics, indent=2, default=float))
+    return metrics
+
+
+if __name__ == "__main__":
+    parser = TrlParser((data.DataArguments, rm.RewardConfig, ModelConfig, EvalArguments))
+    data_args, args, model_args, eval_args = parser.parse_args_and_config()
+    setup_logging()
+    main(data_args, args, model_args, eval_args)

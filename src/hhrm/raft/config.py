@@ -1,0 +1,123 @@
+"""RAFT's settings: ``RaftConfig`` beside TRL's ``SFTConfig``, validated when parsed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trl
+
+from hhrm.generation import SamplingArguments
+from hhrm.raft.select import SELECTIONS, JunkFilter
+from hhrm.runtime import DevicePrecisionMixin
+
+# The stages of one iteration, in order; each writes one main output (see hhrm.raft).
+STAGES = ("draw", "generate", "score", "select", "train", "metrics")
+BACKENDS = ("hf", "vllm")
+VLLM_MODES = ("colocate", "server")
+
+
+class StopRequested(Exception):
+    """Raised after the stage named by ``stop_after`` (tests and staged runs stop there on purpose)."""
+
+
+@dataclass
+class RaftConfig(DevicePrecisionMixin, trl.SFTConfig):
+    """RAFT settings beside TRL's SFTConfig, which holds the per-iteration fine-tune settings.
+
+    ``output_dir`` is the run folder; the fine-tune of iteration ``i`` uses every SFT setting here
+    with ``seed + i``. Defaults follow the card (2,048 prompts per iteration, K=8, best of K).
+    """
+
+    bf16: bool | None = field(default=None, metadata={"help": "None: bf16 on a bf16-capable GPU, fp32 elsewhere."})
+    max_length: int | None = field(default=1024, metadata={"help": "Fine-tune: truncate prompt+completion tokens."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Fine-tune epochs over each iteration's kept set."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Fine-tune learning rate (each iteration)."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Fine-tune schedule (each iteration)."})
+    save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints inside an iteration (off)."})
+
+    reward_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reward model folder (output of recipes/rm.py)."}
+    )
+    num_iterations: int = field(default=10, metadata={"help": "RAFT iterations."})
+    prompts_per_iteration: int = field(default=2048, metadata={"help": "Prompts drawn per iteration (card: 2,048)."})
+    num_samples: int = field(default=8, metadata={"help": "K: responses generated per prompt (card: 8)."})
+    selection: str = field(
+        default="best_of_k", metadata={"help": "Which samples are kept.", "choices": list(SELECTIONS)}
+    )
+    top_fraction: float = field(
+        default=0.125, metadata={"help": "top_fraction: share of all K*N samples kept (1/K keeps N)."}
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Sampling: max new tokens per response."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Sampling nucleus threshold (1.0: off)."})
+    top_k: int = field(default=0, metadata={"help": "Sampling top-k (0: off)."})
+    max_prompt_tokens: int = field(
+        default=512, metadata={"help": "Prompts longer than this (policy tokens) are left out of the prompt set."}
+    )
+    generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call (x K sequences)."})
+    reward_batch_size: int = field(default=32, metadata={"help": "Texts per reward-model forward."})
+    filter_min_tokens: int = field(default=2, metadata={"help": "Junk filter: responses shorter are dropped."})
+    filter_max_repeat_fraction: float = field(
+        default=0.5, metadata={"help": "Junk filter: max share of repeated word 3-grams (1.0: off)."}
+    )
+    filter_patterns: list[str] = field(
+        default_factory=list, metadata={"help": "Junk filter: regular expressions; a matching response is dropped."}
+    )
+    heldout_prompts: int = field(
+        default=200, metadata={"help": "Fixed held-out prompts (RM test) evaluated each iteration."}
+    )
+    offload_models: bool | None = field(
+        default=None,
+        metadata={"help": "Keep one large model resident at a time. Unset: on when the policy is above ~1B params."},
+    )
+    generation_backend: str = field(
+        default="hf", metadata={"help": "hf (transformers generate) | vllm.", "choices": list(BACKENDS)}
+    )
+    vllm_mode: str = field(default="colocate", metadata={"help": "vllm: colocate | server.", "choices": list(VLLM_MODES)})
+    vllm_gpu_memory_utilization: float = field(default=0.4, metadata={"help": "vllm colocate: GPU memory share."})
+    progress: bool = field(default=True, metadata={"help": "Progress bars for generation and scoring."})
+    stop_after: str | None = field(
+        default=None, metadata={"help": "'<iteration>:<stage>': stop after that stage (staged runs, tests)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks: list[tuple[bool, str]] = [
+            (self.num_iterations >= 1, f"num_iterations={self.num_iterations}: must be >= 1"),
+            (self.prompts_per_iteration >= 1, f"prompts_per_iteration={self.prompts_per_iteration}: must be >= 1"),
+            (self.num_samples >= 1, f"num_samples={self.num_samples}: must be >= 1"),
+            (self.selection in SELECTIONS, f"selection={self.selection!r}: expected one of {SELECTIONS}"),
+            (0.0 < self.top_fraction <= 1.0, f"top_fraction={self.top_fraction}: must be in (0, 1]"),
+            (self.max_prompt_tokens >= 1, f"max_prompt_tokens={self.max_prompt_tokens}: must be >= 1"),
+            (self.generation_batch_size >= 1, f"generation_batch_size={self.generation_batch_size}: must be >= 1"),
+            (self.reward_batch_size >= 1, f"reward_batch_size={self.reward_batch_size}: must be >= 1"),
+            (self.heldout_prompts >= 0, f"heldout_prompts={self.heldout_prompts}: must be >= 0"),
+            (self.generation_backend in BACKENDS,
+             f"generation_backend={self.generation_backend!r}: expected one of {BACKENDS}"),
+            (self.vllm_mode in VLLM_MODES, f"vllm_mode={self.vllm_mode!r}: expected one of {VLLM_MODES}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        # Built (and so validated) now, not after the first model load.
+        self.sampling = SamplingArguments(max_new_tokens=self.max_new_tokens, do_sample=True,
+                                          temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        self.greedy = SamplingArguments(max_new_tokens=self.max_new_tokens, do_sample=False)
+        self.junk_filter = JunkFilter(min_tokens=self.filter_min_tokens,
+                                      max_repeat_fraction=self.filter_max_repeat_fraction,
+                                      patterns=list(self.filter_patterns or []))
+        self.stop_point = self.parse_stop_after()
+
+    def parse_stop_after(self) -> tuple[int, str] | None:
+        if self.stop_after is None:
+            return None
+        try:
+            it, stage = str(self.stop_after).split(":")
+            it_n = int(it)
+        except ValueError:
+            raise ValueError(
+                f"stop_after={self.stop_after!r}: expected '<iteration>:<stage>', e.g. '1:score'"
+            ) from None
+        if stage not in STAGES:
+            raise ValueError(f"stop_after={self.stop_after!r}: stage must be one of {STAGES}")
+        return it_n, stage

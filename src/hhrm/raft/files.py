@@ -1,0 +1,95 @@
+"""RAFT's run folder: stage outputs, done markers, rows shared across processes, the final policy's files.
+
+Every stage output is written whole and renamed into place (:func:`hhrm.reporting.write_jsonl`), so
+its presence means "stage done". A policy folder is done once its ``raft_done`` marker is there: the
+folder is written as ``policy.tmp`` and renamed after the marker.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate.utils import gather_object
+
+from hhrm.reporting import config_dict, read_json
+
+POLICY_DONE = "raft_done"
+# Settings that do not change what a finished stage wrote: a resume may change them.
+RESUMABLE_SETTINGS = {"progress", "stop_after", "logging_steps", "disable_tqdm", "output_dir", "offload_models",
+                      "generation_batch_size", "reward_batch_size", "logging_dir", "run_name"}
+
+
+def iter_dir(run_dir: Path, iteration: int) -> Path:
+    return run_dir / f"iter_{iteration:03d}"
+
+
+def is_done(path: Path) -> bool:
+    """A stage output exists (policy folders count once their marker is there)."""
+    if path.suffix == "" and not path.name.endswith("jsonl"):
+        return (path / POLICY_DONE).is_file()
+    return path.is_file()
+
+
+def shard(items: list[Any], rank: int, world: int) -> list[Any]:
+    """Rank ``rank``'s share: every ``world``-th item, so shards differ in size by at most one."""
+    return items[rank::world]
+
+
+def gather_rows(rows: list[dict[str, Any]], key: str, expected: list[Any]) -> list[dict[str, Any]]:
+    """All ranks' rows, in ``expected`` order; fails if a key is missing or handled twice."""
+    everyone = gather_object(rows)
+    by_key: dict[Any, dict[str, Any]] = {}
+    for row in everyone:
+        if row[key] in by_key:
+            raise RuntimeError(f"{key}={row[key]!r} was handled by two processes")
+        by_key[row[key]] = row
+    missing = [k for k in expected if k not in by_key]
+    if missing or len(by_key) != len(expected):
+        raise RuntimeError(f"{len(missing)} {key}s were lost across processes (e.g. {missing[:3]})")
+    return [by_key[k] for k in expected]
+
+
+def publish_policy(tmp: Path, final: Path, iteration: int) -> None:
+    """Mark a freshly saved policy folder done and move it into place (main process only)."""
+    (tmp / POLICY_DONE).write_text(f"iteration {iteration}\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def link_policy(src: Path, dst: Path) -> None:
+    """Put the final policy's files in ``dst`` (hard links where possible: no second copy of a 7B model)."""
+    for f in src.iterdir():
+        if f.is_file() and f.name != POLICY_DONE:
+            target = dst / f.name
+            if target.exists():
+                target.unlink()
+            try:
+                os.link(f, target)
+            except OSError:
+                shutil.copy2(f, target)
+
+
+def run_fingerprint(args: Any, data_args: Any, model_args: Any) -> dict[str, Any]:
+    """The settings a finished stage's outputs depend on (JSON-safe); ``run.json`` keeps them."""
+    raft_args = {k: v for k, v in config_dict(args).items() if k not in RESUMABLE_SETTINGS}
+    return {"data": config_dict(data_args), "model": model_args.model_name_or_path, "raft": raft_args}
+
+
+def check_resume(run_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse to resume a run folder written with other settings: it would mix two runs."""
+    previous = read_json(run_dir / "run.json").get("fingerprint")
+    if previous is None:
+        return
+    changed = sorted(f"{part}.{k}" for part in fingerprint for k in (set(fingerprint[part]) | set(previous.get(part, {})))
+                     if isinstance(fingerprint[part], dict) and fingerprint[part].get(k) != previous.get(part, {}).get(k))
+    if previous.get("model") != fingerprint["model"]:
+        changed.append("model_name_or_path")
+    if changed:
+        raise ValueError(
+            f"output_dir={str(run_dir)!r} holds a RAFT run with other settings ({', '.join(changed[:8])}); "
+            "resuming would mix two runs: use a new output_dir or delete that folder"
+        )

@@ -1,0 +1,297 @@
+"""The RAFT loop: draw prompts, generate K samples, score, select, fine-tune; resumable stage by stage."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import trl
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
+from datasets import Dataset
+from trl import get_peft_config
+
+from hhrm import data as hdata
+from hhrm import modeling, reporting, synthetic
+from hhrm.raft.config import RaftConfig, StopRequested
+from hhrm.raft.files import (
+    check_resume,
+    gather_rows,
+    is_done,
+    iter_dir,
+    link_policy,
+    publish_policy,
+    run_fingerprint,
+    shard,
+)
+from hhrm.raft.models import ModelResidency
+from hhrm.raft.prompts import draw_prompts, prompt_set
+from hhrm.raft.report import (
+    ITERATION_HEADLINE,
+    heldout_metrics,
+    iteration_metrics,
+    model_card,
+    run_headline,
+    write_run_reports,
+)
+from hhrm.raft.select import filter_counts, select
+from hhrm.reporting import read_json, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+class RaftRunner:
+    """One RAFT run; :meth:`run` executes (or resumes) every stage and returns the headline metrics."""
+
+    def __init__(self, args: RaftConfig, data_args: hdata.DataArguments, model_args: trl.ModelConfig):
+        if not args.reward_model_name_or_path:
+            raise ValueError("reward_model_name_or_path is not set: give the reward model folder (recipes/rm.py output)")
+        self.args, self.data_args, self.model_args = args, data_args, model_args
+        self.state = PartialState()
+        self.rank, self.world = self.state.process_index, self.state.num_processes
+        self.out = Path(args.output_dir)
+        self.tokenizer = modeling.load_tokenizer(model_args, padding_side="right")
+        self.splits = hdata.load_splits(data_args)
+        self.prompts, self.prompt_report = prompt_set(self.splits, self.tokenizer, args.max_prompt_tokens)
+        draw_prompts(len(self.prompts), args.prompts_per_iteration, args.seed, 0)  # fail now on a too-large draw
+        self.heldout = hdata.heldout_prompts(self.splits, args.heldout_prompts)
+        self.gold = synthetic.is_gold_checkable(self.heldout)
+        self.models = ModelResidency(args, model_args, self.tokenizer, self.state)
+
+    # ----- the algorithm -----------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        fingerprint = run_fingerprint(self.args, self.data_args, self.model_args)
+        check_resume(self.out, fingerprint)
+        if self.state.is_main_process:
+            reporting.write_json({"prompt_set": self.prompt_report, "offload_models": self.models.offload,
+                                  "world_size": self.world, "fingerprint": fingerprint}, self.out / "run.json")
+        self.state.wait_for_everyone()
+        for it in range(self.args.num_iterations):
+            d = iter_dir(self.out, it)
+            if self.done(d / "metrics.json"):
+                logger.info("iteration %d already complete", it)
+                if self.args.stop_point and self.args.stop_point[0] == it:
+                    raise StopRequested(f"stopped after {self.args.stop_after} (stop_after)")
+                continue
+            self.stage(it, "draw", d / "prompts.jsonl", self.draw)
+            self.stage(it, "generate", d / "samples.jsonl", self.generate)
+            self.stage(it, "score", d / "scored.jsonl", self.score)
+            self.stage(it, "select", d / "kept.jsonl", self.select)
+            self.stage(it, "train", d / "policy", self.train)
+            self.stage(it, "metrics", d / "metrics.json", self.metrics)
+            if self.state.is_main_process:
+                logger.info("iteration %d: %s", it, reporting.headline(read_json(d / "metrics.json"),
+                                                                      ITERATION_HEADLINE))
+        final = self.final_evaluation()
+        self.release_models()
+        return self.finish(final)
+
+    def draw(self, it: int) -> dict[str, Any]:
+        idx = draw_prompts(len(self.prompts), self.args.prompts_per_iteration, self.args.seed, it)
+        self.write_main([{"index": i, "prompt": self.prompts[i]} for i in idx], iter_dir(self.out, it) / "prompts.jsonl")
+        return {"prompts": len(idx)}
+
+    def generate(self, it: int) -> dict[str, Any]:
+        d = iter_dir(self.out, it)
+        drawn = read_jsonl(d / "prompts.jsonl")
+        mine = shard(drawn, self.rank, self.world)
+        stats: dict[str, Any] = {}
+        responses = self.models.generate(self.policy_path(it), [r["prompt"] for r in mine], self.args.num_samples,
+                                         self.args.sampling, self.seed_for(it, 1), stats)
+        rows = [{"index": r["index"], "rank": self.rank, "prompt": r["prompt"], "responses": resp,
+                 "response_tokens": self.models.token_counts(resp)} for r, resp in zip(mine, responses)]
+        held = self.heldout_answers(it)
+        rows = gather_rows(rows, "index", [r["index"] for r in drawn])
+        totals = gather_object([stats.get("generated_tokens", 0)])
+        if self.state.is_main_process:
+            reporting.write_jsonl(held, d / "heldout_samples.jsonl")
+        self.write_main(rows, d / "samples.jsonl")
+        return {"generated_tokens": int(sum(totals)), "generate_seconds": stats.get("seconds"),
+                "heldout_prompts": len(held)}
+
+    def score(self, it: int) -> dict[str, Any]:
+        d = iter_dir(self.out, it)
+        samples = read_jsonl(d / "samples.jsonl")
+        k = self.args.num_samples
+        mine = shard(samples, self.rank, self.world)
+        rewards = self.models.score([r["prompt"] for r in mine for _ in range(k)],
+                                    [x for r in mine for x in r["responses"]], f"score ({len(samples) * k} samples)")
+        rows = [r | {"rewards": rewards[n * k : (n + 1) * k]} for n, r in enumerate(mine)]
+        held = self.score_heldout(read_jsonl(d / "heldout_samples.jsonl"))
+        rows = gather_rows(rows, "index", [r["index"] for r in samples])
+        if self.state.is_main_process:
+            reporting.write_jsonl(held, d / "heldout_scored.jsonl")
+        self.write_main(rows, d / "scored.jsonl")
+        return {"scored_texts": len(samples) * k + 2 * len(held)}
+
+    def select(self, it: int) -> dict[str, Any]:
+        d = iter_dir(self.out, it)
+        scored = read_jsonl(d / "scored.jsonl")
+        reasons = [[self.args.junk_filter.reason(resp, n) for resp, n in zip(r["responses"], r["response_tokens"])]
+                   for r in scored]
+        rewards = [r["rewards"] for r in scored]
+        picks = select(rewards, reasons, self.args.selection, self.args.top_fraction)
+        kept = [{"index": scored[i]["index"], "sample": j, "prompt": scored[i]["prompt"],
+                 "completion": scored[i]["responses"][j], "reward": rewards[i][j]} for i, j in picks]
+        if not kept:
+            raise RuntimeError(
+                f"iteration {it}: every sample was filtered out ({filter_counts(reasons)}); "
+                "loosen filter_min_tokens / filter_max_repeat_fraction / filter_patterns"
+            )
+        filtered = [{"index": scored[i]["index"], "sample": j, "reason": why}
+                    for i, row in enumerate(reasons) for j, why in enumerate(row) if why is not None]
+        if self.state.is_main_process:
+            reporting.write_jsonl(filtered, d / "filtered.jsonl")
+        self.write_main(kept, d / "kept.jsonl")
+        return {"kept": len(kept), "filter_counts": filter_counts(reasons)}
+
+    def train(self, it: int) -> dict[str, Any]:
+        d = iter_dir(self.out, it)
+        kept = read_jsonl(d / "kept.jsonl")
+        train_ds = Dataset.from_dict({"prompt": [r["prompt"] for r in kept],
+                                      "completion": [r["completion"] for r in kept]})
+        policy = self.models.policy_for_training(self.policy_path(it))
+        tmp = d / "policy.tmp"
+        if tmp.exists() and self.state.is_main_process:
+            shutil.rmtree(tmp)  # a half-written policy from an interrupted run
+        self.state.wait_for_everyone()
+        targs = replace(self.args, output_dir=str(tmp), seed=self.args.seed + it, stop_after=None)
+        trainer = trl.SFTTrainer(model=policy.model, args=targs, train_dataset=train_ds,
+                                 processing_class=self.tokenizer, peft_config=get_peft_config(self.model_args))
+        result = trainer.train()
+        modeling.save_merged(trainer, tmp, self.tokenizer)
+        if self.state.is_main_process:
+            publish_policy(tmp, d / "policy", it)
+        self.state.wait_for_everyone()
+        self.models.keep_trained(trainer, str(d / "policy"))
+        return {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+
+    def metrics(self, it: int) -> dict[str, Any]:
+        if self.state.is_main_process:
+            row = iteration_metrics(iter_dir(self.out, it), it, self.policy_path(it), self.gold)
+            reporting.write_json(row, iter_dir(self.out, it) / "metrics.json")
+            write_run_reports(self.out, self.iteration_rows(), None, self.title)
+        self.state.wait_for_everyone()
+        return {}
+
+    def final_evaluation(self) -> dict[str, Any]:
+        """The final policy's answers to the held-out prompts, scored (a stage of its own: ``final/``)."""
+        n = self.args.num_iterations
+        fdir = self.out / "final"
+        if not self.done(fdir / "heldout_scored.jsonl"):
+            start = time.perf_counter()
+            if not self.done(fdir / "heldout_samples.jsonl"):
+                self.write_main(self.heldout_answers(n), fdir / "heldout_samples.jsonl")
+            held = self.score_heldout(read_jsonl(fdir / "heldout_samples.jsonl"))
+            if self.state.is_main_process:
+                reporting.write_json({"seconds": time.perf_counter() - start}, fdir / "final.stats.json")
+            self.write_main(held, fdir / "heldout_scored.jsonl")
+        final = {"policy": self.policy_path(n)} | heldout_metrics(
+            read_jsonl(fdir / "heldout_scored.jsonl"), self.gold)
+        final["seconds_final_eval"] = read_json(fdir / "final.stats.json").get("seconds")
+        return final
+
+    def finish(self, final: dict[str, Any]) -> dict[str, Any]:
+        """The output folder: the final policy's files, the run's metrics, table, curve and model card."""
+        rows = self.iteration_rows()
+        headline = run_headline(rows, final, self.args, self.prompt_report["prompt_set"], self.gold)
+        if self.state.is_main_process:
+            write_run_reports(self.out, rows, final, self.title)
+            link_policy(Path(self.policy_path(self.args.num_iterations)), self.out)
+            card = model_card(rows, final, headline,
+                                     {"data": self.data_args, "raft": self.args, "model": self.model_args},
+                                     {"source": self.splits.source, "prompt_set": self.prompt_report,
+                                      "heldout_prompts": len(self.heldout)})
+            reporting.write_json(headline, self.out / "metrics.json")
+            card.write(self.out)
+        self.state.wait_for_everyone()
+        return headline
+
+    # ----- held-out prompts (every iteration and the final policy) ------------------------
+
+    def heldout_answers(self, it: int) -> list[dict[str, Any]]:
+        """Policy ``it``'s sampled and greedy answers to the fixed held-out prompts (sharded, gathered)."""
+        positions = list(range(len(self.heldout)))
+        mine = shard(positions, self.rank, self.world)
+        prompts = [self.heldout[i] for i in mine]
+        path = self.policy_path(it)
+        sampled = self.models.generate(path, prompts, 1, self.args.sampling, self.seed_for(it, 2), {})
+        greedy = self.models.generate(path, prompts, 1, self.args.greedy, self.seed_for(it, 3), {})
+        rows = [{"position": i, "prompt": p, "sampled": s[0], "greedy": g[0]}
+                for i, p, s, g in zip(mine, prompts, sampled, greedy)]
+        return gather_rows(rows, "position", positions)
+
+    def score_heldout(self, held: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        mine = shard(held, self.rank, self.world)
+        r = self.models.score([x["prompt"] for x in mine] * 2,
+                              [x["sampled"] for x in mine] + [x["greedy"] for x in mine], "score held-out")
+        rows = [x | {"sampled_reward": r[j], "greedy_reward": r[len(mine) + j]} for j, x in enumerate(mine)]
+        return gather_rows(rows, "position", [x["position"] for x in held])
+
+    # ----- stage plumbing ----------------------------------------------------------------
+
+    @property
+    def title(self) -> str:
+        return f"RAFT on {self.model_args.model_name_or_path}"
+
+    def policy_path(self, iteration: int) -> str:
+        """Policy ``i`` (the one iteration ``i`` samples from): the start model, then each fine-tune's output."""
+        if iteration == 0:
+            return self.model_args.model_name_or_path
+        return str(iter_dir(self.out, iteration - 1) / "policy")
+
+    def iteration_rows(self) -> list[dict[str, Any]]:
+        rows = [read_json(iter_dir(self.out, i) / "metrics.json") for i in range(self.args.num_iterations)]
+        return [r for r in rows if r]
+
+    def seed_for(self, iteration: int, stage: int) -> int:
+        """Sampling seed: depends on (seed, iteration, stage, rank) only, never on what ran before."""
+        return (self.args.seed * 1_000_003 + iteration * 101 + stage) * 257 + self.rank
+
+    def done(self, marker: Path) -> bool:
+        """Whether a stage output exists, as rank 0 sees it, on every rank.
+
+        Each rank checking the file itself is a race: rank 0 may write the marker of a stage (metrics)
+        before a slower rank has checked it, and that rank would then skip the stage's barriers."""
+        answer = [is_done(marker)]
+        if self.world > 1:
+            broadcast_object_list(answer, from_process=0)
+        return answer[0]
+
+    def stage(self, it: int, name: str, marker: Path, work: Callable[[int], dict[str, Any] | None]) -> None:
+        """Run ``work(it)`` unless ``marker`` exists; record its wall time; honour ``stop_after``."""
+        if not self.done(marker):
+            start = time.perf_counter()
+            stats = work(it) or {}
+            stats["seconds"] = time.perf_counter() - start
+            if self.state.is_main_process:
+                reporting.write_json(stats, iter_dir(self.out, it) / f"{name}.stats.json")
+            self.state.wait_for_everyone()
+        else:
+            logger.info("iteration %d: %s already done, skipping", it, name)
+        if self.args.stop_point == (it, name):
+            raise StopRequested(f"stopped after {it}:{name} (stop_after)")
+
+    def write_main(self, rows: list[dict[str, Any]], path: Path) -> None:
+        if self.state.is_main_process:
+            reporting.write_jsonl(rows, path)
+        self.state.wait_for_everyone()
+
+    # ----- resume and shutdown -----------------------------------------------------------
+
+    def release_models(self) -> None:
+        """Free the policy and the reward model (a later stage loads what it needs again)."""
+        self.models.release()
+
+    def close(self) -> None:
+        """Free the models and leave the process group (a gloo rank can abort at exit otherwise)."""
+        self.release_models()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.state.wait_for_everyone()
+            torch.distributed.destroy_process_group()

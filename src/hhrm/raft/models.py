@@ -1,0 +1,159 @@
+"""Which of RAFT's models is in memory: the policy of the current iteration and the reward model.
+
+A stage asks for the model it needs; with ``offload_models`` on, only one of the two large models is
+resident at a time. After a fine-tune the trained policy stays resident for the next generate stage
+(through the trainer's wrapped model under ZeRO-3/FSDP), unless offloading or LoRA says otherwise.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import trl
+from accelerate import PartialState
+from trl import get_peft_config
+
+from hhrm import generation, modeling, runtime
+from hhrm.raft.config import RaftConfig
+from hhrm.scoring import RewardScorer
+
+# offload_models unset: a policy checkpoint above this size (≈1B fp32 / 2B bf16 params) is "big".
+OFFLOAD_AUTO_BYTES = 4 * 1024**3
+
+
+def resolve_offload(offload_models: bool | None, policy_path: str) -> bool:
+    """``offload_models`` when set; else on for a policy folder over ~1B parameters or a hub id."""
+    if offload_models is not None:
+        return offload_models
+    path = Path(policy_path)
+    if not path.is_dir():
+        return True  # a hub id: the card's models are billions of parameters
+    weights = [*path.glob("*.safetensors"), *path.glob("*.bin")]
+    return sum(f.stat().st_size for f in weights) > OFFLOAD_AUTO_BYTES
+
+
+@dataclass
+class Policy:
+    path: str
+    model: Any
+    accelerator: Any = None  # set when ``model`` is a trainer's wrapped model (DDP / ZeRO-3 engine)
+    trainer: Any = None
+
+
+class ModelResidency:
+    """Loads, keeps and frees the policy and the reward scorer of one RAFT run."""
+
+    def __init__(self, args: RaftConfig, model_args: trl.ModelConfig, tokenizer, state: PartialState):
+        self.args, self.model_args, self.tokenizer, self.state = args, model_args, tokenizer, state
+        self.offload = resolve_offload(args.offload_models, model_args.model_name_or_path)
+        self._policy: Policy | None = None
+        self._scorer: RewardScorer | None = None
+        self._vllm = None
+
+    # ----- loading and freeing -----------------------------------------------------------
+
+    def release(self, policy: bool = True, scorer: bool = True) -> None:
+        """Drop the named models (both by default) and return their memory."""
+        if policy:
+            self._policy = None
+        if scorer:
+            self._scorer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def policy(self, path: str) -> Policy:
+        """The policy saved at ``path``, loaded unless it is the resident one."""
+        if self._policy is not None and self._policy.path == path:
+            return self._policy
+        self.release(policy=True, scorer=self.offload)
+        from transformers import AutoModelForCausalLM
+
+        kwargs = modeling.model_init_kwargs(replace(self.model_args, model_name_or_path=path), self.args)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        modeling.match_vocab(model, self.tokenizer)
+        if not getattr(model, "hf_device_map", None):
+            model.to(self.state.device)
+        self._policy = Policy(path=path, model=model)
+        return self._policy
+
+    def policy_for_training(self, path: str) -> Policy:
+        """The policy at ``path`` as a model a new trainer may wrap (never another trainer's engine)."""
+        policy = self.policy(path)
+        if policy.trainer is not None:
+            self.release(policy=True, scorer=False)
+            policy = self.policy(path)
+        if self.offload:
+            self.release(policy=False, scorer=True)
+        return policy
+
+    def keep_trained(self, trainer: trl.SFTTrainer, path: str) -> None:
+        """After a fine-tune: keep the trained model resident as the policy saved at ``path``, or free it."""
+        if self.offload or get_peft_config(self.model_args) is not None:
+            self.release(policy=True, scorer=False)
+            return
+        # Under ZeRO-3/FSDP the model is sharded: generation goes through the trainer's wrapped model
+        # and unwrap_model_for_generation.
+        wrapped = trainer.model_wrapped
+        sharded = wrapped is not trainer.model
+        self._policy = Policy(path=path, model=wrapped if sharded else trainer.accelerator.unwrap_model(trainer.model),
+                              accelerator=trainer.accelerator if sharded else None,
+                              trainer=trainer if sharded else None)
+
+    def scorer(self) -> RewardScorer:
+        if self._scorer is None:
+            self.release(policy=self.offload, scorer=False)
+            self._scorer = RewardScorer.from_pretrained(
+                self.args.reward_model_name_or_path, device=str(self.state.device),
+                dtype=runtime.torch_dtype(self.args.bf16), batch_size=self.args.reward_batch_size,
+            )
+        return self._scorer
+
+    # ----- using them --------------------------------------------------------------------
+
+    def generate(self, path: str, prompts: list[str], k: int, sampling: generation.SamplingArguments, seed: int,
+                 stats: dict[str, Any]) -> list[list[str]]:
+        """``k`` responses per prompt from the policy at ``path`` (all ranks call this: ZeRO-3 gathers)."""
+        policy = self.policy(path)
+        progress = self.args.progress and self.state.is_main_process
+        if self.args.generation_backend == "vllm" and sampling == self.args.sampling:
+            if self._vllm is None:
+                from accelerate import Accelerator
+
+                self._vllm = generation.VLLMBackend(
+                    policy.model, self.tokenizer, Accelerator(), self.args.sampling, mode=self.args.vllm_mode,
+                    gpu_memory_utilization=self.args.vllm_gpu_memory_utilization,
+                )
+            self._vllm.engine.model = policy.model
+            self._vllm.sync_weights()
+            return generation.generate_responses(self._vllm, self.tokenizer, prompts, k, sampling, stats=stats,
+                                                 progress=progress)
+        return generation.generate_responses(
+            policy.model, self.tokenizer, prompts, k, sampling, self.args.generation_batch_size, progress=progress,
+            accelerator=policy.accelerator, seed=seed, stats=stats,
+        )
+
+    def score(self, prompts: list[str], responses: list[str], desc: str) -> list[float]:
+        """Rewards of ``prompt + response`` pairs, in chunks so a progress bar can move."""
+        scorer = self.scorer()
+        chunk = max(self.args.reward_batch_size * 8, 1)
+        starts = range(0, len(prompts), chunk)
+        if self.args.progress and self.state.is_main_process:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=desc, unit="chunk")
+        out: list[float] = []
+        # One gather for all chunks: ranks' shards differ in size, so their chunk counts may too.
+        with modeling.full_parameters(scorer.model):
+            for s in starts:
+                out += scorer.score_pairs(prompts[s : s + chunk], responses[s : s + chunk])
+        return out
+
+    def token_counts(self, responses: list[str]) -> list[int]:
+        if not responses:
+            return []
+        return [len(x) for x in self.tokenizer(responses, add_special_tokens=False)["input_ids"]]

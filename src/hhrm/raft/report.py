@@ -1,0 +1,179 @@
+"""RAFT's numbers, from the run folder alone: per-iteration and held-out metrics, the table, the curve, the card.
+
+Nothing here loads a model: every function reads what the stages wrote, so a report can be rebuilt
+(or tested) from a run folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from hhrm import reporting, synthetic
+from hhrm.raft.config import STAGES
+from hhrm.raft.select import distinct_n
+
+# Headline of the whole run (metrics.json of the output folder): first vs last iteration.
+HEADLINE = ("reward_first_sample_first", "reward_first_sample_last", "reward_best_of_k_first", "reward_best_of_k_last",
+            "heldout_reward_first", "heldout_reward_last", "gold_accuracy_sampled_first", "gold_accuracy_sampled_last",
+            "gold_accuracy_first", "gold_accuracy_last", "gold_accuracy_first_sample_first",
+            "gold_accuracy_first_sample_last")
+# One iteration, as logged after it.
+ITERATION_HEADLINE = ("reward_first_sample", "reward_best_of_k", "heldout_reward", "gold_accuracy",
+                      "gold_accuracy_sampled", "kept", "seconds_generate", "seconds_train")
+TABLE_COLUMNS = ("iteration", "reward_first_sample", "reward_best_of_k", "reward_kept", "heldout_reward",
+                 "gold_accuracy", "gold_accuracy_sampled", "gold_accuracy_first_sample", "response_tokens_mean",
+                 "distinct_2", "kept", "generated_tokens_per_second", "seconds_generate", "seconds_score",
+                 "seconds_train")
+TIMED_STAGES = STAGES[:-1]  # the metrics stage reports the others' times
+
+
+def mean(values: list[float]) -> float:
+    """Mean of the values that are numbers (None and NaN left out); NaN when there are none."""
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def heldout_metrics(held: list[dict[str, Any]], gold: bool) -> dict[str, Any]:
+    """Reward (and gold accuracy) of one sampled and one greedy answer per held-out prompt."""
+    if not held:
+        return {}
+    out: dict[str, Any] = {
+        "heldout_reward": mean([r["sampled_reward"] for r in held]),
+        "heldout_greedy_reward": mean([r["greedy_reward"] for r in held]),
+    }
+    if gold:
+        prompts = [r["prompt"] for r in held]
+        greedy = synthetic.gold_summary(prompts, [r["greedy"] for r in held])
+        out["gold_accuracy"] = greedy["gold_accuracy"]
+        out |= {k: v for k, v in greedy.items() if k.startswith("gold_accuracy_")}
+        out["gold_accuracy_sampled"] = synthetic.gold_summary(prompts, [r["sampled"] for r in held])["gold_accuracy"]
+    return out
+
+
+def iteration_metrics(folder: Path, iteration: int, policy: str, gold: bool) -> dict[str, Any]:
+    """One iteration's row of the table, from its folder (scored samples, kept set, stage stats)."""
+    scored = reporting.read_jsonl(folder / "scored.jsonl")
+    kept = reporting.read_jsonl(folder / "kept.jsonl")
+    stats = {s: reporting.read_json(folder / f"{s}.stats.json") for s in TIMED_STAGES}
+    everything = [x for r in scored for x in r["responses"]]
+    gen_seconds = stats["generate"].get("generate_seconds") or stats["generate"].get("seconds") or float("nan")
+    m: dict[str, Any] = {
+        "iteration": iteration,
+        "policy": policy,
+        "prompts": len(scored),
+        "reward_first_sample": mean([r["rewards"][0] for r in scored]),
+        "reward_best_of_k": mean([max(r["rewards"]) for r in scored]),
+        "reward_mean_all": mean([x for r in scored for x in r["rewards"]]),
+        "reward_kept": mean([r["reward"] for r in kept]),
+        "kept": len(kept),
+        "response_tokens_mean": mean([n for r in scored for n in r["response_tokens"]]),
+        "distinct_1": distinct_n(everything, 1),
+        "distinct_2": distinct_n(everything, 2),
+    }
+    m |= heldout_metrics(reporting.read_jsonl(folder / "heldout_scored.jsonl"), gold)
+    if gold:
+        m["gold_accuracy_first_sample"] = mean([synthetic.gold_reward(r["prompt"], r["responses"][0]) for r in scored])
+    m |= {f"filtered_{k}": v for k, v in stats["select"].get("filter_counts", {}).items()}
+    m |= {f"seconds_{s}": stats[s].get("seconds") for s in TIMED_STAGES}
+    generated = stats["generate"].get("generated_tokens", 0)
+    m["generated_tokens_per_second"] = generated / gen_seconds if gen_seconds else None
+    m["train_loss"] = stats["train"].get("train_loss")
+    return m
+
+
+def run_headline(rows: list[dict[str, Any]], final: dict[str, Any], args: Any, prompt_set: int, gold: bool) -> dict:
+    """The run's ``metrics.json``: first vs last iteration, stage time totals."""
+    first, last = rows[0], rows[-1]
+    out: dict[str, Any] = {
+        "iterations": len(rows),
+        "prompts_per_iteration": args.prompts_per_iteration,
+        "num_samples": args.num_samples,
+        "selection": args.selection,
+        "reward_first_sample_first": first["reward_first_sample"],
+        "reward_first_sample_last": last["reward_first_sample"],
+        "reward_best_of_k_first": first["reward_best_of_k"],
+        "reward_best_of_k_last": last["reward_best_of_k"],
+        "heldout_reward_first": first.get("heldout_reward"),
+        "heldout_reward_last": final.get("heldout_reward"),
+    }
+    if gold:
+        # Greedy answers and one sample per held-out prompt (at the RAFT temperature: the policy RAFT
+        # optimises), then the first sample on each iteration's drawn prompts (the gold twin of
+        # reward_first_sample).
+        out |= {"gold_accuracy_first": first.get("gold_accuracy"), "gold_accuracy_last": final.get("gold_accuracy"),
+                "gold_accuracy_sampled_first": first.get("gold_accuracy_sampled"),
+                "gold_accuracy_sampled_last": final.get("gold_accuracy_sampled"),
+                "gold_accuracy_first_sample_first": first.get("gold_accuracy_first_sample"),
+                "gold_accuracy_first_sample_last": last.get("gold_accuracy_first_sample")}
+    for s in TIMED_STAGES:
+        out[f"seconds_{s}_total"] = sum((r.get(f"seconds_{s}") or 0.0) for r in rows)
+    out["seconds_final_eval"] = final.get("seconds_final_eval")
+    out["prompt_set"] = prompt_set
+    return out
+
+
+def iterations_table(rows: list[dict[str, Any]], final: dict[str, Any] | None) -> str:
+    """The per-iteration Markdown table (the final policy's held-out figures as the last row)."""
+    columns = [c for c in TABLE_COLUMNS if any(c in r for r in rows)]
+    return reporting.markdown_table(rows + ([{"iteration": "final"} | final] if final else []), columns)
+
+
+def write_run_reports(out: Path, rows: list[dict[str, Any]], final: dict[str, Any] | None, title: str) -> None:
+    """``metrics_per_iteration.json``, ``metrics.md`` and ``reward_curve.png`` from the rows so far."""
+    reporting.write_json({"iterations": rows, "final": final}, out / "metrics_per_iteration.json")
+    (out / "metrics.md").write_text(iterations_table(rows, final))
+    plot_reward_curve(rows, final, out / "reward_curve.png", title=title)
+
+
+def model_card(rows: list[dict[str, Any]], final: dict[str, Any], headline: dict[str, Any], configs: dict[str, Any],
+               data: dict[str, Any]) -> reporting.ModelCard:
+    args = configs["raft"]
+    return reporting.ModelCard(
+        title=f"RAFT policy from {configs['model'].model_name_or_path} (hhrm)",
+        summary=(
+            f"Reward-ranked fine-tuning: {len(rows)} iterations of {args.prompts_per_iteration} prompts, "
+            f"K={args.num_samples} samples each, `{args.selection}` selection, scored by "
+            f"`{args.reward_model_name_or_path}`, fine-tuned with TRL `SFTTrainer` (completion-only loss).\n\n"
+            "![reward curve](reward_curve.png)\n\n" + iterations_table(rows, final)
+        ),
+        metrics=headline, configs=configs, data=data,
+    )
+
+
+def plot_reward_curve(rows: list[dict[str, Any]], final: dict[str, Any] | None, path: Path, title: str) -> None:
+    """Reward per iteration (the card's figure), and gold accuracy beside it when there is one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key: str) -> list[Any]:  # one value per iteration, then the final policy's
+        return [r.get(key) for r in rows] + ([final.get(key)] if final else [])
+
+    gold = any("gold_accuracy" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if gold else 1, figsize=(11 if gold else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    its = [r["iteration"] for r in rows]
+    held_x = its + ([len(rows)] if final else [])
+    ax.plot(its, [r["reward_first_sample"] for r in rows], "o-", label="policy sample (train prompts)")
+    ax.plot(its, [r["reward_best_of_k"] for r in rows], "s--", label="best of K")
+    ax.plot(held_x, series("heldout_reward"), "^-", label="policy sample (held-out)")
+    ax.set_xlabel("RAFT iteration (policy before its fine-tune)")
+    ax.set_ylabel("reward")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    if gold:
+        ax2 = axes[0][1]
+        ax2.plot(held_x, series("gold_accuracy"), "o-", label="greedy (held-out)")
+        ax2.plot(held_x, series("gold_accuracy_sampled"), "s--", label="sampled (held-out)")
+        ax2.set_xlabel("RAFT iteration")
+        ax2.set_ylabel("gold accuracy")
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
