@@ -60,7 +60,12 @@ from .common import (
 
 SECTIONS = ("sft", "rm", "gen", "score", "mfu", "demo")
 RUNNERS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
-    "sft": sft.run, "rm": rm.run, "gen": gen.run, "score": score.run, "mfu": mfu.run, "demo": demo.run,
+    "sft": sft.run,
+    "rm": rm.run,
+    "gen": gen.run,
+    "score": score.run,
+    "mfu": mfu.run,
+    "demo": demo.run,
 }
 DATA_ENV = "HHRM_HH_SAMPLE"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,22 +76,34 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="bench/results.json", help="JSON results file")
     parser.add_argument("--size", choices=sorted(PRESETS), default="cpu", help="model/workload preset")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: usable CPUs minus the 1-minute load average, >= 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: usable CPUs minus the 1-minute load average, >= 1)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (preset default)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
     parser.add_argument("--sft-strategies", default="wrapped,bfd", help="packing strategies to time (wrapped[,bfd])")
-    parser.add_argument("--data", default=None,
-                        help=f"HH-RLHF raw jsonl(.gz) for the length distributions, or 'embedded' (the generated "
-                             f"data); default: ${DATA_ENV} when set, else 'embedded'")
-    parser.add_argument("--demo", choices=("read", "run", "skip"), default="read",
-                        help="read the demo summary if present / run the demo first / leave it out")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help=f"HH-RLHF raw jsonl(.gz) for the length distributions, or 'embedded' (the generated "
+        f"data); default: ${DATA_ENV} when set, else 'embedded'",
+    )
+    parser.add_argument(
+        "--demo",
+        choices=("read", "run", "skip"),
+        default="read",
+        help="read the demo summary if present / run the demo first / leave it out",
+    )
     parser.add_argument("--demo-summary", default=str(DEFAULT_DEMO_SUMMARY))
     args = parser.parse_args(argv)
     check_data(parser, args)
@@ -125,8 +142,17 @@ def make_context(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     preset = replace(preset, **{k: v for k, v in (("repeats", args.repeats),) if v is not None})
     data = load_data(None if args.data == "embedded" else Path(args.data))
     tokenizer = bench_tokenizer(data, preset.tokenizer_vocab)
-    return Context(preset, device, dtype, Clock(device), data, tokenizer, tuple(args.sft_strategies.split(",")),
-                   args.demo, args.demo_summary)
+    return Context(
+        preset,
+        device,
+        dtype,
+        Clock(device),
+        data,
+        tokenizer,
+        tuple(args.sft_strategies.split(",")),
+        args.demo,
+        args.demo_summary,
+    )
 
 
 def run_sections(ctx: Context, sections: list[str]) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -158,8 +184,8 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "bench": "hhrm make bench",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.executable).name, "-m", "bench", *argv]),
-        "machine": machine_info(device, dtype, threads) | {
-            "load_average_1min": {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}},
+        "machine": machine_info(device, dtype, threads)
+        | {"load_average_1min": {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}},
         "size": args.size,
         "preset": asdict(ctx.preset),
         "model": {"n_matmul_params": ctx.n_params.get("sft"), "vocab_size": ctx.preset.vocab or len(ctx.tokenizer)},
@@ -176,8 +202,10 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     m = result["machine"]
-    lines = [f"hhrm bench on {m['cpu']} ({m['device']}, {m['dtype']}, {m['torch_threads']} threads), "
-             f"size={result['size']}, data: {result['data']['source']}"]
+    lines = [
+        f"hhrm bench on {m['cpu']} ({m['device']}, {m['dtype']}, {m['torch_threads']} threads), "
+        f"size={result['size']}, data: {result['data']['source']}"
+    ]
     head = f"{'entry':<28} {'A':>14} {'B':>14} {'unit':<12} {'A/B':>7} {'expect':>7}"
     lines += [head, "-" * len(head)]
     for e in result["entries"]:
@@ -189,12 +217,16 @@ def format_table(result: dict[str, Any]) -> str:
 def format_entry(e: dict[str, Any]) -> list[str]:
     if "ratio" in e:
         exp = "" if e["expect"] is None else f">={e['expect']:g}" + ("" if e["meets"] else " (!)")
-        return [f"{e['id']:<28} {fmt(e['a']['value']):>14} {fmt(e['b']['value']):>14} {e['a']['unit']:<12} "
-                f"{fmt(e['ratio']):>7} {exp:>7}",
-                f"{'':<28}   A = {e['a']['label']};  B = {e['b']['label']}"]
+        return [
+            f"{e['id']:<28} {fmt(e['a']['value']):>14} {fmt(e['b']['value']):>14} {e['a']['unit']:<12} "
+            f"{fmt(e['ratio']):>7} {exp:>7}",
+            f"{'':<28}   A = {e['a']['label']};  B = {e['b']['label']}",
+        ]
     if "stages" in e:
-        return [f"{'demo ' + st['stage']:<28} {fmt(st['seconds']):>14} s  peak RSS {fmt(st['max_rss_mb'])} MB"
-                for st in e["stages"]]
+        return [
+            f"{'demo ' + st['stage']:<28} {fmt(st['seconds']):>14} s  peak RSS {fmt(st['max_rss_mb'])} MB"
+            for st in e["stages"]
+        ]
     return [f"{e['id']:<28} skipped: {e.get('skipped')}"]
 
 

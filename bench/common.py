@@ -70,16 +70,52 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Smoke-test sizes: a few seconds, checks the plumbing only.
-    "tiny": Preset(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=176, tokenizer_vocab=512, repeats=1,
-                   sft_max_length=256, sft_tokens=768, rm_max_tokens=256, rm_pairs=8, rm_batch=4, gen_prompts=3,
-                   gen_k=2, gen_new_tokens=4, gen_prompt_max=64, gen_batch=3, gen_seq_prompts=1, score_texts=8,
-                   score_batch=8, peak_n=256),
+    "tiny": Preset(
+        hidden=64,
+        layers=2,
+        heads=4,
+        kv_heads=4,
+        intermediate=176,
+        tokenizer_vocab=512,
+        repeats=1,
+        sft_max_length=256,
+        sft_tokens=768,
+        rm_max_tokens=256,
+        rm_pairs=8,
+        rm_batch=4,
+        gen_prompts=3,
+        gen_k=2,
+        gen_new_tokens=4,
+        gen_prompt_max=64,
+        gen_batch=3,
+        gen_seq_prompts=1,
+        score_texts=8,
+        score_batch=8,
+        peak_n=256,
+    ),
     # The CPU reference: 4 Llama layers at hidden 512 (~15M parameters with a 4k vocabulary).
     "cpu": Preset(hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1408),
     # ~1.1B parameters (TinyLlama's shape) for a GPU run with --device cuda --dtype bf16.
-    "1b": Preset(hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=32000, repeats=5,
-                 sft_rows_per_step=8, sft_tokens=65536, rm_pairs=512, rm_batch=16, gen_prompts=64, gen_batch=64,
-                 gen_new_tokens=128, gen_seq_prompts=2, score_texts=1024, score_batch=64, peak_n=8192),
+    "1b": Preset(
+        hidden=2048,
+        layers=22,
+        heads=32,
+        kv_heads=4,
+        intermediate=5632,
+        vocab=32000,
+        repeats=5,
+        sft_rows_per_step=8,
+        sft_tokens=65536,
+        rm_pairs=512,
+        rm_batch=16,
+        gen_prompts=64,
+        gen_batch=64,
+        gen_new_tokens=128,
+        gen_seq_prompts=2,
+        score_texts=1024,
+        score_batch=64,
+        peak_n=8192,
+    ),
 }
 
 
@@ -139,15 +175,36 @@ def interleave(clock: Clock, sides: list[Side], repeats: int) -> None:
 # Entries
 
 
-def compare(id_: str, what: str, a: Side, b: Side, unit: str, expect: float | None = None,
-            details: dict[str, Any] | None = None) -> dict[str, Any]:
+def compare(
+    id_: str,
+    what: str,
+    a: Side,
+    b: Side,
+    unit: str,
+    expect: float | None = None,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """An entry: A's and B's median rates and ``ratio = A / B``."""
-    return ratio_entry(id_, what, (a.label, a.median, [round(x, 3) for x in a.rates]),
-                       (b.label, b.median, [round(x, 3) for x in b.rates]), unit, expect, details)
+    return ratio_entry(
+        id_,
+        what,
+        (a.label, a.median, [round(x, 3) for x in a.rates]),
+        (b.label, b.median, [round(x, 3) for x in b.rates]),
+        unit,
+        expect,
+        details,
+    )
 
 
-def ratio_entry(id_: str, what: str, a: tuple, b: tuple, unit: str, expect: float | None = None,
-                details: dict[str, Any] | None = None) -> dict[str, Any]:
+def ratio_entry(
+    id_: str,
+    what: str,
+    a: tuple,
+    b: tuple,
+    unit: str,
+    expect: float | None = None,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """An entry from ``(label, value[, runs])`` of A and B."""
     ratio = a[1] / b[1] if b[1] else float("nan")
     entry = {
@@ -247,9 +304,18 @@ def bench_tokenizer(data: BenchData, vocab_size: int):
 
 def model_config(preset: Preset, tokenizer, **extra) -> LlamaConfig:
     """The preset's Llama shape, from hhrm's one LlamaConfig builder, with sdpa attention."""
-    return llama_config(tokenizer, hidden_size=preset.hidden, num_layers=preset.layers, num_heads=preset.heads,
-                        num_kv_heads=preset.kv_heads, intermediate_size=preset.intermediate,
-                        max_position_embeddings=4096, vocab_size=preset.vocab, attn_implementation="sdpa", **extra)
+    return llama_config(
+        tokenizer,
+        hidden_size=preset.hidden,
+        num_layers=preset.layers,
+        num_heads=preset.heads,
+        num_kv_heads=preset.kv_heads,
+        intermediate_size=preset.intermediate,
+        max_position_embeddings=4096,
+        vocab_size=preset.vocab,
+        attn_implementation="sdpa",
+        **extra,
+    )
 
 
 def build_model(kind: str, preset: Preset, tokenizer, device: torch.device, dtype: torch.dtype, seed: int = 0):

@@ -27,17 +27,28 @@ def run_demo(out: Path) -> dict[str, Any] | None:
     if proc.returncode == 0:
         return None
     last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
-    return {"id": "demo", "what": "make demo stages", "skipped": f"demo failed (rc={proc.returncode}): {last}",
-            "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "id": "demo",
+        "what": "make demo stages",
+        "skipped": f"demo failed (rc={proc.returncode}): {last}",
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 def read_summary(path: Path) -> dict[str, Any]:
     """The demo entry: each stage's seconds and peak RSS, and the total."""
     summary = json.loads(path.read_text())
-    rows = [{"stage": name, "seconds": st.get("seconds"), "max_rss_mb": st.get("max_rss_mb")}
-            for name, st in summary.get("stages", {}).items()]
-    entry = {"id": "demo", "what": WHAT, "source": str(path), "stages": rows,
-             "total_seconds": round(sum(r["seconds"] or 0 for r in rows), 1)}
+    rows = [
+        {"stage": name, "seconds": st.get("seconds"), "max_rss_mb": st.get("max_rss_mb")}
+        for name, st in summary.get("stages", {}).items()
+    ]
+    entry = {
+        "id": "demo",
+        "what": WHAT,
+        "source": str(path),
+        "stages": rows,
+        "total_seconds": round(sum(r["seconds"] or 0 for r in rows), 1),
+    }
     for k in ("total_seconds", "seconds"):
         if isinstance(summary.get(k), (int, float)):
             entry["total_seconds"] = summary[k]
@@ -51,6 +62,11 @@ def run(ctx: Context) -> list[dict[str, Any]]:
         if failed is not None:
             return [failed]
     if not summary_path.is_file():
-        return [{"id": "demo", "what": WHAT,
-                 "skipped": f"not measured: {summary_path} not found (run `make demo`, or pass --demo run)"}]
+        return [
+            {
+                "id": "demo",
+                "what": WHAT,
+                "skipped": f"not measured: {summary_path} not found (run `make demo`, or pass --demo run)",
+            }
+        ]
     return [read_summary(summary_path)]

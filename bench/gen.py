@@ -87,8 +87,12 @@ def plain_generate(ctx: Context, model, sampling: SamplingArguments, prompt: str
     """The original RAFT aligner: ``model.generate`` on one prompt with ``num_return_sequences=n``."""
     tok = ctx.tokenizer
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    model.generate(input_ids=enc["input_ids"].to(ctx.device), attention_mask=enc["attention_mask"].to(ctx.device),
-                   generation_config=sampling.generation_config(tok, n), tokenizer=tok)
+    model.generate(
+        input_ids=enc["input_ids"].to(ctx.device),
+        attention_mask=enc["attention_mask"].to(ctx.device),
+        generation_config=sampling.generation_config(tok, n),
+        tokenizer=tok,
+    )
 
 
 def batched_side(ctx: Context, model, sampling: SamplingArguments, prompts: list[str]) -> Side:
@@ -105,20 +109,29 @@ def batched_side(ctx: Context, model, sampling: SamplingArguments, prompts: list
 def per_prompt_side(ctx: Context, model, sampling: SamplingArguments, prompts: list[str]) -> Side:
     """B: one prompt x K per ``generate`` call."""
     K = ctx.preset.gen_k
-    return Side(f"generate(1 prompt, num_return_sequences={K}) per call",
-                counted(model, ctx.tokenizer.pad_token_id,
-                        lambda: [plain_generate(ctx, model, sampling, q, K) for q in prompts]),
-                warmup=lambda: plain_generate(ctx, model, sampling, prompts[0], K))
+    return Side(
+        f"generate(1 prompt, num_return_sequences={K}) per call",
+        counted(
+            model, ctx.tokenizer.pad_token_id, lambda: [plain_generate(ctx, model, sampling, q, K) for q in prompts]
+        ),
+        warmup=lambda: plain_generate(ctx, model, sampling, prompts[0], K),
+    )
 
 
-def one_sequence_side(ctx: Context, model, sampling: SamplingArguments, prompts: list[str],
-                      seq_prompts: list[str]) -> Side:
+def one_sequence_side(
+    ctx: Context, model, sampling: SamplingArguments, prompts: list[str], seq_prompts: list[str]
+) -> Side:
     """C: one sequence per ``generate`` call, K calls for each of ``seq_prompts``."""
     K = ctx.preset.gen_k
-    return Side("generate(1 prompt, 1 sequence) per call",
-                counted(model, ctx.tokenizer.pad_token_id,
-                        lambda: [plain_generate(ctx, model, sampling, q, 1) for q in seq_prompts for _ in range(K)]),
-                warmup=lambda: plain_generate(ctx, model, sampling, prompts[0], 1))
+    return Side(
+        "generate(1 prompt, 1 sequence) per call",
+        counted(
+            model,
+            ctx.tokenizer.pad_token_id,
+            lambda: [plain_generate(ctx, model, sampling, q, 1) for q in seq_prompts for _ in range(K)],
+        ),
+        warmup=lambda: plain_generate(ctx, model, sampling, prompts[0], 1),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,8 +159,20 @@ def run(ctx: Context) -> list[dict[str, Any]]:
         "sampling": asdict(sampling),
     }
     return [
-        compare("gen_batched_vs_prompt_x_k", "RAFT generated tokens/s: many prompts x K per call vs 1 prompt x K",
-                batched, per_prompt, "tokens/s", 5.0, details),
-        compare("gen_batched_vs_one_sequence", "RAFT generated tokens/s: many prompts x K per call vs 1 sequence",
-                batched, one_seq, "tokens/s"),
+        compare(
+            "gen_batched_vs_prompt_x_k",
+            "RAFT generated tokens/s: many prompts x K per call vs 1 prompt x K",
+            batched,
+            per_prompt,
+            "tokens/s",
+            5.0,
+            details,
+        ),
+        compare(
+            "gen_batched_vs_one_sequence",
+            "RAFT generated tokens/s: many prompts x K per call vs 1 sequence",
+            batched,
+            one_seq,
+            "tokens/s",
+        ),
     ]

@@ -40,10 +40,20 @@ def run(ctx: Context) -> list[dict[str, Any]]:
     if not ctx.sft_sides:
         return [{"id": "mfu", "what": "MFU", "skipped": "needs the sft section"}]
     n = ctx.n_params["sft"]
-    details = {"n_matmul_params": n, "peak_runs": [f"{x:.4g}" for x in peaks],
-               "note": "6*N counts matmul FLOPs only (no attention scores), over useful tokens (pads excluded)"}
-    return [ratio_entry(f"mfu_sft_{key}",
-                        f"MFU: SFT training FLOP/s (6*N*useful tokens/s, {key}) over peak matmul FLOP/s",
-                        ("training FLOP/s", 6 * n * side.median), (f"peak {ctx.preset.peak_n}^3 matmul FLOP/s", peak),
-                        "FLOP/s", None, dict(details))
-            for key, side in ctx.sft_sides.items()]
+    details = {
+        "n_matmul_params": n,
+        "peak_runs": [f"{x:.4g}" for x in peaks],
+        "note": "6*N counts matmul FLOPs only (no attention scores), over useful tokens (pads excluded)",
+    }
+    return [
+        ratio_entry(
+            f"mfu_sft_{key}",
+            f"MFU: SFT training FLOP/s (6*N*useful tokens/s, {key}) over peak matmul FLOP/s",
+            ("training FLOP/s", 6 * n * side.median),
+            (f"peak {ctx.preset.peak_n}^3 matmul FLOP/s", peak),
+            "FLOP/s",
+            None,
+            dict(details),
+        )
+        for key, side in ctx.sft_sides.items()
+    ]

@@ -64,8 +64,10 @@ def max_lengths(subset: list[Pair]) -> list[int]:
 def batches(ctx: Context, subset: list[Pair], order: list[int]) -> list[Batch]:
     collate = DataCollatorForPreference(pad_token_id=ctx.tokenizer.pad_token_id)
     B = ctx.preset.rm_batch
-    return [collate([{"chosen_ids": subset[i][0], "rejected_ids": subset[i][1]} for i in order[s : s + B]])
-            for s in range(0, len(order), B)]
+    return [
+        collate([{"chosen_ids": subset[i][0], "rejected_ids": subset[i][1]} for i in order[s : s + B]])
+        for s in range(0, len(order), B)
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,8 +78,9 @@ def train_step(model, optimizer, device: torch.device) -> Callable[[Batch], None
     """One optimizer step with RewardTrainer's loss (Bradley-Terry, no margin): chosen rows first."""
 
     def step(b: Batch) -> None:
-        rewards = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                        use_cache=False).logits[:, 0]
+        rewards = model(
+            input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False
+        ).logits[:, 0]
         n = rewards.shape[0] // 2
         loss = -F.logsigmoid(rewards[:n] - rewards[n:]).mean()
         loss.backward()
@@ -116,8 +119,10 @@ def run(ctx: Context) -> list[dict[str, Any]]:
     all_pairs = pairs(ctx)
     # Padding share over every pair of the sample, with Trainer's own megabatching (50 x batch).
     all_len = max_lengths(all_pairs)
-    full = {"random": padding_share(all_pairs, random_order(all_len, 0), B),
-            "grouped": padding_share(all_pairs, grouped_order(all_len, B, 0), B)}
+    full = {
+        "random": padding_share(all_pairs, random_order(all_len, 0), B),
+        "grouped": padding_share(all_pairs, grouped_order(all_len, B, 0), B),
+    }
 
     # Timed: the same rm_pairs pairs in both orders. The subset is smaller than one of Trainer's
     # megabatches, so it is grouped as one megabatch.
@@ -143,12 +148,23 @@ def run(ctx: Context) -> list[dict[str, Any]]:
         "padding_share_timed": {k: round(padding_share(subset, o, B), 4) for k, o in orders.items()},
         "padding_share_all_pairs": {k: round(v, 4) for k, v in full.items()},
         "note": "grouped order = transformers get_length_grouped_indices (Trainer train_sampling_strategy="
-                "'group_by_length'); RewardTrainer needs a `length` column for it (its rows have no input_ids)",
+        "'group_by_length'); RewardTrainer needs a `length` column for it (its rows have no input_ids)",
     }
     return [
-        compare("rm_grouped_pairs_per_s", "RM training pairs/s: length-grouped vs random order", grouped, rand,
-                "pairs/s", None, details),
-        ratio_entry("rm_padding_share",
-                    "RM share of padding tokens: random order vs length-grouped (all sample pairs)",
-                    ("random order", full["random"]), ("length-grouped", full["grouped"]), "share"),
+        compare(
+            "rm_grouped_pairs_per_s",
+            "RM training pairs/s: length-grouped vs random order",
+            grouped,
+            rand,
+            "pairs/s",
+            None,
+            details,
+        ),
+        ratio_entry(
+            "rm_padding_share",
+            "RM share of padding tokens: random order vs length-grouped (all sample pairs)",
+            ("random order", full["random"]),
+            ("length-grouped", full["grouped"]),
+            "share",
+        ),
     ]

@@ -33,8 +33,11 @@ def scorer_side(ctx: Context, model, texts: list[str], results: dict[str, list[f
         results["scorer"] = scorer.score(texts)
         return len(texts)
 
-    return Side(f"hhrm RewardScorer (length-sorted, batch {ctx.preset.score_batch})", run,
-                warmup=lambda: scorer.score(texts[:4]))
+    return Side(
+        f"hhrm RewardScorer (length-sorted, batch {ctx.preset.score_batch})",
+        run,
+        warmup=lambda: scorer.score(texts[:4]),
+    )
 
 
 def pipeline_side(ctx: Context, model, texts: list[str], results: dict[str, list[float]]) -> Side:
@@ -66,6 +69,14 @@ def run(ctx: Context) -> list[dict[str, Any]]:
     lens = [len(x) for x in tok(texts_eos, add_special_tokens=False)["input_ids"]]
     details = {"texts": len(texts), "text_length": length_summary(lens), "max_abs_reward_diff": float(f"{diff:.3g}")}
     ctx.rm_model = None
-    return [compare("score_scorer_vs_pipeline",
-                    "Reward scoring responses/s: RewardScorer vs card pipeline(batch_size=1)", a, b, "responses/s",
-                    5.0, details)]
+    return [
+        compare(
+            "score_scorer_vs_pipeline",
+            "Reward scoring responses/s: RewardScorer vs card pipeline(batch_size=1)",
+            a,
+            b,
+            "responses/s",
+            5.0,
+            details,
+        )
+    ]

@@ -141,8 +141,14 @@ def run(ctx: Context) -> list[dict[str, Any]]:
     return entries(p, docs, layouts, counts, sides, batch_docs)
 
 
-def entries(preset: Preset, docs: list[list[int]], layouts: dict[str, list[Batch]], counts: dict[str, int],
-            sides: dict[str, Side], batch_docs: int) -> list[dict[str, Any]]:
+def entries(
+    preset: Preset,
+    docs: list[list[int]],
+    layouts: dict[str, list[Batch]],
+    counts: dict[str, int],
+    sides: dict[str, Side],
+    batch_docs: int,
+) -> list[dict[str, Any]]:
     eff = {k: counts[k] / all_tokens(v) for k, v in layouts.items()}
     details = {
         "documents": len(docs),
@@ -153,11 +159,35 @@ def entries(preset: Preset, docs: list[list[int]], layouts: dict[str, list[Batch
         "padded_batch_docs": batch_docs,
         "non_pad_share": {k: round(v, 4) for k, v in eff.items()},
     }
-    out = [compare("sft_packing_tokens_per_s", "SFT useful tokens/s: packed (wrapped) vs padded batches",
-                   sides["wrapped"], sides["padded"], "tokens/s", 1.5, details)]
+    out = [
+        compare(
+            "sft_packing_tokens_per_s",
+            "SFT useful tokens/s: packed (wrapped) vs padded batches",
+            sides["wrapped"],
+            sides["padded"],
+            "tokens/s",
+            1.5,
+            details,
+        )
+    ]
     if "bfd" in sides:
-        out.append(compare("sft_bfd_tokens_per_s", "SFT useful tokens/s: packed (bfd, padding-free) vs padded",
-                           sides["bfd"], sides["padded"], "tokens/s", 1.5))
-    out.append(ratio_entry("sft_packing_efficiency", "SFT share of non-pad tokens: packed (wrapped) vs padded",
-                           ("packed (wrapped)", eff["wrapped"]), ("padded", eff["padded"]), "share"))
+        out.append(
+            compare(
+                "sft_bfd_tokens_per_s",
+                "SFT useful tokens/s: packed (bfd, padding-free) vs padded",
+                sides["bfd"],
+                sides["padded"],
+                "tokens/s",
+                1.5,
+            )
+        )
+    out.append(
+        ratio_entry(
+            "sft_packing_efficiency",
+            "SFT share of non-pad tokens: packed (wrapped) vs padded",
+            ("packed (wrapped)", eff["wrapped"]),
+            ("padded", eff["padded"]),
+            "share",
+        )
+    )
     return out

@@ -29,21 +29,24 @@ class EvalArguments:
         metadata={"help": "Policy that samples fresh responses. Default: model_name_or_path (the SFT model)."},
     )
     eval_output_dir: str | None = field(
-        default=None, metadata={"help": "Where eval_rm.json and the card section go. Default: the reward model folder."}
+        default=None,
+        metadata={"help": "Where eval_rm.json and the card section go. Default: the reward model folder."},
     )
     skip_gold: bool = field(default=False, metadata={"help": "Skip the gold agreement on fresh samples."})
 
 
-def main(data_args: data.DataArguments, args: rm.RewardConfig, model_args: ModelConfig,
-         eval_args: EvalArguments) -> dict:
+def main(
+    data_args: data.DataArguments, args: rm.RewardConfig, model_args: ModelConfig, eval_args: EvalArguments
+) -> dict:
     ################
     # The reward model and the held-out pairs, made exactly as the RM recipe makes them
     ################
     reward_model = Path(eval_args.reward_model or args.output_dir)
     if not (reward_model / "config.json").is_file():
         raise FileNotFoundError(f"reward_model={str(reward_model)!r}: no model folder there (train it with `make rm`)")
-    scorer = scoring.RewardScorer.from_pretrained(reward_model, dtype=runtime.torch_dtype(args.bf16),
-                                                  batch_size=args.scorer_batch_size)
+    scorer = scoring.RewardScorer.from_pretrained(
+        reward_model, dtype=runtime.torch_dtype(args.bf16), batch_size=args.scorer_batch_size
+    )
     pairs = rm.prepare_pairs(data.load_splits(data_args), scorer.tokenizer, args.max_length, args.dedup_test)
 
     ################

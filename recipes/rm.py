@@ -1,7 +1,7 @@
 """Reward-model stage: TRL's RewardTrainer from the SFT model on the RM-train pairs, then honest evaluation.
 
-    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/rm.py --config recipes/configs/tiny/rm.yaml
-    make rm [CONFIG=...] [ARGS="--field value ..."]
+accelerate launch --config_file accelerate_configs/cpu.yaml recipes/rm.py --config recipes/configs/tiny/rm.yaml
+make rm [CONFIG=...] [ARGS="--field value ..."]
 """
 
 from trl import ModelConfig, RewardTrainer, TrlParser
@@ -30,9 +30,14 @@ def main(data_args: data.DataArguments, args: rm.RewardConfig, model_args: Model
     ################
     # Training
     ################
-    trainer = RewardTrainer(model=model, args=args, train_dataset=rm.trainer_dataset(pairs.train),
-                            eval_dataset=rm.trainer_dataset(pairs.test) if len(pairs.test) else None,
-                            processing_class=tokenizer, peft_config=rm.reward_peft_config(model_args))
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=rm.trainer_dataset(pairs.train),
+        eval_dataset=rm.trainer_dataset(pairs.test) if len(pairs.test) else None,
+        processing_class=tokenizer,
+        peft_config=rm.reward_peft_config(model_args),
+    )
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
     ################

@@ -1,7 +1,7 @@
 """SFT stage: the chosen dialogues of the RM-train pairs, packed (the card's recipe), with TRL's SFTTrainer.
 
-    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/sft.py --config recipes/configs/tiny/sft.yaml
-    make sft [CONFIG=...] [ARGS="--field value ..."]
+accelerate launch --config_file accelerate_configs/cpu.yaml recipes/sft.py --config recipes/configs/tiny/sft.yaml
+make sft [CONFIG=...] [ARGS="--field value ..."]
 """
 
 from transformers import AutoModelForCausalLM
@@ -30,8 +30,14 @@ def main(data_args: data.DataArguments, args: sft.SFTConfig, model_args: ModelCo
     ################
     # Training
     ################
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=get_peft_config(model_args))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
     before = trainer.evaluate() if eval_ds is not None else {}
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 

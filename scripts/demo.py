@@ -33,9 +33,19 @@ STAGES = (
 
 def run_stage(name: str, recipe: str, config: Path, overrides: list[str], log_path: Path, threads: int) -> dict:
     """Launch one recipe; returns wall seconds and the peak RSS of its process tree (MB)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "accelerate_configs" / "cpu.yaml"), "--num_cpu_threads_per_process", str(threads),
-           str(ROOT / recipe), "--config", str(config), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / "cpu.yaml"),
+        "--num_cpu_threads_per_process",
+        str(threads),
+        str(ROOT / recipe),
+        "--config",
+        str(config),
+        *overrides,
+    ]
     print(f"\n=== {name}: {' '.join(cmd[2:])}\n    log: {log_path}", flush=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
@@ -69,8 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="outputs/tiny", help="where the embedded default and all stages go")
     parser.add_argument("--configs", default=str(ROOT / "recipes" / "configs" / "tiny"), help="folder of stage YAMLs")
     parser.add_argument("--stages", default="sft,rm,raft", help="comma-separated subset, in pipeline order")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="CPU threads per stage (the metrics' last digits depend on it; see README)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="CPU threads per stage (the metrics' last digits depend on it; see README)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     wanted = args.stages.split(",")
@@ -98,9 +112,14 @@ def main(argv: list[str] | None = None) -> dict:
             # A fresh run: the stages before were just retrained, so a kept RAFT folder would resume
             # iterations made with other models (`make raft` is the way to resume a run).
             shutil.rmtree(stage_out)
-        stats = run_stage(name, recipe, Path(args.configs) / f"{name}.yaml", overrides, out / f"{name}.log",
-                          args.threads)
-        summary["stages"][name] = {**stats, "output_dir": str(stage_out), "metrics": reporting.read_json(stage_out / "metrics.json")}
+        stats = run_stage(
+            name, recipe, Path(args.configs) / f"{name}.yaml", overrides, out / f"{name}.log", args.threads
+        )
+        summary["stages"][name] = {
+            **stats,
+            "output_dir": str(stage_out),
+            "metrics": reporting.read_json(stage_out / "metrics.json"),
+        }
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     summary_path = out / "demo_summary.json"
     summary["summary_path"] = str(summary_path)

@@ -16,8 +16,24 @@ def test_bench_tiny_writes_wellformed_json(tmp_path):
     out = tmp_path / "results.json"
     summary = tmp_path / "demo_summary.json"
     summary.write_text(json.dumps({"stages": {"sft": {"seconds": 1.5, "max_rss_mb": 300.0}}}))
-    proc = subprocess.run([sys.executable, "-m", "bench", "--size", "tiny", "--data", "embedded", "--out", str(out),
-                           "--demo-summary", str(summary)], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--size",
+            "tiny",
+            "--data",
+            "embedded",
+            "--out",
+            str(out),
+            "--demo-summary",
+            str(summary),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     result = json.loads(out.read_text())
@@ -26,9 +42,17 @@ def test_bench_tiny_writes_wellformed_json(tmp_path):
     for key in ("cpu", "logical_cpus", "torch", "transformers", "trl", "torch_threads"):
         assert key in result["machine"]
     ids = {e["id"] for e in result["entries"]}
-    assert {"sft_packing_tokens_per_s", "sft_packing_efficiency", "rm_grouped_pairs_per_s", "rm_padding_share",
-            "gen_batched_vs_prompt_x_k", "gen_batched_vs_one_sequence", "score_scorer_vs_pipeline",
-            "mfu_sft_wrapped", "demo"} <= ids
+    assert {
+        "sft_packing_tokens_per_s",
+        "sft_packing_efficiency",
+        "rm_grouped_pairs_per_s",
+        "rm_padding_share",
+        "gen_batched_vs_prompt_x_k",
+        "gen_batched_vs_one_sequence",
+        "score_scorer_vs_pipeline",
+        "mfu_sft_wrapped",
+        "demo",
+    } <= ids
     for e in result["entries"]:
         if "ratio" not in e:
             continue
@@ -48,8 +72,12 @@ def test_bench_tiny_writes_wellformed_json(tmp_path):
 def test_bench_missing_data_file_is_an_error(tmp_path):
     """A --data path that does not exist stops the bench (no silent fallback to the embedded data)."""
     out = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--size", "tiny", "--data", "/no/such/file.jsonl",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--size", "tiny", "--data", "/no/such/file.jsonl", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0
     assert "--data" in proc.stderr and "/no/such/file.jsonl" in proc.stderr
     assert not out.exists()

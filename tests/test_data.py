@@ -70,7 +70,10 @@ def test_bad_rows_counted_by_reason(tmp_path):
         {"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi"},  # no_assistant_turn
         {"chosen": "\n\nHuman: hi\n\nAssistant:  ", "rejected": good["rejected"]},  # empty_response
         {"chosen": good["chosen"], "rejected": good["chosen"]},  # identical_responses
-        {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hey\n\nAssistant: no"},  # prompt_mismatch
+        {
+            "chosen": "\n\nHuman: hi\n\nAssistant: hello",
+            "rejected": "\n\nHuman: hey\n\nAssistant: no",
+        },  # prompt_mismatch
         {"chosen": "junk\n\nHuman: hi\n\nAssistant: a", "rejected": "junk\n\nHuman: hi\n\nAssistant: b"},  # malformed
         "{not json",  # unparsable_json
     ]

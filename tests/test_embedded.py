@@ -22,6 +22,7 @@ def test_embedded_folder_is_a_normal_hf_model(tiny):
 
 def test_embedded_build_is_reused(tiny):
     from hhrm.embedded import EmbeddedSpec, ensure_embedded
+
     from conftest import TEST_SPEC
 
     before = (tiny["base"] / "model.safetensors").stat().st_mtime_ns

@@ -11,7 +11,8 @@ from hhrm.generation import SamplingArguments, generate_responses
 
 PROMPTS = [
     "###Human: What is 3 plus 4? ###Assistant:",
-    "###Human: Hi there! ###Assistant: Hello! How can I help you today? ###Human: Which number is larger, 12 or 40? ###Assistant:",
+    "###Human: Hi there! ###Assistant: Hello! How can I help you today? "
+    "###Human: Which number is larger, 12 or 40? ###Assistant:",
     "###Human: How many words are in this list: apple river? ###Assistant:",
 ]
 
@@ -30,9 +31,15 @@ def test_batched_left_padded_equals_one_by_one(base):
     batched = generate_responses(model, tok, PROMPTS, 1, greedy, batch_size=8)
     for prompt, got in zip(PROMPTS, batched):
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        assert got == [tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)]
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        assert got == [tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)]
         assert not got[0].startswith(prompt)
 
 
@@ -75,11 +82,15 @@ def test_generation_shared_prefill_matches_plain_generate(tiny):
     the same tokens as plain ``generate(num_return_sequences=K)``: checked with top_k=1 sampling."""
     tok = AutoTokenizer.from_pretrained(tiny["base"])
     model = AutoModelForCausalLM.from_pretrained(tiny["base"]).eval()
-    prompts = ["###Human: What is 3 plus 4? ###Assistant:",
-               "###Human: Hi! ###Assistant: Hello! ###Human: Which number is larger, 12 or 40? ###Assistant:"]
+    prompts = [
+        "###Human: What is 3 plus 4? ###Assistant:",
+        "###Human: Hi! ###Assistant: Hello! ###Human: Which number is larger, 12 or 40? ###Assistant:",
+    ]
     sampling = SamplingArguments(max_new_tokens=10, top_k=1, stop_at_turn_marker=False)
     got = generate_responses(model, tok, prompts, 3, sampling, batch_size=2)
     for prompt, row in zip(prompts, got):
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=sampling.generation_config(tok, 3))
-        assert row == tok.batch_decode(ref[:, ids.shape[1]:], skip_special_tokens=True)
+        ref = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=sampling.generation_config(tok, 3)
+        )
+        assert row == tok.batch_decode(ref[:, ids.shape[1] :], skip_special_tokens=True)

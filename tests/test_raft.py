@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_recipe
-
 from hhrm import data as hdata
 from hhrm.raft import RaftConfig, StopRequested
 from hhrm.reporting import read_jsonl
+
+from conftest import load_recipe
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,20 +30,51 @@ def models(tiny, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("raft_models")
     splits = hdata.load_splits(hdata.DataArguments(dataset_name=str(tiny["data"]), test_offset=TEST_OFFSET))
     tok = AutoTokenizer.from_pretrained(tiny["base"])
-    common = dict(use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
-                  logging_steps=50, seed=0, disable_tqdm=True)
-    sft = SFTTrainer(model=str(tiny["base"]), train_dataset=splits.sft_texts(), processing_class=tok,
-                     args=SFTConfig(output_dir=str(out / "sft"), max_steps=60, per_device_train_batch_size=8,
-                                    learning_rate=3e-3, max_length=128, packing=True, packing_strategy="wrapped",
-                                    **common))
+    common = dict(
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=50,
+        seed=0,
+        disable_tqdm=True,
+    )
+    sft = SFTTrainer(
+        model=str(tiny["base"]),
+        train_dataset=splits.sft_texts(),
+        processing_class=tok,
+        args=SFTConfig(
+            output_dir=str(out / "sft"),
+            max_steps=60,
+            per_device_train_batch_size=8,
+            learning_rate=3e-3,
+            max_length=128,
+            packing=True,
+            packing_strategy="wrapped",
+            **common,
+        ),
+    )
     sft.train()
     sft.save_model(str(out / "sft"))
     tok.save_pretrained(out / "sft")
-    pairs = splits.train.map(lambda r: {"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]},
-                             remove_columns=["prompt"])
-    rm = RewardTrainer(model=str(out / "sft"), train_dataset=pairs, processing_class=tok,
-                       args=RewardConfig(output_dir=str(out / "rm"), max_steps=80, per_device_train_batch_size=16,
-                                         learning_rate=1e-3, max_length=256, **common))
+    pairs = splits.train.map(
+        lambda r: {"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]},
+        remove_columns=["prompt"],
+    )
+    rm = RewardTrainer(
+        model=str(out / "sft"),
+        train_dataset=pairs,
+        processing_class=tok,
+        args=RewardConfig(
+            output_dir=str(out / "rm"),
+            max_steps=80,
+            per_device_train_batch_size=16,
+            learning_rate=1e-3,
+            max_length=256,
+            **common,
+        ),
+    )
     rm.train()
     rm.save_model(str(out / "rm"))
     tok.save_pretrained(out / "rm")
@@ -52,11 +83,26 @@ def models(tiny, tmp_path_factory) -> dict[str, Path]:
 
 def settings(models: dict[str, Path], output_dir: Path, **overrides) -> dict:
     values = dict(
-        model_name_or_path=str(models["policy"]), reward_model_name_or_path=str(models["rm"]),
-        dataset_name=str(models["data"]), test_offset=TEST_OFFSET, output_dir=str(output_dir),
-        num_iterations=2, prompts_per_iteration=32, num_samples=4, max_new_tokens=16, heldout_prompts=24,
-        generation_batch_size=32, reward_batch_size=64, max_length=128, per_device_train_batch_size=8,
-        num_train_epochs=1, learning_rate=5e-4, logging_steps=50, seed=0, progress=False, disable_tqdm=True,
+        model_name_or_path=str(models["policy"]),
+        reward_model_name_or_path=str(models["rm"]),
+        dataset_name=str(models["data"]),
+        test_offset=TEST_OFFSET,
+        output_dir=str(output_dir),
+        num_iterations=2,
+        prompts_per_iteration=32,
+        num_samples=4,
+        max_new_tokens=16,
+        heldout_prompts=24,
+        generation_batch_size=32,
+        reward_batch_size=64,
+        max_length=128,
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        learning_rate=5e-4,
+        logging_steps=50,
+        seed=0,
+        progress=False,
+        disable_tqdm=True,
         offload_models="false",
     )
     values.update(overrides)
@@ -102,8 +148,18 @@ def test_reward_rises_and_outputs_are_written(uninterrupted):
     scored = read_jsonl(d / "scored.jsonl")
     assert len(scored) == 32 and all(len(r["responses"]) == len(r["rewards"]) == 4 for r in scored)
     m = its[0]
-    for key in ("reward_best_of_k", "distinct_1", "distinct_2", "response_tokens_mean", "filtered_empty",
-                "seconds_generate", "seconds_score", "seconds_train", "generated_tokens_per_second", "gold_accuracy"):
+    for key in (
+        "reward_best_of_k",
+        "distinct_1",
+        "distinct_2",
+        "response_tokens_mean",
+        "filtered_empty",
+        "seconds_generate",
+        "seconds_score",
+        "seconds_train",
+        "generated_tokens_per_second",
+        "gold_accuracy",
+    ):
         assert key in m, key
     assert m["reward_best_of_k"] >= m["reward_first_sample"]
 
@@ -122,7 +178,8 @@ def test_resume_after_interruption_in_each_stage_gives_identical_results(models,
     for it in (0, 1):
         assert kept(out, it) == kept(uninterrupted, it)
         assert read_jsonl(out / f"iter_{it:03d}" / "scored.jsonl") == read_jsonl(
-            uninterrupted / f"iter_{it:03d}" / "scored.jsonl")
+            uninterrupted / f"iter_{it:03d}" / "scored.jsonl"
+        )
     a = json.loads((uninterrupted / "metrics_per_iteration.json").read_text())["final"]
     b = json.loads((out / "metrics_per_iteration.json").read_text())["final"]
     assert a["heldout_reward"] == b["heldout_reward"]
@@ -146,8 +203,21 @@ def test_two_processes_cover_every_prompt_once(models, tmp_path):
     values = settings(models, out, num_iterations=1, prompts_per_iteration=21, heldout_prompts=9)
     argv = [x for k, v in values.items() for x in (f"--{k}", str(v))]
     env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "recipes/raft.py", *argv]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "recipes/raft.py",
+        *argv,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     d = out / "iter_000"

@@ -19,17 +19,50 @@ def fake_iteration(folder, gold_right: bool = True):
     """The files the stages of one iteration leave behind, written by hand."""
     right1, wrong1 = " Of 12 and 40, the larger is 40.", " Of 12 and 40, the larger is 12."
     right2, wrong2 = " 3 meters is 300 centimeters.", " 3 meters is 30 centimeters."
-    write_jsonl([
-        {"index": 0, "prompt": Q1, "responses": [right1, wrong1], "response_tokens": [9, 9], "rewards": [2.0, 0.0]},
-        {"index": 5, "prompt": Q2, "responses": [wrong2, right2], "response_tokens": [7, 7], "rewards": [1.0, 3.0]},
-    ], folder / "scored.jsonl")
-    write_jsonl([{"index": 0, "sample": 0, "prompt": Q1, "completion": right1, "reward": 2.0},
-                 {"index": 5, "sample": 1, "prompt": Q2, "completion": right2, "reward": 3.0}], folder / "kept.jsonl")
-    write_jsonl([{"position": 0, "prompt": Q1, "sampled": right1 if gold_right else wrong1, "greedy": right1,
-                  "sampled_reward": 2.0, "greedy_reward": 2.0}], folder / "heldout_scored.jsonl")
+    write_jsonl(
+        [
+            {
+                "index": 0,
+                "prompt": Q1,
+                "responses": [right1, wrong1],
+                "response_tokens": [9, 9],
+                "rewards": [2.0, 0.0],
+            },
+            {
+                "index": 5,
+                "prompt": Q2,
+                "responses": [wrong2, right2],
+                "response_tokens": [7, 7],
+                "rewards": [1.0, 3.0],
+            },
+        ],
+        folder / "scored.jsonl",
+    )
+    write_jsonl(
+        [
+            {"index": 0, "sample": 0, "prompt": Q1, "completion": right1, "reward": 2.0},
+            {"index": 5, "sample": 1, "prompt": Q2, "completion": right2, "reward": 3.0},
+        ],
+        folder / "kept.jsonl",
+    )
+    write_jsonl(
+        [
+            {
+                "position": 0,
+                "prompt": Q1,
+                "sampled": right1 if gold_right else wrong1,
+                "greedy": right1,
+                "sampled_reward": 2.0,
+                "greedy_reward": 2.0,
+            }
+        ],
+        folder / "heldout_scored.jsonl",
+    )
     write_json({"generated_tokens": 32, "generate_seconds": 2.0, "seconds": 2.5}, folder / "generate.stats.json")
-    write_json({"filter_counts": {"empty": 0, "too_short": 1, "repetitive": 0, "pattern": 0, "passed": 3},
-                "seconds": 0.1}, folder / "select.stats.json")
+    write_json(
+        {"filter_counts": {"empty": 0, "too_short": 1, "repetitive": 0, "pattern": 0, "passed": 3}, "seconds": 0.1},
+        folder / "select.stats.json",
+    )
     write_json({"train_loss": 0.5, "seconds": 3.0}, folder / "train.stats.json")
 
 

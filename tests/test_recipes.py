@@ -33,8 +33,9 @@ def _stage_config(stage: str):
     return {"sft": sft.SFTConfig, "rm": rm.RewardConfig, "raft": RaftConfig}[stage]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*/*.yaml")),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "recipes" / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}"
+)
 def test_every_recipe_yaml_parses_with_its_stage_config(path):
     """Each YAML parses exactly as its recipe parses it (unknown keys and bad values fail here)."""
     d, a, m = TrlParser((data.DataArguments, _stage_config(path.stem), ModelConfig)).parse_args_and_config(
@@ -55,7 +56,7 @@ def test_accelerate_configs_load(path):
 # The library's layout: no import cycle, no stage importing a later one, modules of a readable size
 
 SRC = ROOT / "src"
-STAGE_ORDER = {"hhrm.sft": 1, "hhrm.rm": 2, "hhrm.rm_eval": 2, "hhrm.raft": 3}
+STAGE_ORDER = {"hhrm.sft": 1, "hhrm.rm": 2, "hhrm.rm_eval": 2, "hhrm.rm_card": 2, "hhrm.raft": 3}
 
 
 def _module_name(path: Path) -> str:
@@ -79,7 +80,9 @@ def _import_graph() -> dict[str, set[str]]:
 
 
 def _stage(module: str) -> int:
-    return next((rank for prefix, rank in STAGE_ORDER.items() if module == prefix or module.startswith(prefix + ".")), 0)
+    return next(
+        (rank for prefix, rank in STAGE_ORDER.items() if module == prefix or module.startswith(prefix + ".")), 0
+    )
 
 
 def test_no_import_cycle():
@@ -89,7 +92,7 @@ def test_no_import_cycle():
     def visit(m: str, path: list[str]) -> None:
         state[m] = 1
         for d in sorted(graph[m]):
-            assert state.get(d) != 1, "import cycle: " + " -> ".join(path[path.index(d):] + [d])
+            assert state.get(d) != 1, "import cycle: " + " -> ".join(path[path.index(d) :] + [d])
             if d not in state:
                 visit(d, path + [d])
         state[m] = 2
@@ -102,8 +105,12 @@ def test_no_import_cycle():
 def test_no_module_imports_a_later_stage():
     """Foundation modules import no stage; a stage imports only earlier stages (sft < rm < raft)."""
     graph = _import_graph()
-    bad = [f"{m} imports {d}" for m, deps in graph.items() for d in deps
-           if _stage(d) and (not _stage(m) or _stage(d) > _stage(m))]
+    bad = [
+        f"{m} imports {d}"
+        for m, deps in graph.items()
+        for d in deps
+        if _stage(d) and (not _stage(m) or _stage(d) > _stage(m))
+    ]
     assert not bad, bad
 
 

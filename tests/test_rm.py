@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hhrm import data, rm, rm_eval, scoring
+from hhrm import data, rm, rm_card, rm_eval, scoring
 
-FAST = dict(output_dir="unused", use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none",
-            save_strategy="no", disable_tqdm=True)
+FAST = dict(
+    output_dir="unused",
+    use_cpu=True,
+    bf16=False,
+    activation_checkpointing=False,
+    report_to="none",
+    save_strategy="no",
+    disable_tqdm=True,
+)
 
 
 def config(tmp_path, **kw) -> rm.RewardConfig:
@@ -84,11 +88,13 @@ def response_of_length(tok, tokens: int) -> str:
 
 def long_fixture(tok) -> Dataset:
     at, over = response_of_length(tok, 512), response_of_length(tok, 513)
-    return Dataset.from_dict({
-        "prompt": [PROMPT] * 5,
-        "chosen": [SHORT, at, over, SHORT, over],
-        "rejected": [SHORT + " No.", SHORT, SHORT, over, over],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": [PROMPT] * 5,
+            "chosen": [SHORT, at, over, SHORT, over],
+            "rejected": [SHORT + " No.", SHORT, SHORT, over, over],
+        }
+    )
 
 
 def test_filter_drops_exactly_the_long_pairs(tmp_path, tok, tiny):
@@ -101,8 +107,9 @@ def test_filter_drops_exactly_the_long_pairs(tmp_path, tok, tiny):
     from trl import RewardTrainer
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny["base"], num_labels=1)
-    trainer = RewardTrainer(model=model, args=config(tmp_path, max_length=512), train_dataset=fixture,
-                            processing_class=tok)
+    trainer = RewardTrainer(
+        model=model, args=config(tmp_path, max_length=512), train_dataset=fixture, processing_class=tok
+    )
     assert list(trainer.train_dataset["chosen_ids"]) == list(kept["chosen_ids"])
     assert list(trainer.train_dataset["rejected_ids"]) == list(kept["rejected_ids"])
 
@@ -110,8 +117,9 @@ def test_filter_drops_exactly_the_long_pairs(tmp_path, tok, tiny):
 def test_prepare_pairs_counts_drops_and_removes_overlap(tok):
     extra = long_fixture(tok)
     train = Dataset.from_dict({k: list(extra[k]) for k in extra.column_names})
-    test = Dataset.from_dict({k: list(extra[k][:1]) + [" unseen"] if k != "prompt" else list(extra[k][:2])
-                              for k in extra.column_names})
+    test = Dataset.from_dict(
+        {k: list(extra[k][:1]) + [" unseen"] if k != "prompt" else list(extra[k][:2]) for k in extra.column_names}
+    )
     splits = data.PreferenceSplits(train=train, test=test, drops={}, source={})
     pairs = rm.prepare_pairs(splits, tok, 512)
     assert pairs.counts["pairs_dropped_long"] == 3
@@ -139,7 +147,7 @@ def saved_rm(tiny, tmp_path_factory):
 
 def snippet_rewards(path, batch_size: int) -> tuple[list[str], list[float]]:
     scope: dict = {}
-    exec(rm.pipeline_snippet(path, batch_size), scope)  # the very text the model card shows
+    exec(rm_card.pipeline_snippet(path, batch_size), scope)  # the very text the model card shows
     return scope["test_texts"], scope["rewards"]
 
 
@@ -160,19 +168,24 @@ def test_same_reward_on_all_four_paths(saved_rm, tmp_path):
 
     texts, pipe = snippet_rewards(saved_rm, 2)
     prompts = [t.split(" ###Assistant:")[0] + " ###Assistant:" for t in texts]
-    responses = [t[len(p):] for t, p in zip(texts, prompts)]
+    responses = [t[len(p) :] for t, p in zip(texts, prompts)]
     # rejected = the same texts, so both halves of the trainer's batch must give the same rewards.
     pairs = Dataset.from_dict({"prompt": prompts, "chosen": responses, "rejected": responses})
 
     tok = AutoTokenizer.from_pretrained(saved_rm)
     model = AutoModelForSequenceClassification.from_pretrained(saved_rm).eval()
     # 1. training: RewardTrainer's own tokenization (raw text in) and collator, through the model.
-    trainer = RewardTrainer(model=model, args=config(tmp_path, per_device_eval_batch_size=8), train_dataset=pairs,
-                            eval_dataset=pairs, processing_class=tok)
+    trainer = RewardTrainer(
+        model=model,
+        args=config(tmp_path, per_device_eval_batch_size=8),
+        train_dataset=pairs,
+        eval_dataset=pairs,
+        processing_class=tok,
+    )
     batch = next(iter(trainer.get_eval_dataloader()))
     with torch.no_grad():
         logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
-    train_chosen, train_rejected = logits[: len(texts)].tolist(), logits[len(texts):].tolist()
+    train_chosen, train_rejected = logits[: len(texts)].tolist(), logits[len(texts) :].tolist()
     # 2. hhrm's scorer; 3. the evaluation; 4. the card's pipeline snippet.
     scorer = scoring.RewardScorer.from_pretrained(saved_rm)
     scored = scorer.score_pairs(prompts, responses)

@@ -10,7 +10,6 @@ import pytest
 from hhrm import rm_eval
 
 
-
 def test_ties_count_as_wrong():
     chosen, rejected = np.array([1.0, 2.0, 0.5, 3.0]), np.array([1.0, 1.0, 0.7, 3.0])
     assert rm_eval.exact_accuracy(chosen, rejected) == 0.25

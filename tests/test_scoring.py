@@ -74,8 +74,9 @@ def test_batching_and_order_do_not_change_rewards(rm):
     capped = scoring.RewardScorer(model, tok, batch_size=64, max_tokens_per_batch=60).score(texts)
     assert many == pytest.approx(one, abs=1e-5)
     assert capped == pytest.approx(one, abs=1e-5)
-    pairs = scoring.RewardScorer(model, tok).score_pairs([t.split(" ###Assistant:")[0] + " ###Assistant:" for t in TEXTS[:1]],
-                                                         [" 2 plus 3 is 5."])
+    pairs = scoring.RewardScorer(model, tok).score_pairs(
+        [t.split(" ###Assistant:")[0] + " ###Assistant:" for t in TEXTS[:1]], [" 2 plus 3 is 5."]
+    )
     assert pairs == pytest.approx(one[:1], abs=1e-5)
 
 

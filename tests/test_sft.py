@@ -8,9 +8,9 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, SFTTrainer, get_peft_config
 
-from conftest import load_recipe
-
 from hhrm import data, sft
+
+from conftest import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SFT = ROOT / "recipes" / "configs" / "tiny" / "sft.yaml"
@@ -21,9 +21,17 @@ def _splits(tiny):
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), max_length=128, per_device_train_batch_size=8,
-                learning_rate=3e-3, activation_checkpointing=False, save_strategy="no", report_to="none",
-                logging_steps=5, seed=0)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_length=128,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        activation_checkpointing=False,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=5,
+        seed=0,
+    )
     base.update(kw)
     return sft.SFTConfig(**base)
 
@@ -62,7 +70,14 @@ def test_sft_recipe_lowers_eval_loss_and_writes_a_model_folder(tiny, tmp_path):
     assert metrics["eval_loss"] < 0.6 * before["eval_loss"]
     assert 0.0 <= metrics["gold_accuracy"] <= 1.0 and metrics["gold_prompts"] == 40
     out = Path(args.output_dir)
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "metrics.json", "data_report.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "README.md",
+        "metrics.json",
+        "data_report.json",
+    ):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
     assert "eval_loss" in card and "gold_accuracy" in card and '"learning_rate": 0.003' in card
@@ -74,11 +89,34 @@ def test_two_process_sft_run(tiny, tmp_path):
     """`accelerate launch` with the multi-CPU config starts 2 gloo processes that train and save once."""
     out = tmp_path / "sft2"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "accelerate_configs" / "multi_cpu.yaml"), str(ROOT / "recipes" / "sft.py"),
-           "--config", str(TINY_SFT), "--model_name_or_path", str(tiny["base"]), "--dataset_name", str(tiny["data"]),
-           "--test_offset", "100", "--max_steps", "6", "--max_length", "128", "--eval_rows", "32",
-           "--gold_eval_prompts", "8", "--output_dir", str(out), "--ddp_find_unused_parameters", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / "multi_cpu.yaml"),
+        str(ROOT / "recipes" / "sft.py"),
+        "--config",
+        str(TINY_SFT),
+        "--model_name_or_path",
+        str(tiny["base"]),
+        "--dataset_name",
+        str(tiny["data"]),
+        "--test_offset",
+        "100",
+        "--max_steps",
+        "6",
+        "--max_length",
+        "128",
+        "--eval_rows",
+        "32",
+        "--gold_eval_prompts",
+        "8",
+        "--output_dir",
+        str(out),
+        "--ddp_find_unused_parameters",
+        "false",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -90,14 +128,27 @@ def test_two_process_sft_run(tiny, tmp_path):
 def test_lora_sft_saves_a_merged_plain_model(tiny, tmp_path, quantize):
     from hhrm import modeling
 
-    model_args = ModelConfig(model_name_or_path=str(tiny["base"]), use_peft=True, lora_r=4, lora_alpha=8,
-                             lora_target_modules=["q_proj", "v_proj"], load_in_4bit=quantize)
+    model_args = ModelConfig(
+        model_name_or_path=str(tiny["base"]),
+        use_peft=True,
+        lora_r=4,
+        lora_alpha=8,
+        lora_target_modules=["q_proj", "v_proj"],
+        load_in_4bit=quantize,
+    )
     args = _args(tmp_path, max_steps=2)
     tok = modeling.load_tokenizer(model_args)
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **modeling.model_init_kwargs(model_args, args))
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, **modeling.model_init_kwargs(model_args, args)
+    )
     train, _ = sft.sft_datasets(_splits(tiny), eval_rows=0)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train.select(range(64)), processing_class=tok,
-                         peft_config=get_peft_config(model_args))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train.select(range(64)),
+        processing_class=tok,
+        peft_config=get_peft_config(model_args),
+    )
     trainer.train()
     out = modeling.save_merged(trainer, tmp_path / "merged", tok)
     assert not (out / "adapter_config.json").exists()

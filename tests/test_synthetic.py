@@ -48,7 +48,11 @@ def test_rejections_include_the_policy_typical_miscopy():
         ("Which number is larger, 12 or 41?", " Of 12 and 41, the larger is 41.", " Of 12 and 41, the larger is 12."),
         ("Which number is larger, 12 or 41?", " 41", " Of 12 and 40, the larger is 41."),  # miscopied operand
         ("How many centimeters are in 3 meters?", " 3 meters is 300 centimeters.", " 3 meters is 30 centimeters."),
-        ("How many words are in this list: apple river stone?", " There are 3 words in the list.", " There are 4 words."),
+        (
+            "How many words are in this list: apple river stone?",
+            " There are 3 words in the list.",
+            " There are 4 words.",
+        ),
         ("How many words are in this list: apple river stone?", " There are 3 words in the list.", " I don't know."),
     ],
 )

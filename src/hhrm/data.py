@@ -17,9 +17,10 @@ import gzip
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from datasets import Dataset
@@ -47,7 +48,9 @@ class DataArguments:
         default=6275,
         metadata={"help": "The first N test rows join the training data (card: 6,275); the rest are the RM test."},
     )
-    max_train_rows: int | None = field(default=None, metadata={"help": "Keep only the first N train rows (quick runs)."})
+    max_train_rows: int | None = field(
+        default=None, metadata={"help": "Keep only the first N train rows (quick runs)."}
+    )
     max_test_rows: int | None = field(default=None, metadata={"help": "Keep only the first N test rows (quick runs)."})
 
     def __post_init__(self) -> None:
@@ -221,7 +224,9 @@ def normalize_row(row: dict[str, Any], fmt: str) -> dict[str, str]:
     }
 
 
-def normalize_rows(rows: list[dict[str, Any]], fmt: str, name: str, first_index: int = 0) -> tuple[Dataset, DropReport]:
+def normalize_rows(
+    rows: list[dict[str, Any]], fmt: str, name: str, first_index: int = 0
+) -> tuple[Dataset, DropReport]:
     """Normalise every row; bad rows are counted in the report (ids are ``name[index]``)."""
     report = DropReport(seen=len(rows))
     out: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}

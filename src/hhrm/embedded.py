@@ -68,8 +68,18 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_length: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **SPECIAL_TOKENS)
 
 
-def llama_config(tokenizer, *, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
-                 intermediate_size: int, max_position_embeddings: int, vocab_size: int | None = None, **extra):
+def llama_config(
+    tokenizer,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    max_position_embeddings: int,
+    vocab_size: int | None = None,
+    **extra,
+):
     """hhrm's one ``LlamaConfig`` builder: ``vocab_size`` defaults to ``len(tokenizer)``, the bos/eos/pad ids come
     from the tokenizer, embeddings are untied; ``extra`` goes to ``LlamaConfig`` as is (``attn_implementation``...)."""
     from transformers import LlamaConfig

@@ -88,7 +88,9 @@ def generate_responses(
     if isinstance(model, VLLMBackend):
         return model.generate(prompts, k, sampling, progress=progress, stats=stats)
     if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token: set one (e.g. tokenizer.pad_token = '<pad>') before generating")
+        raise ValueError(
+            "the tokenizer has no pad token: set one (e.g. tokenizer.pad_token = '<pad>') before generating"
+        )
     if k < 1:
         raise ValueError(f"k={k}: must be >= 1")
     start = time.perf_counter()
@@ -98,14 +100,9 @@ def generate_responses(
         torch.manual_seed(seed)
     # An empty list is valid (a rank with no prompts): it still enters the gather context below.
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
-    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     out: list[list[str]] = [[] for _ in prompts]
     new_tokens = 0
-    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc=f"generate ({k}/prompt)", unit="batch")
+    batches = length_sorted_batches(ids, batch_size, progress=f"generate ({k}/prompt)" if progress else None)
     with _whole_model(model, accelerator) as gen_model:
         device = next(gen_model.parameters()).device
         was_training = gen_model.training
@@ -124,6 +121,17 @@ def generate_responses(
     if stats is not None:
         stats.update(generated_tokens=new_tokens, seconds=time.perf_counter() - start)
     return out
+
+
+def length_sorted_batches(ids: list[list[int]], batch_size: int, progress: str | None = None) -> list[list[int]]:
+    """Positions of ``ids`` sorted by length, cut into batches (wrapped in a progress bar named ``progress``)."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=progress, unit="batch")
+    return batches
 
 
 def _whole_model(model, accelerator):
@@ -160,8 +168,9 @@ def _generate(model, tokenizer, input_ids, attention, config: GenerationConfig, 
     """
     width = input_ids.shape[1]
     if not getattr(model, "_can_compile_fullgraph", False):
-        return model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
-                              tokenizer=tokenizer)
+        return model.generate(
+            input_ids=input_ids, attention_mask=attention, generation_config=config, tokenizer=tokenizer
+        )
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=width + config.max_new_tokens)
@@ -169,16 +178,26 @@ def _generate(model, tokenizer, input_ids, attention, config: GenerationConfig, 
     config.disable_compile = True  # shapes change with every batch: no auto torch.compile on GPUs
     if k > 1 and width > 1:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
-              past_key_values=cache, use_cache=True)
+        model(
+            input_ids=input_ids[:, :-1],
+            attention_mask=attention[:, :-1],
+            position_ids=positions[:, :-1],
+            past_key_values=cache,
+            use_cache=True,
+        )
         for layer in cache.layers:  # prompt-major, like num_return_sequences
             layer.keys = layer.keys.repeat_interleave(k, dim=0)
             layer.values = layer.values.repeat_interleave(k, dim=0)
             layer.batch_size = layer.keys.shape[0]
         input_ids, attention = input_ids.repeat_interleave(k, dim=0), attention.repeat_interleave(k, dim=0)
         config.num_return_sequences = 1
-    return model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
-                          past_key_values=cache, tokenizer=tokenizer)
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=attention,
+        generation_config=config,
+        past_key_values=cache,
+        tokenizer=tokenizer,
+    )
 
 
 class VLLMBackend:
@@ -189,8 +208,9 @@ class VLLMBackend:
     wrapper holds them; :meth:`generate` checks that it is asked for the same ones.
     """
 
-    def __init__(self, model, tokenizer, accelerator, sampling: SamplingArguments, mode: str = "colocate",
-                 **vllm_kwargs: Any):
+    def __init__(
+        self, model, tokenizer, accelerator, sampling: SamplingArguments, mode: str = "colocate", **vllm_kwargs: Any
+    ):
         try:
             from trl.generation.vllm_generation import VLLMGeneration
         except ImportError as e:  # vllm (and requests) are optional: `pip install -e .[vllm]`
@@ -203,16 +223,30 @@ class VLLMBackend:
         self.sampling, self.tokenizer = sampling, tokenizer
         stop = {"stop": [formatting.HUMAN]} if sampling.stop_at_turn_marker else {}
         self.engine = VLLMGeneration(
-            model, accelerator, tokenizer, mode=mode, temperature=temperature, top_p=sampling.top_p,
-            top_k=sampling.top_k, max_completion_length=sampling.max_new_tokens, logprobs=None,
-            generation_kwargs=stop, **vllm_kwargs,
+            model,
+            accelerator,
+            tokenizer,
+            mode=mode,
+            temperature=temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_completion_length=sampling.max_new_tokens,
+            logprobs=None,
+            generation_kwargs=stop,
+            **vllm_kwargs,
         )
 
     def sync_weights(self) -> None:
         self.engine.sync_weights()
 
-    def generate(self, prompts: list[str], k: int, sampling: SamplingArguments | None = None, progress: bool = False,
-                 stats: dict[str, Any] | None = None) -> list[list[str]]:
+    def generate(
+        self,
+        prompts: list[str],
+        k: int,
+        sampling: SamplingArguments | None = None,
+        progress: bool = False,
+        stats: dict[str, Any] | None = None,
+    ) -> list[list[str]]:
         if sampling is not None and sampling != self.sampling:
             raise ValueError("VLLMBackend was built with other sampling settings; build one per setting")
         start = time.perf_counter()

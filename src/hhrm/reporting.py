@@ -89,7 +89,9 @@ def headline(metrics: dict[str, Any], keys: Sequence[str]) -> str:
     return ", ".join(f"{k}={fmt(metrics[k])}" for k in keys if isinstance(metrics.get(k), (int, float)))
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
+def markdown_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None
+) -> str:
     """A Markdown table of ``rows`` (dicts) over ``columns``; a missing cell is empty."""
     lines = ["| " + " | ".join(headers or columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
@@ -120,9 +122,20 @@ class ModelCard:
     sections: tuple[str, ...] = ()  # extra Markdown sections, appended after the configs
 
     def render(self) -> str:
-        parts = ["---", "library_name: transformers", f"pipeline_tag: {self.pipeline_tag}",
-                 "tags: [hhrm, trl, hh-rlhf]", "---", f"# {self.title}", "", self.summary, "",
-                 "## Metrics", "", metrics_table(self.metrics)]
+        parts = [
+            "---",
+            "library_name: transformers",
+            f"pipeline_tag: {self.pipeline_tag}",
+            "tags: [hhrm, trl, hh-rlhf]",
+            "---",
+            f"# {self.title}",
+            "",
+            self.summary,
+            "",
+            "## Metrics",
+            "",
+            metrics_table(self.metrics),
+        ]
         if self.usage:
             parts += ["## Usage", "", self.usage.strip(), ""]
         if self.data:
@@ -145,8 +158,9 @@ def train_metrics(trainer_metrics: dict[str, Any]) -> dict[str, Any]:
     return {k if k.startswith("train") else f"train_{k}": v for k, v in trainer_metrics.items()}
 
 
-def write_stage_outputs(output_dir: str | Path, metrics: dict[str, Any], card: ModelCard,
-                        data_report: dict[str, Any] | None = None) -> None:
+def write_stage_outputs(
+    output_dir: str | Path, metrics: dict[str, Any], card: ModelCard, data_report: dict[str, Any] | None = None
+) -> None:
     """The files every stage leaves in its model folder: ``metrics.json``, ``data_report.json``, ``README.md``."""
     output_dir = Path(output_dir)
     if data_report is not None:

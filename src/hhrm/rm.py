@@ -19,14 +19,23 @@ from datasets import Dataset
 from trl import ModelConfig, get_peft_config
 
 from hhrm import data as hdata
-from hhrm import modeling, reporting, rm_eval, runtime, scoring
+from hhrm import modeling, reporting, rm_card, rm_eval, runtime, scoring
 from hhrm.runtime import DevicePrecisionMixin
 
 logger = logging.getLogger(__name__)
 
 # The stage's headline in metrics.json (printed by the recipe and the demo).
-HEADLINE = ("eval_accuracy_exact_before", "eval_accuracy_exact", "eval_accuracy_rejected_wrong_answer", "eval_bt_loss",
-            "pairs_dropped_long", "gold_auc", "gold_pairwise_agreement", "gold_best_of_k_accuracy", "train_runtime")
+HEADLINE = (
+    "eval_accuracy_exact_before",
+    "eval_accuracy_exact",
+    "eval_accuracy_rejected_wrong_answer",
+    "eval_bt_loss",
+    "pairs_dropped_long",
+    "gold_auc",
+    "gold_pairwise_agreement",
+    "gold_best_of_k_accuracy",
+    "train_runtime",
+)
 
 
 @dataclass
@@ -36,8 +45,10 @@ class RewardConfig(DevicePrecisionMixin, trl.RewardConfig):
     bf16: bool | None = field(default=None, metadata={"help": "None: bf16 on a bf16-capable GPU, fp32 elsewhere."})
     max_length: int = field(
         default=512,
-        metadata={"help": "Pairs whose chosen or rejected text (tokens incl. EOS) is longer are dropped, never "
-                  "truncated, and counted (card: 512). The one length limit of the RM stage: filter, trainer, eval."},
+        metadata={
+            "help": "Pairs whose chosen or rejected text (tokens incl. EOS) is longer are dropped, never "
+            "truncated, and counted (card: 512). The one length limit of the RM stage: filter, trainer, eval."
+        },
     )
     global_batch_size: int | None = field(
         default=None,
@@ -47,7 +58,8 @@ class RewardConfig(DevicePrecisionMixin, trl.RewardConfig):
         },
     )
     dedup_test: bool = field(
-        default=True, metadata={"help": "Remove RM-test pairs that also occur (exactly) in RM-train before evaluating."}
+        default=True,
+        metadata={"help": "Remove RM-test pairs that also occur (exactly) in RM-train before evaluating."},
     )
     eval_before_training: bool = field(
         default=True, metadata={"help": "Also report the held-out accuracy of the untrained reward head."}
@@ -55,7 +67,8 @@ class RewardConfig(DevicePrecisionMixin, trl.RewardConfig):
     length_buckets: int = field(default=4, metadata={"help": "Accuracy by pair length: number of quantile buckets."})
     scorer_batch_size: int = field(default=64, metadata={"help": "Rows per forward pass when scoring for evaluation."})
     gold_prompts: int = field(
-        default=200, metadata={"help": "Embedded data: held-out prompts answered by the SFT policy for gold agreement."}
+        default=200,
+        metadata={"help": "Embedded data: held-out prompts answered by the SFT policy for gold agreement."},
     )
     gold_samples_per_prompt: int = field(default=4, metadata={"help": "Sampled responses per gold prompt."})
     gold_max_new_tokens: int = field(default=32, metadata={"help": "Max new tokens of those sampled responses."})
@@ -78,7 +91,9 @@ class RewardConfig(DevicePrecisionMixin, trl.RewardConfig):
             )
             logger.info(
                 "global_batch_size=%d = %d per device x %d processes x %d accumulation steps",
-                self.global_batch_size, self.per_device_train_batch_size, self.world_size,
+                self.global_batch_size,
+                self.per_device_train_batch_size,
+                self.world_size,
                 self.gradient_accumulation_steps,
             )
 
@@ -121,7 +136,9 @@ def tokenize_pairs(ds: Dataset, tokenizer) -> Dataset:
 
 def drop_long(ds: Dataset, max_tokens: int) -> tuple[Dataset, int]:
     """Drop (never truncate) tokenized pairs whose chosen or rejected text is longer than ``max_tokens``."""
-    keep = [i for i, (c, r) in enumerate(zip(ds["chosen_ids"], ds["rejected_ids"])) if max(len(c), len(r)) <= max_tokens]
+    keep = [
+        i for i, (c, r) in enumerate(zip(ds["chosen_ids"], ds["rejected_ids"])) if max(len(c), len(r)) <= max_tokens
+    ]
     return ds.select(keep), len(ds) - len(keep)
 
 
@@ -142,7 +159,13 @@ def prepare_pairs(splits: hdata.PreferenceSplits, tokenizer, max_tokens: int, de
     }
     logger.info(
         "RM pairs: train %d (dropped %d over %d tokens), test %d (dropped %d over %d tokens, %d overlapping train%s)",
-        len(train), dropped_train, max_tokens, len(test), dropped_test, max_tokens, len(overlap),
+        len(train),
+        dropped_train,
+        max_tokens,
+        len(test),
+        dropped_test,
+        max_tokens,
+        len(overlap),
         " removed" if dedup_test else " KEPT",
     )
     if len(train) == 0:
@@ -245,7 +268,9 @@ def _merge_from_adapter(output_dir: Path, model_args: ModelConfig, tokenizer, ar
 
     dtype = runtime.torch_dtype(args.bf16)
     with suppress_seqcls_warning():
-        base = AutoModelForSequenceClassification.from_pretrained(model_args.model_name_or_path, num_labels=1, dtype=dtype)
+        base = AutoModelForSequenceClassification.from_pretrained(
+            model_args.model_name_or_path, num_labels=1, dtype=dtype
+        )
     modeling.match_vocab(base, tokenizer)
     merged = PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload()
     merged.config.pad_token_id = tokenizer.pad_token_id
@@ -256,59 +281,9 @@ def _merge_from_adapter(output_dir: Path, model_args: ModelConfig, tokenizer, ar
 # After training
 
 
-# The card's snippet in the form that runs on transformers 5.23; tests exec this very text.
-PIPELINE_SNIPPET = '''\
-import torch
-from transformers import AutoTokenizer, pipeline
-
-MODEL = "{path}"
-rm_tokenizer = AutoTokenizer.from_pretrained(MODEL)
-rm_pipe = pipeline(
-    "sentiment-analysis",          # alias of "text-classification"
-    model=MODEL,
-    tokenizer=rm_tokenizer,
-    device="cpu",                  # the card's device="auto" raises on transformers 5; use 0, "cuda" or device_map="auto"
-    dtype=torch.float32,           # bf16 on a GPU; the card's model_kwargs={{"torch_dtype": ...}} is deprecated
-)
-pipe_kwargs = {{
-    "top_k": None,                 # replaces the removed return_all_scores=True: one list of scores per text
-    "function_to_apply": "none",   # the raw reward, not a sigmoid
-    "batch_size": {batch_size},
-}}
-test_texts = [
-    "###Human: My daughter wants to know how to convert fractions to decimals, but I'm not sure how to explain it. Can you help? ###Assistant: Sure. So one way of converting fractions to decimals is to ask \\u201chow many halves are there?\\u201d and then write this as a decimal number.",
-    "###Human: I have fresh whole chicken in my fridge. What dish can I prepare using it that will take me less than an hour to cook? ###Assistant: Are you interested in a quick and easy recipe you can prepare with chicken you have on hand, or something more involved?",
-]
-# The reward model was trained on text + EOS (TRL's RewardTrainer appends it): score the same text.
-pipe_outputs = rm_pipe([text + rm_tokenizer.eos_token for text in test_texts], **pipe_kwargs)
-rewards = [output[0]["score"] for output in pipe_outputs]
-'''
-
-SCORER_SNIPPET = '''\
-from hhrm.scoring import RewardScorer
-
-scorer = RewardScorer.from_pretrained("{path}")        # batches by length, appends EOS itself
-rewards = scorer.score(test_texts)                        # full texts, or:
-rewards = scorer.score_pairs(prompts, responses)          # prompt ends with " ###Assistant:", response starts with a space
-'''
-
-
-def pipeline_snippet(path: str | Path, batch_size: int = 1) -> str:
-    return PIPELINE_SNIPPET.format(path=str(path), batch_size=batch_size)
-
-
-def usage(path: str | Path) -> str:
-    return (
-        "The card's `pipeline` snippet, in the form that runs on transformers 5.23 (`device=\"auto\"` raises "
-        "and `return_all_scores` is silently ignored there). Append EOS to each text: every path in hhrm "
-        "scores `text + eos`, so these rewards equal hhrm's scorer and the evaluation below.\n\n"
-        f"```python\n{pipeline_snippet(path)}```\n\n"
-        f"hhrm's batched scorer (what RAFT uses):\n\n```python\n{SCORER_SNIPPET.format(path=path)}```\n"
-    )
-
-
-def finish(trainer: trl.RewardTrainer, pairs: RewardPairs, configs: dict[str, Any],
-           metrics: dict[str, Any]) -> dict[str, Any]:
+def finish(
+    trainer: trl.RewardTrainer, pairs: RewardPairs, configs: dict[str, Any], metrics: dict[str, Any]
+) -> dict[str, Any]:
     """Evaluate the exported folder; write metrics.json, eval_rm.json, data_report.json and the model card.
 
     ``metrics``: what the recipe measured so far (train metrics, the untrained head's accuracy).
@@ -318,47 +293,21 @@ def finish(trainer: trl.RewardTrainer, pairs: RewardPairs, configs: dict[str, An
     metrics = metrics | pairs.counts
     if trainer.accelerator.is_main_process:
         # Evaluate what was exported (reloaded from disk), not the in-memory training copy.
-        scorer = scoring.RewardScorer.from_pretrained(output_dir, dtype=runtime.torch_dtype(args.bf16),
-                                                      batch_size=args.scorer_batch_size)
-        result = rm_eval.evaluate(scorer, pairs.test, args, policy_path=configs["model"].model_name_or_path,
-                                  train_prompts=set(pairs.train["prompt"]))
+        scorer = scoring.RewardScorer.from_pretrained(
+            output_dir, dtype=runtime.torch_dtype(args.bf16), batch_size=args.scorer_batch_size
+        )
+        result = rm_eval.evaluate(
+            scorer,
+            pairs.test,
+            args,
+            policy_path=configs["model"].model_name_or_path,
+            train_prompts=set(pairs.train["prompt"]),
+        )
         metrics.update(result["metrics"])
         rm_eval.write_results(result | {"counts": pairs.counts}, output_dir / "eval_rm.json")
         report = hdata.data_report(pairs.splits, trainer.processing_class, pairs.counts)
-        card = model_card(output_dir, configs, metrics, report)
+        card = rm_card.model_card(output_dir, configs, metrics, report)
         card.sections = (rm_eval.card_section(result["metrics"], result["held_out"], str(output_dir)),)
         reporting.write_stage_outputs(output_dir, metrics, card, report)
     trainer.accelerator.wait_for_everyone()
     return metrics
-
-
-def model_card(output_dir: Path, configs: dict[str, Any], metrics: dict[str, Any],
-               report: dict[str, Any]) -> reporting.ModelCard:
-    args = configs["training"]
-    steps = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-    nan = float("nan")
-    return reporting.ModelCard(
-        title=f"Reward model from {configs['model'].model_name_or_path} on HH-RLHF pairs (hhrm)",
-        summary=(
-            "Bradley-Terry reward model trained with TRL `RewardTrainer` (`AutoModelForSequenceClassification`, "
-            f"`num_labels=1`) on the RM-train pairs of the card's split, {metrics.get('train_pairs')} pairs after "
-            f"dropping {metrics.get('pairs_dropped_long')} over {metrics.get('max_pair_tokens')} tokens (dropped, "
-            f"never truncated). lr {args.learning_rate}, {args.num_train_epochs} epoch(s), `{schedule}` schedule, "
-            f"{steps} pairs per optimizer step. The reward of a text is the score at its final EOS token "
-            "(the text is `###Human: ... ###Assistant: ...` + EOS).\n\n"
-            f"Held-out (RM-test, {metrics.get('eval_pairs')} pairs, none also in RM-train): exact accuracy "
-            f"{metrics.get('eval_accuracy_exact', nan):.4f} (ties count as wrong), mean Bradley-Terry loss "
-            f"{metrics.get('eval_bt_loss', nan):.4f}. Length bias: Pearson correlation of reward with "
-            f"response length {metrics.get('eval_reward_length_pearson', nan):.3f}; the longer response "
-            f"wins {metrics.get('eval_longer_preferred_rate', nan):.3f} of pairs (the data's chosen response "
-            f"is the longer one in {metrics.get('eval_data_chosen_longer_rate', nan):.3f}). Accuracy by "
-            "length bucket is below and in `eval_rm.json`."
-        ),
-        metrics=metrics,
-        configs=configs,
-        data={"source": report["source"], "bad_rows": report["bad_rows"],
-              **{k: report[k] for k in ("train", "test") if k in report}},
-        usage=usage(output_dir),
-        pipeline_tag="text-classification",
-    )

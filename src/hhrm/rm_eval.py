@@ -87,22 +87,26 @@ def quantile_edges(values: np.ndarray, n: int) -> list[int]:
 
 
 def pair_ids(tokenizer, ds: Dataset) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of prompt+chosen and prompt+rejected (:func:`hhrm.scoring.encode`), reused when the pairs carry them."""
+    """Token ids of prompt+chosen and prompt+rejected (:func:`hhrm.scoring.encode`), reused if the pairs carry them."""
     if "chosen_ids" in ds.column_names:
         return list(ds["chosen_ids"]), list(ds["rejected_ids"])
-    return (scoring.encode(tokenizer, [p + c for p, c in zip(ds["prompt"], ds["chosen"])]),
-            scoring.encode(tokenizer, [p + r for p, r in zip(ds["prompt"], ds["rejected"])]))
+    return (
+        scoring.encode(tokenizer, [p + c for p, c in zip(ds["prompt"], ds["chosen"])]),
+        scoring.encode(tokenizer, [p + r for p, r in zip(ds["prompt"], ds["rejected"])]),
+    )
 
 
-def pair_rewards(scorer: scoring.RewardScorer, chosen_ids: list[list[int]],
-                 rejected_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+def pair_rewards(
+    scorer: scoring.RewardScorer, chosen_ids: list[list[int]], rejected_ids: list[list[int]]
+) -> tuple[np.ndarray, np.ndarray]:
     """Rewards of the encoded chosen and rejected texts."""
     rewards = np.array(scorer.score_ids(chosen_ids + rejected_ids))
     return rewards[: len(chosen_ids)], rewards[len(chosen_ids) :]
 
 
-def evaluate_pairs(scorer: scoring.RewardScorer, ds: Dataset, n_buckets: int = 4,
-                   prefix: str = "eval_") -> tuple[dict[str, float], dict[str, Any]]:
+def evaluate_pairs(
+    scorer: scoring.RewardScorer, ds: Dataset, n_buckets: int = 4, prefix: str = "eval_"
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Exact accuracy, BT loss, reward stats, accuracy by length bucket and length bias.
 
     Returns ``(flat metrics, details)``; details hold the bucket table and the raw rewards.
@@ -130,7 +134,9 @@ def evaluate_pairs(scorer: scoring.RewardScorer, ds: Dataset, n_buckets: int = 4
         "reward_length_spearman": spearman(all_rewards, np.concatenate([resp_c, resp_r])),
     }
     differ = resp_c != resp_r
-    m["longer_preferred_rate"] = float(np.mean(np.where(resp_c > resp_r, rc > rr, rr > rc)[differ])) if differ.any() else float("nan")
+    m["longer_preferred_rate"] = (
+        float(np.mean(np.where(resp_c > resp_r, rc > rr, rr > rc)[differ])) if differ.any() else float("nan")
+    )
     m["data_chosen_longer_rate"] = float(np.mean((resp_c > resp_r)[differ])) if differ.any() else float("nan")
     edges = quantile_edges(pair_len, n_buckets)
     buckets = []
@@ -141,8 +147,11 @@ def evaluate_pairs(scorer: scoring.RewardScorer, ds: Dataset, n_buckets: int = 4
         buckets.append({"tokens": name, "pairs": int(inside.sum()), "accuracy_exact": acc})
         m[f"accuracy_len_{name}"] = acc
     metrics = {f"{prefix}{k}": v for k, v in m.items()}
-    details = {"length_buckets": buckets, "length_bucket_edges": edges,
-               "rewards": {"chosen": rc.tolist(), "rejected": rr.tolist()}}
+    details = {
+        "length_buckets": buckets,
+        "length_bucket_edges": edges,
+        "rewards": {"chosen": rc.tolist(), "rejected": rr.tolist()},
+    }
     return metrics, details
 
 
@@ -150,7 +159,9 @@ def evaluate_pairs(scorer: scoring.RewardScorer, ds: Dataset, n_buckets: int = 4
 # Gold agreement on fresh responses (embedded data only)
 
 
-def gold_agreement_stats(prompts: list[str], responses: list[list[str]], rewards: list[list[float]]) -> dict[str, float]:
+def gold_agreement_stats(
+    prompts: list[str], responses: list[list[str]], rewards: list[list[float]]
+) -> dict[str, float]:
     """How well RM scores of sampled responses track the gold reward (1 correct / 0 wrong).
 
     * ``gold_auc``: AUC of the RM score for correct vs wrong responses, over all samples;
@@ -180,7 +191,9 @@ def gold_agreement_stats(prompts: list[str], responses: list[list[str]], rewards
         "gold_sample_accuracy": float(flat_gold.mean()) if len(flat_gold) else float("nan"),
         "gold_best_of_k_accuracy": float(np.mean(best)) if best else float("nan"),
         "gold_oracle_best_of_k": float(np.mean(oracle)) if oracle else float("nan"),
-        "gold_reward_correct_mean": float(flat_rm[flat_gold > 0.5].mean()) if (flat_gold > 0.5).any() else float("nan"),
+        "gold_reward_correct_mean": float(flat_rm[flat_gold > 0.5].mean())
+        if (flat_gold > 0.5).any()
+        else float("nan"),
         "gold_reward_wrong_mean": float(flat_rm[flat_gold < 0.5].mean()) if (flat_gold < 0.5).any() else float("nan"),
     }
 
@@ -195,8 +208,15 @@ def accuracy_by_task(test: Dataset, chosen: np.ndarray, rejected: np.ndarray) ->
     return {k: float(np.mean(v)) for k, v in sorted(groups.items())}
 
 
-def gold_agreement(scorer: scoring.RewardScorer, policy_path: str | Path, prompts: list[str], k: int,
-                   max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
+def gold_agreement(
+    scorer: scoring.RewardScorer,
+    policy_path: str | Path,
+    prompts: list[str],
+    k: int,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Sample ``k`` responses per prompt from the policy at ``policy_path``; compare RM scores with gold."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -209,14 +229,19 @@ def gold_agreement(scorer: scoring.RewardScorer, policy_path: str | Path, prompt
     torch.manual_seed(seed)
     sampling = generation.SamplingArguments(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature)
     responses = generation.generate_responses(policy, tokenizer, prompts, k, sampling, batch_size=64)
-    flat = scorer.score_pairs([p for p, rs in zip(prompts, responses) for _ in rs], [r for rs in responses for r in rs])
+    flat = scorer.score_pairs(
+        [p for p, rs in zip(prompts, responses) for _ in rs], [r for rs in responses for r in rs]
+    )
     rewards, pos = [], 0
     for rs in responses:
         rewards.append(flat[pos : pos + len(rs)])
         pos += len(rs)
     stats = gold_agreement_stats(prompts, responses, rewards)
-    examples = [{"prompt": p, "response": r, "rm": s, "gold": synthetic.gold_reward(p, r)}
-                for p, rs, ss in list(zip(prompts, responses, rewards))[:5] for r, s in zip(rs, ss)]
+    examples = [
+        {"prompt": p, "response": r, "rm": s, "gold": synthetic.gold_reward(p, r)}
+        for p, rs, ss in list(zip(prompts, responses, rewards))[:5]
+        for r, s in zip(rs, ss)
+    ]
     return {"metrics": stats | {"gold_prompts": len(prompts)}, "examples": examples}
 
 
@@ -224,17 +249,31 @@ def gold_agreement(scorer: scoring.RewardScorer, policy_path: str | Path, prompt
 # Everything, as the recipe and the CLI run it
 
 
-def evaluate(scorer: scoring.RewardScorer, test: Dataset, args: Any, policy_path: str | Path | None = None,
-             train_prompts: set[str] | None = None) -> dict[str, Any]:
+def evaluate(
+    scorer: scoring.RewardScorer,
+    test: Dataset,
+    args: Any,
+    policy_path: str | Path | None = None,
+    train_prompts: set[str] | None = None,
+) -> dict[str, Any]:
     """Held-out pair metrics, plus gold agreement when the data is the embedded set and a policy is given."""
     metrics, details = evaluate_pairs(scorer, test, args.length_buckets)
     result: dict[str, Any] = {"metrics": metrics, "held_out": details}
     prompts = hdata.distinct_prompts(test["prompt"], args.gold_prompts) if args.gold_prompts else []
     if synthetic.is_gold_checkable(list(test["prompt"])):
-        metrics.update(accuracy_by_task(test, np.array(details["rewards"]["chosen"]), np.array(details["rewards"]["rejected"])))
+        metrics.update(
+            accuracy_by_task(test, np.array(details["rewards"]["chosen"]), np.array(details["rewards"]["rejected"]))
+        )
     if policy_path is not None and synthetic.is_gold_checkable(prompts):
-        gold = gold_agreement(scorer, policy_path, prompts, args.gold_samples_per_prompt,
-                              args.gold_max_new_tokens, args.gold_temperature, args.seed)
+        gold = gold_agreement(
+            scorer,
+            policy_path,
+            prompts,
+            args.gold_samples_per_prompt,
+            args.gold_max_new_tokens,
+            args.gold_temperature,
+            args.seed,
+        )
         metrics.update(gold["metrics"])
         if train_prompts is not None:
             metrics["gold_prompts_seen_in_train"] = sum(p in train_prompts for p in prompts)
@@ -248,10 +287,22 @@ def write_results(result: dict[str, Any], path: str | Path) -> Path:
 
 def card_section(metrics: dict[str, Any], details: dict[str, Any], model: str) -> str:
     """The evaluation section of a reward model's card (between markers, so a re-evaluation replaces it)."""
-    buckets = reporting.markdown_table(details["length_buckets"], ("tokens", "pairs", "accuracy_exact"),
-                                       ("pair tokens", "pairs", "exact accuracy"))
-    return "\n".join([CARD_BEGIN, f"## Evaluation (`recipes/eval_rm.py`, {model})", "", reporting.metrics_table(metrics),
-                      "Accuracy by length bucket:", "", buckets, CARD_END, ""])
+    buckets = reporting.markdown_table(
+        details["length_buckets"], ("tokens", "pairs", "accuracy_exact"), ("pair tokens", "pairs", "exact accuracy")
+    )
+    return "\n".join(
+        [
+            CARD_BEGIN,
+            f"## Evaluation (`recipes/eval_rm.py`, {model})",
+            "",
+            reporting.metrics_table(metrics),
+            "Accuracy by length bucket:",
+            "",
+            buckets,
+            CARD_END,
+            "",
+        ]
+    )
 
 
 def update_card(folder: Path, section: str) -> Path:

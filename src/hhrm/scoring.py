@@ -11,8 +11,8 @@ and this scorer all go through it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
@@ -67,8 +67,9 @@ class RewardScorer:
         self.model.config.pad_token_id = tokenizer.pad_token_id
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
-                        **kwargs) -> "RewardScorer":
+    def from_pretrained(
+        cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None, **kwargs
+    ) -> RewardScorer:
         """Load a reward model folder. ``dtype``: the caller's precision (``runtime.torch_dtype(args.bf16)``);
         unset, the device decides by the same rule."""
         device = device or runtime.default_device()
@@ -103,8 +104,9 @@ class RewardScorer:
                 for row, i in enumerate(batch):  # right padding: the head reads the last non-pad token
                     input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
                     attention[row, : len(ids[i])] = 1
-                logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                    use_cache=False).logits
+                logits = self.model(
+                    input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
+                ).logits
                 for i, value in zip(batch, logits[:, 0].float().tolist()):
                     rewards[i] = value
         if was_training:
@@ -122,8 +124,11 @@ class RewardScorer:
         for i in order:  # ascending length: the last text added sets the padded width
             # A new batch also starts where a text is >10% (+16 tokens) longer than the batch's shortest: a
             # batch padded to its longest text cost 2.3x the time of batch_size=1 on CPU (make bench).
-            if batch and (len(batch) >= self.batch_size or len(ids[i]) * (len(batch) + 1) > self.max_tokens_per_batch
-                          or len(ids[i]) > 1.1 * len(ids[batch[0]]) + 16):
+            if batch and (
+                len(batch) >= self.batch_size
+                or len(ids[i]) * (len(batch) + 1) > self.max_tokens_per_batch
+                or len(ids[i]) > 1.1 * len(ids[batch[0]]) + 16
+            ):
                 yield batch
                 batch = []
             batch.append(i)

@@ -55,8 +55,9 @@ def gold_eval(model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict
     return synthetic.gold_summary(prompts, answers) | {"gold_eval_seconds": time.perf_counter() - start}
 
 
-def finish(trainer: trl.SFTTrainer, splits: hdata.PreferenceSplits, configs: dict[str, Any],
-           metrics: dict[str, Any]) -> dict[str, Any]:
+def finish(
+    trainer: trl.SFTTrainer, splits: hdata.PreferenceSplits, configs: dict[str, Any], metrics: dict[str, Any]
+) -> dict[str, Any]:
     """Evaluate the trained model (held-out loss, gold accuracy); write metrics, data report and model card.
 
     ``metrics``: what the recipe measured so far (train metrics, ``eval_loss_before``); returned completed.

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from hhrm import formatting
 
@@ -85,8 +85,13 @@ def _last_int(text: str) -> str | None:
     return found[-1] if found else None
 
 
-def _near_miss(rng: random.Random, value: int, low: int = 0, high: int | None = None,
-               steps: tuple[int, ...] = (-3, -2, -1, 1, 2, 3, 10, -10)) -> int:
+def _near_miss(
+    rng: random.Random,
+    value: int,
+    low: int = 0,
+    high: int | None = None,
+    steps: tuple[int, ...] = (-3, -2, -1, 1, 2, 3, 10, -10),
+) -> int:
     """A wrong value close to the right one, as a plausible mistake would be."""
     while True:
         wrong = value + rng.choice(steps)

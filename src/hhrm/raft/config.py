@@ -73,7 +73,9 @@ class RaftConfig(DevicePrecisionMixin, trl.SFTConfig):
     generation_backend: str = field(
         default="hf", metadata={"help": "hf (transformers generate) | vllm.", "choices": list(BACKENDS)}
     )
-    vllm_mode: str = field(default="colocate", metadata={"help": "vllm: colocate | server.", "choices": list(VLLM_MODES)})
+    vllm_mode: str = field(
+        default="colocate", metadata={"help": "vllm: colocate | server.", "choices": list(VLLM_MODES)}
+    )
     vllm_gpu_memory_utilization: float = field(default=0.4, metadata={"help": "vllm colocate: GPU memory share."})
     progress: bool = field(default=True, metadata={"help": "Progress bars for generation and scoring."})
     stop_after: str | None = field(
@@ -92,21 +94,34 @@ class RaftConfig(DevicePrecisionMixin, trl.SFTConfig):
             (self.generation_batch_size >= 1, f"generation_batch_size={self.generation_batch_size}: must be >= 1"),
             (self.reward_batch_size >= 1, f"reward_batch_size={self.reward_batch_size}: must be >= 1"),
             (self.heldout_prompts >= 0, f"heldout_prompts={self.heldout_prompts}: must be >= 0"),
-            (self.generation_backend in BACKENDS,
-             f"generation_backend={self.generation_backend!r}: expected one of {BACKENDS}"),
+            (
+                self.generation_backend in BACKENDS,
+                f"generation_backend={self.generation_backend!r}: expected one of {BACKENDS}",
+            ),
             (self.vllm_mode in VLLM_MODES, f"vllm_mode={self.vllm_mode!r}: expected one of {VLLM_MODES}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         # Built (and so validated) now, not after the first model load.
-        self.sampling = SamplingArguments(max_new_tokens=self.max_new_tokens, do_sample=True,
-                                          temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        self.sampling = SamplingArguments(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=True,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+        )
         self.greedy = SamplingArguments(max_new_tokens=self.max_new_tokens, do_sample=False)
-        self.junk_filter = JunkFilter(min_tokens=self.filter_min_tokens,
-                                      max_repeat_fraction=self.filter_max_repeat_fraction,
-                                      patterns=list(self.filter_patterns or []))
+        self.junk_filter = JunkFilter(
+            min_tokens=self.filter_min_tokens,
+            max_repeat_fraction=self.filter_max_repeat_fraction,
+            patterns=list(self.filter_patterns or []),
+        )
         self.stop_point = self.parse_stop_after()
+
+    def seed_for(self, iteration: int, stage: int, rank: int) -> int:
+        """Sampling seed: depends on (seed, iteration, stage, rank) only, never on what ran before."""
+        return (self.seed * 1_000_003 + iteration * 101 + stage) * 257 + rank
 
     def parse_stop_after(self) -> tuple[int, str] | None:
         if self.stop_after is None:

@@ -18,8 +18,18 @@ from hhrm.reporting import config_dict, read_json
 
 POLICY_DONE = "raft_done"
 # Settings that do not change what a finished stage wrote: a resume may change them.
-RESUMABLE_SETTINGS = {"progress", "stop_after", "logging_steps", "disable_tqdm", "output_dir", "offload_models",
-                      "generation_batch_size", "reward_batch_size", "logging_dir", "run_name"}
+RESUMABLE_SETTINGS = {
+    "progress",
+    "stop_after",
+    "logging_steps",
+    "disable_tqdm",
+    "output_dir",
+    "offload_models",
+    "generation_batch_size",
+    "reward_batch_size",
+    "logging_dir",
+    "run_name",
+}
 
 
 def iter_dir(run_dir: Path, iteration: int) -> Path:
@@ -84,8 +94,12 @@ def check_resume(run_dir: Path, fingerprint: dict[str, Any]) -> None:
     previous = read_json(run_dir / "run.json").get("fingerprint")
     if previous is None:
         return
-    changed = sorted(f"{part}.{k}" for part in fingerprint for k in (set(fingerprint[part]) | set(previous.get(part, {})))
-                     if isinstance(fingerprint[part], dict) and fingerprint[part].get(k) != previous.get(part, {}).get(k))
+    changed = sorted(
+        f"{part}.{k}"
+        for part in fingerprint
+        for k in (set(fingerprint[part]) | set(previous.get(part, {})))
+        if isinstance(fingerprint[part], dict) and fingerprint[part].get(k) != previous.get(part, {}).get(k)
+    )
     if previous.get("model") != fingerprint["model"]:
         changed.append("model_name_or_path")
     if changed:

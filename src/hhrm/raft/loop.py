@@ -36,6 +36,7 @@ from hhrm.raft.report import (
     ITERATION_HEADLINE,
     heldout_metrics,
     iteration_metrics,
+    iteration_rows,
     model_card,
     run_headline,
     write_run_reports,
@@ -45,12 +46,15 @@ from hhrm.reporting import read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
 
+
 class RaftRunner:
     """One RAFT run; :meth:`run` executes (or resumes) every stage and returns the headline metrics."""
 
     def __init__(self, args: RaftConfig, data_args: hdata.DataArguments, model_args: trl.ModelConfig):
         if not args.reward_model_name_or_path:
-            raise ValueError("reward_model_name_or_path is not set: give the reward model folder (recipes/rm.py output)")
+            raise ValueError(
+                "reward_model_name_or_path is not set: give the reward model folder (recipes/rm.py output)"
+            )
         self.args, self.data_args, self.model_args = args, data_args, model_args
         self.state = PartialState()
         self.rank, self.world = self.state.process_index, self.state.num_processes
@@ -62,6 +66,7 @@ class RaftRunner:
         self.heldout = hdata.heldout_prompts(self.splits, args.heldout_prompts)
         self.gold = synthetic.is_gold_checkable(self.heldout)
         self.models = ModelResidency(args, model_args, self.tokenizer, self.state)
+        self.title = f"RAFT on {model_args.model_name_or_path}"
 
     # ----- the algorithm -----------------------------------------------------------------
 
@@ -69,8 +74,15 @@ class RaftRunner:
         fingerprint = run_fingerprint(self.args, self.data_args, self.model_args)
         check_resume(self.out, fingerprint)
         if self.state.is_main_process:
-            reporting.write_json({"prompt_set": self.prompt_report, "offload_models": self.models.offload,
-                                  "world_size": self.world, "fingerprint": fingerprint}, self.out / "run.json")
+            reporting.write_json(
+                {
+                    "prompt_set": self.prompt_report,
+                    "offload_models": self.models.offload,
+                    "world_size": self.world,
+                    "fingerprint": fingerprint,
+                },
+                self.out / "run.json",
+            )
         self.state.wait_for_everyone()
         for it in range(self.args.num_iterations):
             d = iter_dir(self.out, it)
@@ -86,15 +98,18 @@ class RaftRunner:
             self.stage(it, "train", d / "policy", self.train)
             self.stage(it, "metrics", d / "metrics.json", self.metrics)
             if self.state.is_main_process:
-                logger.info("iteration %d: %s", it, reporting.headline(read_json(d / "metrics.json"),
-                                                                      ITERATION_HEADLINE))
+                logger.info(
+                    "iteration %d: %s", it, reporting.headline(read_json(d / "metrics.json"), ITERATION_HEADLINE)
+                )
         final = self.final_evaluation()
         self.release_models()
         return self.finish(final)
 
     def draw(self, it: int) -> dict[str, Any]:
         idx = draw_prompts(len(self.prompts), self.args.prompts_per_iteration, self.args.seed, it)
-        self.write_main([{"index": i, "prompt": self.prompts[i]} for i in idx], iter_dir(self.out, it) / "prompts.jsonl")
+        self.write_main(
+            [{"index": i, "prompt": self.prompts[i]} for i in idx], iter_dir(self.out, it) / "prompts.jsonl"
+        )
         return {"prompts": len(idx)}
 
     def generate(self, it: int) -> dict[str, Any]:
@@ -102,26 +117,46 @@ class RaftRunner:
         drawn = read_jsonl(d / "prompts.jsonl")
         mine = shard(drawn, self.rank, self.world)
         stats: dict[str, Any] = {}
-        responses = self.models.generate(self.policy_path(it), [r["prompt"] for r in mine], self.args.num_samples,
-                                         self.args.sampling, self.seed_for(it, 1), stats)
-        rows = [{"index": r["index"], "rank": self.rank, "prompt": r["prompt"], "responses": resp,
-                 "response_tokens": self.models.token_counts(resp)} for r, resp in zip(mine, responses)]
+        responses = self.models.generate(
+            self.policy_path(it),
+            [r["prompt"] for r in mine],
+            self.args.num_samples,
+            self.args.sampling,
+            self.args.seed_for(it, 1, self.rank),
+            stats,
+        )
+        rows = [
+            {
+                "index": r["index"],
+                "rank": self.rank,
+                "prompt": r["prompt"],
+                "responses": resp,
+                "response_tokens": self.models.token_counts(resp),
+            }
+            for r, resp in zip(mine, responses)
+        ]
         held = self.heldout_answers(it)
         rows = gather_rows(rows, "index", [r["index"] for r in drawn])
         totals = gather_object([stats.get("generated_tokens", 0)])
         if self.state.is_main_process:
             reporting.write_jsonl(held, d / "heldout_samples.jsonl")
         self.write_main(rows, d / "samples.jsonl")
-        return {"generated_tokens": int(sum(totals)), "generate_seconds": stats.get("seconds"),
-                "heldout_prompts": len(held)}
+        return {
+            "generated_tokens": int(sum(totals)),
+            "generate_seconds": stats.get("seconds"),
+            "heldout_prompts": len(held),
+        }
 
     def score(self, it: int) -> dict[str, Any]:
         d = iter_dir(self.out, it)
         samples = read_jsonl(d / "samples.jsonl")
         k = self.args.num_samples
         mine = shard(samples, self.rank, self.world)
-        rewards = self.models.score([r["prompt"] for r in mine for _ in range(k)],
-                                    [x for r in mine for x in r["responses"]], f"score ({len(samples) * k} samples)")
+        rewards = self.models.score(
+            [r["prompt"] for r in mine for _ in range(k)],
+            [x for r in mine for x in r["responses"]],
+            f"score ({len(samples) * k} samples)",
+        )
         rows = [r | {"rewards": rewards[n * k : (n + 1) * k]} for n, r in enumerate(mine)]
         held = self.score_heldout(read_jsonl(d / "heldout_samples.jsonl"))
         rows = gather_rows(rows, "index", [r["index"] for r in samples])
@@ -133,19 +168,33 @@ class RaftRunner:
     def select(self, it: int) -> dict[str, Any]:
         d = iter_dir(self.out, it)
         scored = read_jsonl(d / "scored.jsonl")
-        reasons = [[self.args.junk_filter.reason(resp, n) for resp, n in zip(r["responses"], r["response_tokens"])]
-                   for r in scored]
+        reasons = [
+            [self.args.junk_filter.reason(resp, n) for resp, n in zip(r["responses"], r["response_tokens"])]
+            for r in scored
+        ]
         rewards = [r["rewards"] for r in scored]
         picks = select(rewards, reasons, self.args.selection, self.args.top_fraction)
-        kept = [{"index": scored[i]["index"], "sample": j, "prompt": scored[i]["prompt"],
-                 "completion": scored[i]["responses"][j], "reward": rewards[i][j]} for i, j in picks]
+        kept = [
+            {
+                "index": scored[i]["index"],
+                "sample": j,
+                "prompt": scored[i]["prompt"],
+                "completion": scored[i]["responses"][j],
+                "reward": rewards[i][j],
+            }
+            for i, j in picks
+        ]
         if not kept:
             raise RuntimeError(
                 f"iteration {it}: every sample was filtered out ({filter_counts(reasons)}); "
                 "loosen filter_min_tokens / filter_max_repeat_fraction / filter_patterns"
             )
-        filtered = [{"index": scored[i]["index"], "sample": j, "reason": why}
-                    for i, row in enumerate(reasons) for j, why in enumerate(row) if why is not None]
+        filtered = [
+            {"index": scored[i]["index"], "sample": j, "reason": why}
+            for i, row in enumerate(reasons)
+            for j, why in enumerate(row)
+            if why is not None
+        ]
         if self.state.is_main_process:
             reporting.write_jsonl(filtered, d / "filtered.jsonl")
         self.write_main(kept, d / "kept.jsonl")
@@ -154,16 +203,22 @@ class RaftRunner:
     def train(self, it: int) -> dict[str, Any]:
         d = iter_dir(self.out, it)
         kept = read_jsonl(d / "kept.jsonl")
-        train_ds = Dataset.from_dict({"prompt": [r["prompt"] for r in kept],
-                                      "completion": [r["completion"] for r in kept]})
+        train_ds = Dataset.from_dict(
+            {"prompt": [r["prompt"] for r in kept], "completion": [r["completion"] for r in kept]}
+        )
         policy = self.models.policy_for_training(self.policy_path(it))
         tmp = d / "policy.tmp"
         if tmp.exists() and self.state.is_main_process:
             shutil.rmtree(tmp)  # a half-written policy from an interrupted run
         self.state.wait_for_everyone()
         targs = replace(self.args, output_dir=str(tmp), seed=self.args.seed + it, stop_after=None)
-        trainer = trl.SFTTrainer(model=policy.model, args=targs, train_dataset=train_ds,
-                                 processing_class=self.tokenizer, peft_config=get_peft_config(self.model_args))
+        trainer = trl.SFTTrainer(
+            model=policy.model,
+            args=targs,
+            train_dataset=train_ds,
+            processing_class=self.tokenizer,
+            peft_config=get_peft_config(self.model_args),
+        )
         result = trainer.train()
         modeling.save_merged(trainer, tmp, self.tokenizer)
         if self.state.is_main_process:
@@ -176,7 +231,7 @@ class RaftRunner:
         if self.state.is_main_process:
             row = iteration_metrics(iter_dir(self.out, it), it, self.policy_path(it), self.gold)
             reporting.write_json(row, iter_dir(self.out, it) / "metrics.json")
-            write_run_reports(self.out, self.iteration_rows(), None, self.title)
+            write_run_reports(self.out, iteration_rows(self.out, self.args.num_iterations), None, self.title)
         self.state.wait_for_everyone()
         return {}
 
@@ -192,22 +247,24 @@ class RaftRunner:
             if self.state.is_main_process:
                 reporting.write_json({"seconds": time.perf_counter() - start}, fdir / "final.stats.json")
             self.write_main(held, fdir / "heldout_scored.jsonl")
-        final = {"policy": self.policy_path(n)} | heldout_metrics(
-            read_jsonl(fdir / "heldout_scored.jsonl"), self.gold)
+        final = {"policy": self.policy_path(n)} | heldout_metrics(read_jsonl(fdir / "heldout_scored.jsonl"), self.gold)
         final["seconds_final_eval"] = read_json(fdir / "final.stats.json").get("seconds")
         return final
 
     def finish(self, final: dict[str, Any]) -> dict[str, Any]:
         """The output folder: the final policy's files, the run's metrics, table, curve and model card."""
-        rows = self.iteration_rows()
+        rows = iteration_rows(self.out, self.args.num_iterations)
         headline = run_headline(rows, final, self.args, self.prompt_report["prompt_set"], self.gold)
         if self.state.is_main_process:
             write_run_reports(self.out, rows, final, self.title)
             link_policy(Path(self.policy_path(self.args.num_iterations)), self.out)
-            card = model_card(rows, final, headline,
-                                     {"data": self.data_args, "raft": self.args, "model": self.model_args},
-                                     {"source": self.splits.source, "prompt_set": self.prompt_report,
-                                      "heldout_prompts": len(self.heldout)})
+            card = model_card(
+                rows,
+                final,
+                headline,
+                {"data": self.data_args, "raft": self.args, "model": self.model_args},
+                {"source": self.splits.source, "prompt_set": self.prompt_report, "heldout_prompts": len(self.heldout)},
+            )
             reporting.write_json(headline, self.out / "metrics.json")
             card.write(self.out)
         self.state.wait_for_everyone()
@@ -221,38 +278,31 @@ class RaftRunner:
         mine = shard(positions, self.rank, self.world)
         prompts = [self.heldout[i] for i in mine]
         path = self.policy_path(it)
-        sampled = self.models.generate(path, prompts, 1, self.args.sampling, self.seed_for(it, 2), {})
-        greedy = self.models.generate(path, prompts, 1, self.args.greedy, self.seed_for(it, 3), {})
-        rows = [{"position": i, "prompt": p, "sampled": s[0], "greedy": g[0]}
-                for i, p, s, g in zip(mine, prompts, sampled, greedy)]
+        sampled = self.models.generate(path, prompts, 1, self.args.sampling, self.args.seed_for(it, 2, self.rank), {})
+        greedy = self.models.generate(path, prompts, 1, self.args.greedy, self.args.seed_for(it, 3, self.rank), {})
+        rows = [
+            {"position": i, "prompt": p, "sampled": s[0], "greedy": g[0]}
+            for i, p, s, g in zip(mine, prompts, sampled, greedy)
+        ]
         return gather_rows(rows, "position", positions)
 
     def score_heldout(self, held: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mine = shard(held, self.rank, self.world)
-        r = self.models.score([x["prompt"] for x in mine] * 2,
-                              [x["sampled"] for x in mine] + [x["greedy"] for x in mine], "score held-out")
+        r = self.models.score(
+            [x["prompt"] for x in mine] * 2,
+            [x["sampled"] for x in mine] + [x["greedy"] for x in mine],
+            "score held-out",
+        )
         rows = [x | {"sampled_reward": r[j], "greedy_reward": r[len(mine) + j]} for j, x in enumerate(mine)]
         return gather_rows(rows, "position", [x["position"] for x in held])
 
     # ----- stage plumbing ----------------------------------------------------------------
-
-    @property
-    def title(self) -> str:
-        return f"RAFT on {self.model_args.model_name_or_path}"
 
     def policy_path(self, iteration: int) -> str:
         """Policy ``i`` (the one iteration ``i`` samples from): the start model, then each fine-tune's output."""
         if iteration == 0:
             return self.model_args.model_name_or_path
         return str(iter_dir(self.out, iteration - 1) / "policy")
-
-    def iteration_rows(self) -> list[dict[str, Any]]:
-        rows = [read_json(iter_dir(self.out, i) / "metrics.json") for i in range(self.args.num_iterations)]
-        return [r for r in rows if r]
-
-    def seed_for(self, iteration: int, stage: int) -> int:
-        """Sampling seed: depends on (seed, iteration, stage, rank) only, never on what ran before."""
-        return (self.args.seed * 1_000_003 + iteration * 101 + stage) * 257 + self.rank
 
     def done(self, marker: Path) -> bool:
         """Whether a stage output exists, as rank 0 sees it, on every rank.

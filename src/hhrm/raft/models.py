@@ -100,23 +100,35 @@ class ModelResidency:
         # and unwrap_model_for_generation.
         wrapped = trainer.model_wrapped
         sharded = wrapped is not trainer.model
-        self._policy = Policy(path=path, model=wrapped if sharded else trainer.accelerator.unwrap_model(trainer.model),
-                              accelerator=trainer.accelerator if sharded else None,
-                              trainer=trainer if sharded else None)
+        self._policy = Policy(
+            path=path,
+            model=wrapped if sharded else trainer.accelerator.unwrap_model(trainer.model),
+            accelerator=trainer.accelerator if sharded else None,
+            trainer=trainer if sharded else None,
+        )
 
     def scorer(self) -> RewardScorer:
         if self._scorer is None:
             self.release(policy=self.offload, scorer=False)
             self._scorer = RewardScorer.from_pretrained(
-                self.args.reward_model_name_or_path, device=str(self.state.device),
-                dtype=runtime.torch_dtype(self.args.bf16), batch_size=self.args.reward_batch_size,
+                self.args.reward_model_name_or_path,
+                device=str(self.state.device),
+                dtype=runtime.torch_dtype(self.args.bf16),
+                batch_size=self.args.reward_batch_size,
             )
         return self._scorer
 
     # ----- using them --------------------------------------------------------------------
 
-    def generate(self, path: str, prompts: list[str], k: int, sampling: generation.SamplingArguments, seed: int,
-                 stats: dict[str, Any]) -> list[list[str]]:
+    def generate(
+        self,
+        path: str,
+        prompts: list[str],
+        k: int,
+        sampling: generation.SamplingArguments,
+        seed: int,
+        stats: dict[str, Any],
+    ) -> list[list[str]]:
         """``k`` responses per prompt from the policy at ``path`` (all ranks call this: ZeRO-3 gathers)."""
         policy = self.policy(path)
         progress = self.args.progress and self.state.is_main_process
@@ -125,16 +137,29 @@ class ModelResidency:
                 from accelerate import Accelerator
 
                 self._vllm = generation.VLLMBackend(
-                    policy.model, self.tokenizer, Accelerator(), self.args.sampling, mode=self.args.vllm_mode,
+                    policy.model,
+                    self.tokenizer,
+                    Accelerator(),
+                    self.args.sampling,
+                    mode=self.args.vllm_mode,
                     gpu_memory_utilization=self.args.vllm_gpu_memory_utilization,
                 )
             self._vllm.engine.model = policy.model
             self._vllm.sync_weights()
-            return generation.generate_responses(self._vllm, self.tokenizer, prompts, k, sampling, stats=stats,
-                                                 progress=progress)
+            return generation.generate_responses(
+                self._vllm, self.tokenizer, prompts, k, sampling, stats=stats, progress=progress
+            )
         return generation.generate_responses(
-            policy.model, self.tokenizer, prompts, k, sampling, self.args.generation_batch_size, progress=progress,
-            accelerator=policy.accelerator, seed=seed, stats=stats,
+            policy.model,
+            self.tokenizer,
+            prompts,
+            k,
+            sampling,
+            self.args.generation_batch_size,
+            progress=progress,
+            accelerator=policy.accelerator,
+            seed=seed,
+            stats=stats,
         )
 
     def score(self, prompts: list[str], responses: list[str], desc: str) -> list[float]:

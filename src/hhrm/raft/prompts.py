@@ -12,8 +12,12 @@ def prompt_set(splits: PreferenceSplits, tokenizer, max_prompt_tokens: int) -> t
     distinct = list(dict.fromkeys(splits.train["prompt"]))
     lengths = [len(x) for x in tokenizer(distinct, add_special_tokens=False)["input_ids"]]
     kept = [p for p, n in zip(distinct, lengths) if n <= max_prompt_tokens]
-    report = {"prompt_rows": len(splits.train), "distinct": len(distinct), "too_long": len(distinct) - len(kept),
-              "prompt_set": len(kept)}
+    report = {
+        "prompt_rows": len(splits.train),
+        "distinct": len(distinct),
+        "too_long": len(distinct) - len(kept),
+        "prompt_set": len(kept),
+    }
     if not kept:
         raise ValueError(f"max_prompt_tokens={max_prompt_tokens}: no prompt of the training data is that short")
     return kept, report

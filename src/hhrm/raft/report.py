@@ -13,20 +13,52 @@ from typing import Any
 
 from hhrm import reporting, synthetic
 from hhrm.raft.config import STAGES
+from hhrm.raft.files import iter_dir
 from hhrm.raft.select import distinct_n
 
 # Headline of the whole run (metrics.json of the output folder): first vs last iteration.
-HEADLINE = ("reward_first_sample_first", "reward_first_sample_last", "reward_best_of_k_first", "reward_best_of_k_last",
-            "heldout_reward_first", "heldout_reward_last", "gold_accuracy_sampled_first", "gold_accuracy_sampled_last",
-            "gold_accuracy_first", "gold_accuracy_last", "gold_accuracy_first_sample_first",
-            "gold_accuracy_first_sample_last")
+HEADLINE = (
+    "reward_first_sample_first",
+    "reward_first_sample_last",
+    "reward_best_of_k_first",
+    "reward_best_of_k_last",
+    "heldout_reward_first",
+    "heldout_reward_last",
+    "gold_accuracy_sampled_first",
+    "gold_accuracy_sampled_last",
+    "gold_accuracy_first",
+    "gold_accuracy_last",
+    "gold_accuracy_first_sample_first",
+    "gold_accuracy_first_sample_last",
+)
 # One iteration, as logged after it.
-ITERATION_HEADLINE = ("reward_first_sample", "reward_best_of_k", "heldout_reward", "gold_accuracy",
-                      "gold_accuracy_sampled", "kept", "seconds_generate", "seconds_train")
-TABLE_COLUMNS = ("iteration", "reward_first_sample", "reward_best_of_k", "reward_kept", "heldout_reward",
-                 "gold_accuracy", "gold_accuracy_sampled", "gold_accuracy_first_sample", "response_tokens_mean",
-                 "distinct_2", "kept", "generated_tokens_per_second", "seconds_generate", "seconds_score",
-                 "seconds_train")
+ITERATION_HEADLINE = (
+    "reward_first_sample",
+    "reward_best_of_k",
+    "heldout_reward",
+    "gold_accuracy",
+    "gold_accuracy_sampled",
+    "kept",
+    "seconds_generate",
+    "seconds_train",
+)
+TABLE_COLUMNS = (
+    "iteration",
+    "reward_first_sample",
+    "reward_best_of_k",
+    "reward_kept",
+    "heldout_reward",
+    "gold_accuracy",
+    "gold_accuracy_sampled",
+    "gold_accuracy_first_sample",
+    "response_tokens_mean",
+    "distinct_2",
+    "kept",
+    "generated_tokens_per_second",
+    "seconds_generate",
+    "seconds_score",
+    "seconds_train",
+)
 TIMED_STAGES = STAGES[:-1]  # the metrics stage reports the others' times
 
 
@@ -84,6 +116,12 @@ def iteration_metrics(folder: Path, iteration: int, policy: str, gold: bool) -> 
     return m
 
 
+def iteration_rows(run_dir: Path, num_iterations: int) -> list[dict[str, Any]]:
+    """The ``metrics.json`` of every finished iteration, in order."""
+    rows = [reporting.read_json(iter_dir(run_dir, i) / "metrics.json") for i in range(num_iterations)]
+    return [r for r in rows if r]
+
+
 def run_headline(rows: list[dict[str, Any]], final: dict[str, Any], args: Any, prompt_set: int, gold: bool) -> dict:
     """The run's ``metrics.json``: first vs last iteration, stage time totals."""
     first, last = rows[0], rows[-1]
@@ -103,11 +141,14 @@ def run_headline(rows: list[dict[str, Any]], final: dict[str, Any], args: Any, p
         # Greedy answers and one sample per held-out prompt (at the RAFT temperature: the policy RAFT
         # optimises), then the first sample on each iteration's drawn prompts (the gold twin of
         # reward_first_sample).
-        out |= {"gold_accuracy_first": first.get("gold_accuracy"), "gold_accuracy_last": final.get("gold_accuracy"),
-                "gold_accuracy_sampled_first": first.get("gold_accuracy_sampled"),
-                "gold_accuracy_sampled_last": final.get("gold_accuracy_sampled"),
-                "gold_accuracy_first_sample_first": first.get("gold_accuracy_first_sample"),
-                "gold_accuracy_first_sample_last": last.get("gold_accuracy_first_sample")}
+        out |= {
+            "gold_accuracy_first": first.get("gold_accuracy"),
+            "gold_accuracy_last": final.get("gold_accuracy"),
+            "gold_accuracy_sampled_first": first.get("gold_accuracy_sampled"),
+            "gold_accuracy_sampled_last": final.get("gold_accuracy_sampled"),
+            "gold_accuracy_first_sample_first": first.get("gold_accuracy_first_sample"),
+            "gold_accuracy_first_sample_last": last.get("gold_accuracy_first_sample"),
+        }
     for s in TIMED_STAGES:
         out[f"seconds_{s}_total"] = sum((r.get(f"seconds_{s}") or 0.0) for r in rows)
     out["seconds_final_eval"] = final.get("seconds_final_eval")
@@ -128,8 +169,13 @@ def write_run_reports(out: Path, rows: list[dict[str, Any]], final: dict[str, An
     plot_reward_curve(rows, final, out / "reward_curve.png", title=title)
 
 
-def model_card(rows: list[dict[str, Any]], final: dict[str, Any], headline: dict[str, Any], configs: dict[str, Any],
-               data: dict[str, Any]) -> reporting.ModelCard:
+def model_card(
+    rows: list[dict[str, Any]],
+    final: dict[str, Any],
+    headline: dict[str, Any],
+    configs: dict[str, Any],
+    data: dict[str, Any],
+) -> reporting.ModelCard:
     args = configs["raft"]
     return reporting.ModelCard(
         title=f"RAFT policy from {configs['model'].model_name_or_path} (hhrm)",
@@ -139,7 +185,9 @@ def model_card(rows: list[dict[str, Any]], final: dict[str, Any], headline: dict
             f"`{args.reward_model_name_or_path}`, fine-tuned with TRL `SFTTrainer` (completion-only loss).\n\n"
             "![reward curve](reward_curve.png)\n\n" + iterations_table(rows, final)
         ),
-        metrics=headline, configs=configs, data=data,
+        metrics=headline,
+        configs=configs,
+        data=data,
     )
 
 
