@@ -45,7 +45,7 @@ def main(
     if not (reward_model / "config.json").is_file():
         raise FileNotFoundError(f"reward_model={str(reward_model)!r}: no model folder there (train it with `make rm`)")
     scorer = scoring.RewardScorer.from_pretrained(
-        reward_model, dtype=runtime.torch_dtype(args.bf16), batch_size=args.scorer_batch_size
+        reward_model, dtype=runtime.torch_dtype(args.bf16), batch_size=args.scorer_batch_size, setting="reward_model"
     )
     pairs = rm.prepare_pairs(data.load_splits(data_args), scorer.tokenizer, args.max_length, args.dedup_test)
 

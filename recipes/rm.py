@@ -6,16 +6,17 @@ make rm [CONFIG=...] [ARGS="--field value ..."]
 
 from trl import ModelConfig, RewardTrainer, TrlParser
 
-from hhrm import data, modeling, reporting, rm, rm_eval, scoring
+from hhrm import data, modeling, outputs, reporting, rm, rm_eval, scoring
 from hhrm.runtime import setup_logging
 
 
 def main(data_args: data.DataArguments, args: rm.RewardConfig, model_args: ModelConfig) -> dict:
     ################
-    # Tokenizer and pairs: tokenized once (text + EOS), pairs over max_length dropped and counted
+    # Output folder, tokenizer and pairs: tokenized once (text + EOS), pairs over max_length dropped and counted
     ################
+    outputs.check_output_dir(args.output_dir, "rm", args.overwrite_output_dir)
     rm.check_model_path(model_args)
-    tokenizer = modeling.load_tokenizer(model_args)
+    tokenizer = modeling.load_tokenizer(model_args, args=args)
     pairs = rm.prepare_pairs(data.load_splits(data_args), tokenizer, args.max_length, args.dedup_test)
 
     ################
@@ -43,8 +44,10 @@ def main(data_args: data.DataArguments, args: rm.RewardConfig, model_args: Model
     ################
     # Export a plain folder, evaluate it, write metrics, eval_rm.json, data report and model card
     ################
+    if trainer.accelerator.is_main_process:
+        outputs.clear_results(args.output_dir)  # no old card or metrics beside the new weights, even after a crash
     rm.export(trainer, args.output_dir, tokenizer, model_args)
-    metrics = reporting.train_metrics(result.metrics) | metrics
+    metrics = reporting.train_metrics(result.metrics, args.resume_from_checkpoint) | metrics
     metrics = rm.finish(trainer, pairs, {"data": data_args, "training": args, "model": model_args}, metrics)
     trainer.accelerator.print(f"reward model saved to {args.output_dir}: " + reporting.headline(metrics, rm.HEADLINE))
     trainer.end()

@@ -7,15 +7,16 @@ make sft [CONFIG=...] [ARGS="--field value ..."]
 from transformers import AutoModelForCausalLM
 from trl import ModelConfig, SFTTrainer, TrlParser, get_peft_config
 
-from hhrm import data, modeling, reporting, sft
+from hhrm import data, modeling, outputs, reporting, sft
 from hhrm.runtime import setup_logging
 
 
 def main(data_args: data.DataArguments, args: sft.SFTConfig, model_args: ModelConfig) -> dict:
     ################
-    # Model and tokenizer
+    # Output folder (a finished model is only replaced when asked), model and tokenizer
     ################
-    tokenizer = modeling.load_tokenizer(model_args)
+    outputs.check_output_dir(args.output_dir, "sft", args.overwrite_output_dir)
+    tokenizer = modeling.load_tokenizer(model_args, args=args)  # args: --trust_remote_code reaches it too
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path, **modeling.model_init_kwargs(model_args, args)
     )
@@ -26,6 +27,7 @@ def main(data_args: data.DataArguments, args: sft.SFTConfig, model_args: ModelCo
     ################
     splits = data.load_splits(data_args)
     train_ds, eval_ds = sft.sft_datasets(splits, args.eval_rows)
+    train_ds, long_docs = sft.long_documents(train_ds, tokenizer, args.max_length, args.max_document_tokens)
 
     ################
     # Training
@@ -44,8 +46,10 @@ def main(data_args: data.DataArguments, args: sft.SFTConfig, model_args: ModelCo
     ################
     # Save (LoRA merged), evaluate, write metrics, data report and model card
     ################
+    if trainer.accelerator.is_main_process:
+        outputs.clear_results(args.output_dir)  # no old card or metrics beside the new weights, even after a crash
     modeling.save_merged(trainer, args.output_dir, tokenizer)
-    metrics = reporting.train_metrics(result.metrics)
+    metrics = reporting.train_metrics(result.metrics, args.resume_from_checkpoint) | long_docs
     if "eval_loss" in before:
         metrics["eval_loss_before"] = before["eval_loss"]
     metrics = sft.finish(trainer, splits, {"data": data_args, "training": args, "model": model_args}, metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,19 @@ def load_recipe(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_process(cmd: list[str], usual_seconds: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` with a timeout that guards against hangs, not a speed check.
+
+    The limit is generous (10x the usual time, at least 30 minutes); when it is hit, the failure says
+    how long the step usually takes, so a very busy machine is told apart from a hang.
+    """
+    limit = max(10 * usual_seconds, 1800)
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=limit, **kwargs)
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            f"{' '.join(map(str, cmd[:4]))} ... did not finish in {limit:.0f} s; it usually takes about "
+            f"{usual_seconds:.0f} s on 2 idle cores: a hang, or a machine far busier than that"
+        )

@@ -1,6 +1,7 @@
 import gzip
 import json
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -121,3 +122,91 @@ def test_data_report_has_percentiles_and_drops(dahoas_dir, tiny):
     assert report["train"]["chosen_tokens"]["p50"] > 0
     assert report["bad_rows"]["train"]["dropped"] == 0
     assert report["train_test_overlap"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Splits that are empty or mostly bad are refused; row limits are checked
+
+
+def _raw_pair(i: int) -> dict:
+    return {"chosen": f"\n\nHuman: q{i}?\n\nAssistant: yes {i}", "rejected": f"\n\nHuman: q{i}?\n\nAssistant: no {i}"}
+
+
+BAD_ROW = {"chosen": "\n\nHuman: hi"}  # missing_field
+
+
+def test_row_limits_must_be_at_least_one():
+    for name, value in (("max_train_rows", 0), ("max_train_rows", -5), ("max_test_rows", 0), ("max_test_rows", -1)):
+        with pytest.raises(ValueError, match=rf"{name}={value}: must be >= 1"):
+            data.DataArguments(**{name: value})
+    for value in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="max_bad_row_fraction"):
+            data.DataArguments(max_bad_row_fraction=value)
+    assert data.DataArguments(max_train_rows=1, max_test_rows=1).max_bad_row_fraction == 0.1
+
+
+def test_empty_train_file_is_refused_even_with_moved_test_rows(dahoas_dir):
+    (dahoas_dir / "train.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"dataset_name=.*'train' split \(.*train\.jsonl\) has no rows"):
+        data.load_splits(data.DataArguments(dataset_name=str(dahoas_dir), test_offset=10))
+
+
+def test_train_split_without_a_usable_pair_is_refused(tmp_path):
+    _write_jsonl(tmp_path / "train.jsonl", [BAD_ROW] * 4)
+    _write_jsonl(tmp_path / "test.jsonl", [BAD_ROW] * 3 + [_raw_pair(i) for i in range(3)])
+    args = data.DataArguments(dataset_name=str(tmp_path), test_offset=2, max_bad_row_fraction=1.0)
+    with pytest.raises(ValueError, match=r"no usable training pair .*missing_field=6 \(e\.g\. train\[0\]"):
+        data.load_splits(args)
+
+
+def test_split_with_too_many_bad_rows_is_refused(tmp_path):
+    _write_jsonl(tmp_path / "train.jsonl", [_raw_pair(i) if i not in (3, 7) else BAD_ROW for i in range(10)])
+    _write_jsonl(tmp_path / "test.jsonl", [_raw_pair(100 + i) for i in range(6)])
+    with pytest.raises(ValueError) as err:
+        data.load_splits(data.DataArguments(dataset_name=str(tmp_path), test_offset=0))
+    message = str(err.value)
+    for part in (
+        "RM-train split",
+        "20.0%",
+        "2 of 10",
+        "missing_field=2 (e.g. train[3], train[7])",
+        "max_bad_row_fraction=0.1",
+    ):
+        assert part in message, (part, message)
+    splits = data.load_splits(data.DataArguments(dataset_name=str(tmp_path), test_offset=0, max_bad_row_fraction=0.2))
+    assert len(splits.train) == 8 and splits.drops["train"].dropped == 2
+
+
+def test_test_split_all_bad_is_refused_but_empty_by_offset_is_not(tmp_path):
+    _write_jsonl(tmp_path / "train.jsonl", [_raw_pair(i) for i in range(10)])
+    _write_jsonl(tmp_path / "test.jsonl", [_raw_pair(100), _raw_pair(101), BAD_ROW, BAD_ROW])
+    with pytest.raises(ValueError, match=r"100\.0% of the RM-test split.*test\[2\], test\[3\].*max_bad_row_fraction"):
+        data.load_splits(data.DataArguments(dataset_name=str(tmp_path), test_offset=2))
+    # test_offset takes every test row: the RM test is empty, which the evaluation handles later.
+    _write_jsonl(tmp_path / "test.jsonl", [_raw_pair(100), _raw_pair(101)])
+    splits = data.load_splits(data.DataArguments(dataset_name=str(tmp_path), test_offset=2))
+    assert len(splits.train) == 12 and len(splits.test) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked normalisation and token counts give the same values as one pass
+
+
+def test_chunked_normalisation_and_lengths_match_one_pass(tmp_path, tiny, monkeypatch):
+    from hhrm import scoring
+
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    rows = [_raw_pair(i) for i in range(23)] + [BAD_ROW, _raw_pair(3)]
+    whole, whole_report = data.normalize_rows(rows, "raw", "train")
+    monkeypatch.setattr(data, "CHUNK_ROWS", 4)
+    monkeypatch.setattr(data, "LENGTH_CHUNK", 5)
+    ds, report = data.normalize_rows(rows, "raw", "train")
+    assert ds.to_dict() == whole.to_dict() and len(ds) == 24 and report.to_dict() == whole_report.to_dict()
+    lc, lr = data.pair_lengths(ds, tok)
+    assert lc.dtype == np.int32 and lr.dtype == np.int32
+    assert list(lc) == [len(scoring.encode(tok, [p + c])[0]) for p, c in zip(ds["prompt"], ds["chosen"])]
+    assert list(lr) == [len(scoring.encode(tok, [p + r])[0]) for p, r in zip(ds["prompt"], ds["rejected"])]
+    # The first three test pairs occur in train (one of them twice), found across chunk boundaries.
+    test = ds.select([23, 5, 3]).add_item({"prompt": "###Human: x ###Assistant:", "chosen": " a", "rejected": " b"})
+    assert data.overlapping_pairs(ds, test) == [0, 1, 2]
+    assert data.overlapping_pairs(ds, ds.select([])) == [] and data.overlapping_pairs(ds.select([]), test) == []

@@ -1,11 +1,12 @@
 """`make demo` end to end: the real recipes on the embedded default (~7 minutes on 2 cores)."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,13 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_demo_runs_sft_rm_raft_and_reports(tmp_path):
     out = tmp_path / "tiny"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+    proc = run_process([sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(out)], 480, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "demo_summary.json").read_text())
     stages = summary["stages"]

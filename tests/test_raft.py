@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from hhrm import data as hdata
 from hhrm.raft import RaftConfig, StopRequested
 from hhrm.reporting import read_jsonl
 
-from conftest import load_recipe
+from conftest import load_recipe, run_process
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,7 +217,7 @@ def test_two_processes_cover_every_prompt_once(models, tmp_path):
         "recipes/raft.py",
         *argv,
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_process(cmd, 90, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     d = out / "iter_000"
     drawn = [r["index"] for r in read_jsonl(d / "prompts.jsonl")]

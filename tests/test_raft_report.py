@@ -134,3 +134,29 @@ def test_a_policy_folder_is_done_only_once_published(tmp_path):
     out.mkdir()
     files.link_policy(final, out)
     assert (out / "model.safetensors").read_bytes() == b"weights" and not (out / files.POLICY_DONE).exists()
+
+
+def test_fingerprint_changes_when_an_input_model_is_retrained(tmp_path):
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "model.safetensors").write_bytes(b"v1")
+    args = SimpleNamespace(reward_model_name_or_path=str(rm), num_samples=4, generation_batch_size=8)
+    model_args = SimpleNamespace(model_name_or_path="org/policy")  # a hub id stands for itself
+    before = files.run_fingerprint(args, {"test_offset": 1}, model_args, world_size=1)
+    write_json({"fingerprint": before}, tmp_path / "run.json")
+    (rm / "model.safetensors").write_bytes(b"v2, retrained")
+    after = files.run_fingerprint(args, {"test_offset": 1}, model_args, world_size=1)
+    with pytest.raises(ValueError, match=r"inputs.reward_model"):
+        files.check_resume(tmp_path, after)
+    with pytest.raises(ValueError, match=r"inputs.world_size"):
+        files.check_resume(
+            tmp_path,
+            files.run_fingerprint(args, {"test_offset": 1}, model_args, world_size=2)
+            | {"inputs": before["inputs"] | {"world_size": 2}},
+        )
+    args.generation_batch_size = 16  # how prompts are batched changes the samples: not resumable
+    with pytest.raises(ValueError, match=r"raft.generation_batch_size"):
+        files.check_resume(
+            tmp_path,
+            files.run_fingerprint(args, {"test_offset": 1}, model_args, world_size=1) | {"inputs": before["inputs"]},
+        )

@@ -127,6 +127,21 @@ def test_prepare_pairs_counts_drops_and_removes_overlap(tok):
     assert data.overlapping_pairs(pairs.train, pairs.test) == []
 
 
+def test_a_test_split_equal_to_train_is_refused_before_training(tok):
+    """One file given as both splits: every test pair is also a train pair, nothing would be left to evaluate."""
+    extra = long_fixture(tok)
+    same = Dataset.from_dict({k: list(extra[k][:2]) for k in extra.column_names})
+    splits = data.PreferenceSplits(train=same, test=same, drops={}, source={})
+    with pytest.raises(ValueError, match="no RM-test pair to evaluate: all 2 also occur in RM-train"):
+        rm.prepare_pairs(splits, tok, 512)
+
+
+def test_zero_epochs_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="num_train_epochs=0"):
+        config(tmp_path, num_train_epochs=0)
+    assert config(tmp_path, num_train_epochs=0, max_steps=3).max_steps == 3
+
+
 # --------------------------------------------------------------------------------------------
 # One text, one reward: RewardTrainer, hhrm's scorer, the evaluation and the card's pipeline snippet
 

@@ -14,11 +14,13 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hhrm import data, rm, rm_card, scoring
 
+from conftest import run_process
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_process([sys.executable, *args], 150, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hhrm import scoring
+from hhrm import modeling, scoring
 
 TEXTS = [
     "###Human: What is 2 plus 3? ###Assistant: 2 plus 3 is 5.",
@@ -85,3 +85,94 @@ def test_scorer_rejects_multi_label_models(tiny):
     model = AutoModelForSequenceClassification.from_pretrained(tiny["base"], num_labels=2)
     with pytest.raises(ValueError, match="num_labels=1"):
         scoring.RewardScorer(model, tok)
+
+
+# --------------------------------------------------------------------------------------------
+# Reward-model folders: a causal LM, a 2-label classifier, a missing head or pad == eos are refused before use
+
+
+def save_classifier(tiny, path, num_labels: int = 1, pad_is_eos: bool = False, drop_head: bool = False):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["base"], num_labels=num_labels)
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    if pad_is_eos:
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    if drop_head:  # weights without the score head: loading would initialise it randomly
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(path / "model.safetensors")
+        del weights["score.weight"]
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def rm_folder(tiny, tmp_path_factory):
+    return save_classifier(tiny, tmp_path_factory.mktemp("rm_folder"))
+
+
+def test_a_one_label_classifier_folder_is_accepted(rm_folder):
+    tok = modeling.check_reward_model(rm_folder)
+    assert tok.pad_token_id != tok.eos_token_id
+    scorer = scoring.RewardScorer.from_pretrained(rm_folder, device="cpu")
+    assert scorer.tokenizer.pad_token_id == tok.pad_token_id and len(scorer.score(TEXTS)) == len(TEXTS)
+
+
+def test_a_causal_lm_folder_is_refused_as_reward_model(tiny):
+    with pytest.raises(ValueError, match=r"reward_model_name_or_path='.*' is a LlamaForCausalLM, not a reward model"):
+        modeling.check_reward_model(tiny["base"])
+    with pytest.raises(ValueError, match=r"reward_model='.*' is a LlamaForCausalLM"):
+        scoring.RewardScorer.from_pretrained(tiny["base"], setting="reward_model")
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("two_labels", "num_labels=2, a reward model has num_labels=1"),
+        ("pad_is_eos", "pad token distinct from EOS"),
+        ("no_head", r"no reward head \(score.weight missing\)"),
+    ],
+)
+def test_bad_reward_folders_are_refused(tiny, tmp_path, kind, match):
+    path = save_classifier(
+        tiny,
+        tmp_path / kind,
+        num_labels=2 if kind == "two_labels" else 1,
+        pad_is_eos=kind == "pad_is_eos",
+        drop_head=kind == "no_head",
+    )
+    with pytest.raises(ValueError, match=f"reward_model_name_or_path={str(path)!r}: .*{match}"):
+        modeling.check_reward_model(path)
+    with pytest.raises(ValueError, match=match):
+        scoring.RewardScorer.from_pretrained(path, device="cpu")
+
+
+def test_missing_folders_are_refused(tiny, tmp_path):
+    with pytest.raises(ValueError, match="reward_model_name_or_path='.*nope': no such folder"):
+        modeling.check_reward_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="reward_model_name_or_path='.*empty': no config.json"):
+        modeling.check_reward_model(tmp_path / "empty")
+    with pytest.raises(ValueError, match="reward_model_name_or_path is not set"):
+        modeling.check_reward_model(None)
+
+
+def test_raft_refuses_a_causal_lm_reward_model_before_any_generation(tiny, tmp_path):
+    from trl import ModelConfig
+
+    from hhrm import data
+    from hhrm.raft import RaftConfig, RaftRunner
+
+    args = RaftConfig(
+        output_dir=str(tmp_path / "raft"),
+        reward_model_name_or_path=str(tiny["base"]),
+        prompts_per_iteration=4,
+        activation_checkpointing=False,
+        report_to="none",
+    )
+    data_args = data.DataArguments(dataset_name=str(tiny["data"]), test_offset=100)
+    with pytest.raises(ValueError, match="reward_model_name_or_path=.* is a LlamaForCausalLM, not a reward model"):
+        RaftRunner(args, data_args, ModelConfig(model_name_or_path=str(tiny["base"])))
+    assert not list((tmp_path / "raft").rglob("*.jsonl"))  # nothing drawn or generated

@@ -1,6 +1,5 @@
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from trl import ModelConfig, SFTTrainer, get_peft_config
 
 from hhrm import data, sft
 
-from conftest import load_recipe
+from conftest import load_recipe, run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SFT = ROOT / "recipes" / "configs" / "tiny" / "sft.yaml"
@@ -117,7 +116,7 @@ def test_two_process_sft_run(tiny, tmp_path):
         "--ddp_find_unused_parameters",
         "false",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_process(cmd, 60, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
@@ -155,3 +154,21 @@ def test_lora_sft_saves_a_merged_plain_model(tiny, tmp_path, quantize):
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert type(merged).__name__ == "LlamaForCausalLM"
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_long_documents_are_counted_and_capped(tiny):
+    from datasets import Dataset
+
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    short = "###Human: Hi ###Assistant: Hello."
+    giant = "###Human: " + "apple river " * 400 + "###Assistant: ok"
+    train = Dataset.from_dict({"text": [short, giant, short]})
+    kept, report = sft.long_documents(train, tok, max_length=64, cap=None)
+    assert len(kept) == 3 and report["sft_documents_over_max_length"] == 1
+    assert report["sft_longest_document_tokens"] > 400
+    kept, report = sft.long_documents(train, tok, max_length=64, cap=100)
+    assert list(kept["text"]) == [short, short] and report["sft_documents_dropped_over_cap"] == 1
+    with pytest.raises(ValueError, match="max_document_tokens=1"):
+        sft.long_documents(train, tok, max_length=64, cap=1)
+    with pytest.raises(ValueError, match="max_document_tokens=0"):
+        _args(Path("unused"), max_document_tokens=0)

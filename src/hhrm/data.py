@@ -8,29 +8,33 @@ Two input schemas are accepted, detected from the columns (or forced with ``data
 
 Both become one internal form, ``{"prompt", "chosen", "rejected"}`` in hhrm's text format
 (:mod:`hhrm.formatting`): a prompt ending in ``" ###Assistant:"`` and two responses. Rows that
-cannot be normalised are counted by reason (:class:`DropReport`), never raise mid-run.
+cannot be normalised are counted by reason (:class:`DropReport`), never raise mid-run; a split
+that is empty, or has more bad rows than ``max_bad_row_fraction`` allows, is refused before any
+training starts. Reading files is :mod:`hhrm.data_io`.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
+import itertools
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset
+from datasets import Dataset, Features, Value, concatenate_datasets
 
 from hhrm import formatting
+from hhrm.data_io import UNDECODABLE, UNPARSABLE, detect_format, read_rows, split_file
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "raw", "dahoas")
-DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+COLUMNS = ("prompt", "chosen", "rejected")
+# Rows normalised (and pairs tokenized) per step, so no stage holds a second full Python copy of a split.
+CHUNK_ROWS = 8192
+LENGTH_CHUNK = 2048
 
 
 @dataclass
@@ -39,7 +43,11 @@ class DataArguments:
 
     dataset_name: str = field(
         default="Dahoas/full-hh-rlhf",
-        metadata={"help": "Hub id, or a local folder holding <split>.jsonl[.gz]/.parquet files, or one local file."},
+        metadata={
+            "help": "Hub id (owner/name), or a local folder holding <split>.jsonl[.gz]/.json/.parquet files, or one "
+            "local file. A name starting with . / ~, ending like a data file or whose first part is a local folder "
+            "is a local path."
+        },
     )
     dataset_format: str = field(default="auto", metadata={"help": "auto | raw | dahoas (auto: from the columns)."})
     train_split: str = field(default="train", metadata={"help": "Split (or file stem) with the training rows."})
@@ -52,81 +60,26 @@ class DataArguments:
         default=None, metadata={"help": "Keep only the first N train rows (quick runs)."}
     )
     max_test_rows: int | None = field(default=None, metadata={"help": "Keep only the first N test rows (quick runs)."})
+    max_bad_row_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share of rows per split that may be dropped as bad before the run is refused; 1.0 accepts any."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.dataset_format not in FORMATS:
             raise ValueError(f"dataset_format={self.dataset_format!r}: expected one of {FORMATS}")
         if self.test_offset < 0:
             raise ValueError(f"test_offset={self.test_offset}: must be >= 0")
-
-
-# --------------------------------------------------------------------------------------------
-# Reading rows
-
-
-def read_rows(source: str, split: str) -> list[dict[str, Any]]:
-    """Rows of ``split`` from a local folder/file or a hub dataset id.
-
-    A local folder must contain a file named after the split (``test.jsonl.gz``, ``train.parquet``...).
-    A single local file is used whatever the split. Anything else is treated as a hub id.
-    """
-    path = Path(source)
-    if path.is_file():
-        return list(_read_file(path))
-    if path.is_dir():
-        for suffix in DATA_SUFFIXES:
-            candidate = path / f"{split}{suffix}"
-            if candidate.is_file():
-                return list(_read_file(candidate))
-        found = sorted(p.name for p in path.iterdir())
-        raise FileNotFoundError(
-            f"dataset_name={source!r}: no file for split {split!r} (looked for {split}{{{','.join(DATA_SUFFIXES)}}}); "
-            f"the folder holds {found}"
-        )
-    if not _looks_like_hub_id(source):
-        raise FileNotFoundError(f"dataset_name={source!r}: no such file or folder, and not a hub id")
-    from datasets import load_dataset  # hub path only: local runs never touch the network
-
-    return list(load_dataset(source, split=split))
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    return source.count("/") == 1 and not source.startswith(("/", "."))
-
-
-def _read_file(path: Path) -> Iterable[dict[str, Any]]:
-    name = path.name
-    if name.endswith(".parquet"):
-        yield from Dataset.from_parquet(str(path))
-        return
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if name.endswith((".json", ".json.gz")) and f.read(1) == "[":
-            f.seek(0)
-            yield from json.load(f)
-            return
-        f.seek(0)
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                # Kept as a row so that it is counted with the other bad rows.
-                yield {"__unparsable__": f"{path.name}:{lineno}: {e.msg}"}
-
-
-def detect_format(rows: list[dict[str, Any]]) -> str:
-    """``dahoas`` if rows carry a ``prompt`` column, else ``raw`` (needs ``chosen``/``rejected``)."""
-    for row in rows[:100]:
-        if "__unparsable__" in row:
-            continue
-        if "prompt" in row:
-            return "dahoas"
-        if "chosen" in row or "rejected" in row:
-            return "raw"
-    keys = sorted(rows[0]) if rows else []
-    raise ValueError(f"cannot detect the dataset format from columns {keys}: expected chosen/rejected (+ prompt)")
+        for name in ("max_train_rows", "max_test_rows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value}: must be >= 1, or left unset to keep every row")
+        if not 0.0 <= self.max_bad_row_fraction <= 1.0:
+            raise ValueError(
+                f"max_bad_row_fraction={self.max_bad_row_fraction}: must be within [0, 1] (1.0 accepts any bad rows)"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,9 +89,10 @@ def detect_format(rows: list[dict[str, Any]]) -> str:
 class BadRow(ValueError):
     """A row that cannot be normalised; ``reason`` is the counter key."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", where: str | None = None):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.where = where  # a row id better than the row's position (``file:line``), if any
 
 
 @dataclass
@@ -162,19 +116,24 @@ class DropReport:
     def to_dict(self) -> dict[str, Any]:
         return {"seen": self.seen, "dropped": self.dropped, "by_reason": dict(self.counts), "examples": self.examples}
 
+    def reasons(self, top: int | None = None) -> str:
+        """``reason=count (e.g. ids)``, most frequent first."""
+        return ", ".join(f"{k}={v} (e.g. {', '.join(self.examples[k][:3])})" for k, v in self.counts.most_common(top))
+
     def summary(self, name: str) -> str:
         if not self.dropped:
             return f"{name}: {self.seen} rows, none dropped"
-        reasons = ", ".join(f"{k}={v} (e.g. {', '.join(self.examples[k][:3])})" for k, v in self.counts.most_common())
-        return f"{name}: {self.seen} rows, dropped {self.dropped}: {reasons}"
+        return f"{name}: {self.seen} rows, dropped {self.dropped}: {self.reasons()}"
 
 
 def _require_str(row: dict[str, Any], key: str) -> str:
     if key not in row or row[key] is None:
         raise BadRow("missing_field", key)
-    if not isinstance(row[key], str):
-        raise BadRow("not_string", f"{key} is {type(row[key]).__name__}")
-    return row[key]
+    text = row[key]
+    if not isinstance(text, str):
+        raise BadRow("not_string", f"{key} is {type(text).__name__}")
+    # Windows (\r\n) and old Mac (\r) line ends read like \n, so their turn markers are found.
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
 def _split(text: str, which: str) -> tuple[list[formatting.Turn], str]:
@@ -200,8 +159,10 @@ def _prompt_context(prompt: str) -> list[formatting.Turn]:
 
 def normalize_row(row: dict[str, Any], fmt: str) -> dict[str, str]:
     """One input row → ``{"prompt", "chosen", "rejected"}``; raises :class:`BadRow`."""
-    if "__unparsable__" in row:
-        raise BadRow("unparsable_json", row["__unparsable__"])
+    if UNPARSABLE in row:
+        raise BadRow("unparsable_json", row[UNPARSABLE])
+    if UNDECODABLE in row:
+        raise BadRow("undecodable_line", row.get("detail", ""), where=row[UNDECODABLE])
     chosen_raw, rejected_raw = _require_str(row, "chosen"), _require_str(row, "rejected")
     if fmt == "dahoas":
         context = _prompt_context(_require_str(row, "prompt"))
@@ -224,21 +185,30 @@ def normalize_row(row: dict[str, Any], fmt: str) -> dict[str, str]:
     }
 
 
-def normalize_rows(
-    rows: list[dict[str, Any]], fmt: str, name: str, first_index: int = 0
-) -> tuple[Dataset, DropReport]:
-    """Normalise every row; bad rows are counted in the report (ids are ``name[index]``)."""
+_FEATURES = Features({k: Value("string") for k in COLUMNS})
+
+
+def normalize_rows(rows: Sequence[Any], fmt: str, name: str, first_index: int = 0) -> tuple[Dataset, DropReport]:
+    """Normalise every row; bad rows are counted in the report (ids are ``name[index]``, or ``file:line``).
+
+    Clean rows go to Arrow every :data:`CHUNK_ROWS` rows, so the split is never held twice in Python.
+    """
     report = DropReport(seen=len(rows))
-    out: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
+    parts: list[Dataset] = []
+    out: dict[str, list[str]] = {k: [] for k in COLUMNS}
     for i, row in enumerate(rows, start=first_index):
         try:
             clean = normalize_row(row, fmt) if isinstance(row, dict) else _raise_not_object(row)
         except BadRow as e:
-            report.add(e.reason, f"{name}[{i}]")
+            report.add(e.reason, e.where or f"{name}[{i}]")
             continue
-        for k, v in clean.items():
-            out[k].append(v)
-    return Dataset.from_dict(out), report
+        for k in COLUMNS:
+            out[k].append(clean[k])
+        if len(out["prompt"]) >= CHUNK_ROWS:
+            parts.append(Dataset.from_dict(out, features=_FEATURES))
+            out = {k: [] for k in COLUMNS}
+    parts.append(Dataset.from_dict(out, features=_FEATURES))
+    return (parts[0] if len(parts) == 1 else concatenate_datasets(parts)), report
 
 
 def _raise_not_object(row: Any) -> dict[str, str]:
@@ -264,8 +234,45 @@ class PreferenceSplits:
 
 
 def load_splits(args: DataArguments) -> PreferenceSplits:
-    """Read, split by the card's rule (on raw row positions), then normalise each part."""
+    """Read, split by the card's rule (on raw row positions), then normalise each part.
+
+    Refused (``ValueError``) before any training: an empty train input, an RM-train split with no
+    usable pair, and a split with a larger share of bad rows than ``max_bad_row_fraction``.
+    """
+    train_rows, test_rows = _read_inputs(args)
+    fmt = args.dataset_format
+    if fmt == "auto":
+        fmt = detect_format(itertools.chain(train_rows, test_rows))
+    source = {
+        "dataset_name": args.dataset_name,
+        "format": fmt,
+        "train_rows": len(train_rows),
+        "test_rows": len(test_rows),
+        "test_offset": args.test_offset,
+    }
+    train_a, drop_a = normalize_rows(train_rows, fmt, args.train_split)
+    del train_rows  # the raw rows are not needed past their own normalisation
+    train_b, drop_b = normalize_rows(test_rows[: args.test_offset], fmt, args.test_split)
+    test, drop_test = normalize_rows(test_rows[args.test_offset :], fmt, args.test_split, first_index=args.test_offset)
+    del test_rows
+    train = concatenate_datasets([train_a, train_b])
+    drops = {"train": _merge(drop_a, drop_b), "test": drop_test}
+    for name, rep in drops.items():
+        (logger.warning if rep.dropped else logger.info)(rep.summary(f"bad rows in {name}"))
+    _refuse_bad_splits(args, drops, len(train))
+    return PreferenceSplits(train=train, test=test, drops=drops, source=source)
+
+
+def _read_inputs(args: DataArguments) -> tuple[list[Any], list[Any]]:
+    """The raw train and test rows, cut to the row limits, with the checks that need no parsing."""
     train_rows = read_rows(args.dataset_name, args.train_split)
+    if not train_rows:
+        file = split_file(args.dataset_name, args.train_split)
+        raise ValueError(
+            f"dataset_name={args.dataset_name!r}: the {args.train_split!r} split"
+            f"{f' ({file})' if file else ''} has no rows, and the test rows that test_offset moves in are no training "
+            f"set: point dataset_name (or train_split) at the training data"
+        )
     test_rows = read_rows(args.dataset_name, args.test_split)
     if args.max_train_rows is not None:
         train_rows = train_rows[: args.max_train_rows]
@@ -275,25 +282,25 @@ def load_splits(args: DataArguments) -> PreferenceSplits:
         raise ValueError(
             f"test_offset={args.test_offset} is larger than the {len(test_rows)} test rows of {args.dataset_name!r}"
         )
-    fmt = args.dataset_format if args.dataset_format != "auto" else detect_format(train_rows or test_rows)
-    moved = test_rows[: args.test_offset]
-    train_a, drop_a = normalize_rows(train_rows, fmt, args.train_split)
-    train_b, drop_b = normalize_rows(moved, fmt, args.test_split)
-    test, drop_test = normalize_rows(test_rows[args.test_offset :], fmt, args.test_split, first_index=args.test_offset)
-    from datasets import concatenate_datasets
+    return train_rows, test_rows
 
-    train = concatenate_datasets([train_a, train_b])
-    drops = {"train": _merge(drop_a, drop_b), "test": drop_test}
+
+def _refuse_bad_splits(args: DataArguments, drops: dict[str, DropReport], train_pairs: int) -> None:
+    """No usable training pair, or too many bad rows in a split: stop now, saying why and what to change."""
+    if train_pairs == 0:
+        raise ValueError(
+            f"dataset_name={args.dataset_name!r}: no usable training pair after normalisation "
+            f"({drops['train'].summary('RM-train')}); fix the rows or the schema (dataset_format)"
+        )
     for name, rep in drops.items():
-        (logger.warning if rep.dropped else logger.info)(rep.summary(f"bad rows in {name}"))
-    source = {
-        "dataset_name": args.dataset_name,
-        "format": fmt,
-        "train_rows": len(train_rows),
-        "test_rows": len(test_rows),
-        "test_offset": args.test_offset,
-    }
-    return PreferenceSplits(train=train, test=test, drops=drops, source=source)
+        share = rep.dropped / rep.seen if rep.seen else 0.0
+        if share > args.max_bad_row_fraction:
+            raise ValueError(
+                f"dataset_name={args.dataset_name!r}: {share:.1%} of the RM-{name} split's rows are bad "
+                f"({rep.dropped} of {rep.seen}; {rep.reasons(top=3)}), over max_bad_row_fraction="
+                f"{args.max_bad_row_fraction}: fix the file or the schema (dataset_format), or raise "
+                f"max_bad_row_fraction (1.0 accepts any)"
+            )
 
 
 def _merge(a: DropReport, b: DropReport) -> DropReport:
@@ -307,8 +314,18 @@ def _merge(a: DropReport, b: DropReport) -> DropReport:
 
 def overlapping_pairs(train: Dataset, test: Dataset) -> list[int]:
     """Positions of the test pairs whose exact (prompt, chosen, rejected) also occurs in train."""
-    seen = set(zip(train["prompt"], train["chosen"], train["rejected"]))
-    return [i for i, key in enumerate(zip(test["prompt"], test["chosen"], test["rejected"])) if key in seen]
+    keys = list(_pair_keys(test))
+    wanted, found = set(keys), set()
+    for start in range(0, len(train), CHUNK_ROWS):
+        found.update(k for k in _pair_keys(train, start, start + CHUNK_ROWS) if k in wanted)
+    return [i for i, key in enumerate(keys) if key in found]
+
+
+def _pair_keys(ds: Dataset, start: int = 0, stop: int | None = None) -> Iterable[tuple[str, str, str]]:
+    if not len(ds):
+        return []
+    batch = ds[start:stop]
+    return zip(batch["prompt"], batch["chosen"], batch["rejected"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,12 +337,17 @@ def pair_lengths(ds: Dataset, tokenizer) -> tuple[np.ndarray, np.ndarray]:
 
     Counted with :func:`hhrm.scoring.encode` (text + EOS, the tokenizer's own special tokens), the
     one tokenization the RM trains and scores with, so the report and the 512-token drop agree.
+    Tokenized :data:`LENGTH_CHUNK` texts at a time, keeping only the counts (``int32``).
     """
     from hhrm.scoring import encode
 
-    texts = [p + c for p, c in zip(ds["prompt"], ds["chosen"])] + [p + r for p, r in zip(ds["prompt"], ds["rejected"])]
-    lens = np.array([len(x) for x in encode(tokenizer, texts)])
-    return lens[: len(ds)], lens[len(ds) :]
+    lengths = {k: np.zeros(len(ds), dtype=np.int32) for k in ("chosen", "rejected")}
+    for start in range(0, len(ds), LENGTH_CHUNK):
+        batch = ds[start : start + LENGTH_CHUNK]
+        for k, out in lengths.items():
+            ids = encode(tokenizer, [p + r for p, r in zip(batch["prompt"], batch[k])])
+            out[start : start + len(ids)] = [len(x) for x in ids]
+    return lengths["chosen"], lengths["rejected"]
 
 
 def distinct_prompts(prompts: Iterable[str], n: int) -> list[str]:

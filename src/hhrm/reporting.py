@@ -69,7 +69,7 @@ def config_dict(obj: Any) -> dict[str, Any]:
     elif is_dataclass(obj):
         raw = asdict(obj)
     else:
-        raw = dict(obj)
+        raw = dict(obj) if isinstance(obj, dict) else vars(obj)
     return json.loads(json.dumps(raw, default=str))
 
 
@@ -153,9 +153,15 @@ class ModelCard:
         return path
 
 
-def train_metrics(trainer_metrics: dict[str, Any]) -> dict[str, Any]:
-    """``Trainer.train()``'s metrics with a ``train_`` prefix on every key (``train_runtime``, ``train_loss``...)."""
-    return {k if k.startswith("train") else f"train_{k}": v for k, v in trainer_metrics.items()}
+def train_metrics(trainer_metrics: dict[str, Any], resumed_from: str | bool | None = None) -> dict[str, Any]:
+    """``Trainer.train()``'s metrics with a ``train_`` prefix on every key (``train_runtime``, ``train_loss``...).
+
+    After a resume they cover only the steps run since the checkpoint: ``train_resumed_from`` says so.
+    """
+    out = {k if k.startswith("train") else f"train_{k}": v for k, v in trainer_metrics.items()}
+    if resumed_from:
+        out["train_resumed_from"] = "latest checkpoint" if resumed_from is True else str(resumed_from)
+    return out
 
 
 def write_stage_outputs(

@@ -20,7 +20,7 @@ from trl import ModelConfig, get_peft_config
 
 from hhrm import data as hdata
 from hhrm import modeling, reporting, rm_card, rm_eval, runtime, scoring
-from hhrm.runtime import DevicePrecisionMixin
+from hhrm.runtime import StageConfigMixin
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ HEADLINE = (
 
 
 @dataclass
-class RewardConfig(DevicePrecisionMixin, trl.RewardConfig):
+class RewardConfig(StageConfigMixin, trl.RewardConfig):
     """TRL's RewardConfig with device-chosen precision, a global batch size and hhrm's evaluation settings."""
 
     bf16: bool | None = field(default=None, metadata={"help": "None: bf16 on a bf16-capable GPU, fp32 elsewhere."})
@@ -170,6 +170,13 @@ def prepare_pairs(splits: hdata.PreferenceSplits, tokenizer, max_tokens: int, de
     )
     if len(train) == 0:
         raise ValueError(f"no RM-train pair is <= max_length={max_tokens} tokens; raise max_length")
+    if len(test) == 0:  # refused now: evaluating nothing would fail after the whole training
+        why = (
+            f"all {len(overlap)} also occur in RM-train (one file serving as both splits?)"
+            if overlap and dedup_test
+            else "test_offset leaves none, or none is short enough"
+        )
+        raise ValueError(f"no RM-test pair to evaluate: {why}; give a separate test split or lower test_offset")
     return RewardPairs(train=train, test=test, counts=counts, splits=splits)
 
 
@@ -213,12 +220,12 @@ def check_precision(model_args: ModelConfig, args: RewardConfig) -> None:
 
 def check_model_path(model_args: ModelConfig) -> None:
     """A missing local starting point is a missing stage, not a hub id: say which stage to run."""
-    path = model_args.model_name_or_path or ""
-    if not Path(path).exists() and (path.startswith(("/", ".", "outputs")) or path.count("/") != 1):
-        raise FileNotFoundError(
-            f"model_name_or_path={path!r}: no such folder. The RM starts from the SFT output: run `make sft` "
-            "(or the SFT recipe with the matching config) first, or point model_name_or_path at a model folder"
-        )
+    modeling.check_model_path(
+        model_args.model_name_or_path,
+        hint="the RM starts from the SFT output: run `make sft` (or the SFT recipe with the matching config) "
+        "first, or point model_name_or_path at a model folder",
+        revision=model_args.model_revision,
+    )
 
 
 def load_reward_model(model_args: ModelConfig, args: RewardConfig, tokenizer):
@@ -257,6 +264,7 @@ def export(trainer: trl.RewardTrainer, output_dir: str | Path, tokenizer, model_
         modeling.save_merged(trainer, output_dir, tokenizer)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(output_dir)
+        modeling.finish_export(output_dir)  # every path (QLoRA included): readable by other uids, no pickle
     trainer.accelerator.wait_for_everyone()
     return output_dir
 

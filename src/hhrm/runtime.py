@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,8 +40,23 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or bool(mps and mps.is_available())
 
 
-class DevicePrecisionMixin:
-    """Put first in a TRL config's bases: resolves ``bf16=None`` from the device before TRL does."""
+@dataclass
+class StageConfigMixin:
+    """Put first in a TRL config's bases: what every hhrm stage adds to TRL's config.
+
+    * ``bf16=None`` is resolved from the device before TRL sees it (TRL's default is True even on a CPU);
+    * on a machine without an accelerator, ``use_cpu`` (so several processes initialise gloo);
+    * ``overwrite_output_dir``: a folder that holds a model is only replaced when asked (``hhrm.outputs``);
+    * ``resume_from_checkpoint: true`` means the latest checkpoint in ``output_dir``, as in TRL's scripts
+      (transformers parses it as a path string).
+    """
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "SFT/RM: replace the model already in output_dir (refused otherwise). RAFT resumes instead."
+        },
+    )
 
     def __post_init__(self) -> None:
         if getattr(self, "bf16", None) is None and not getattr(self, "fp16", False):
@@ -52,6 +68,12 @@ class DevicePrecisionMixin:
             # process would train alone as rank 0); and there is nothing to pin memory to.
             self.use_cpu = True
             self.dataloader_pin_memory = False
+        if getattr(self, "num_train_epochs", 1) <= 0 and getattr(self, "max_steps", -1) <= 0:
+            # Trainer would run zero steps and the stage would export its starting model as trained.
+            raise ValueError(f"num_train_epochs={self.num_train_epochs}: must be > 0 (or set max_steps > 0)")
+        resume = getattr(self, "resume_from_checkpoint", None)
+        if isinstance(resume, str) and resume.lower() in ("true", "false"):
+            self.resume_from_checkpoint = True if resume.lower() == "true" else None
         super().__post_init__()
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from hhrm import modeling, runtime
 
@@ -68,13 +68,22 @@ class RewardScorer:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str | None = None, dtype: torch.dtype | None = None, **kwargs
+        cls,
+        path: str | Path,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        setting: str = "reward_model_name_or_path",
+        **kwargs,
     ) -> RewardScorer:
         """Load a reward model folder. ``dtype``: the caller's precision (``runtime.torch_dtype(args.bf16)``);
-        unset, the device decides by the same rule."""
+        unset, the device decides by the same rule.
+
+        The folder is checked first (:func:`hhrm.modeling.check_reward_model`: a one-label sequence classifier
+        whose checkpoint holds its head, pad != EOS); ``setting`` names the option it came from in the error.
+        """
+        tokenizer = modeling.check_reward_model(path, setting)
         device = device or runtime.default_device()
         dtype = runtime.torch_dtype() if dtype is None else dtype
-        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype).to(device).eval()
         return cls(model, tokenizer, **kwargs)
 

@@ -7,12 +7,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import trl
 from datasets import Dataset
 
 from hhrm import data as hdata
 from hhrm import generation, reporting, synthetic
-from hhrm.runtime import DevicePrecisionMixin
+from hhrm.runtime import StageConfigMixin
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ HEADLINE = ("eval_loss_before", "eval_loss", "gold_accuracy", "train_runtime")
 
 
 @dataclass
-class SFTConfig(DevicePrecisionMixin, trl.SFTConfig):
+class SFTConfig(StageConfigMixin, trl.SFTConfig):
     """TRL's SFTConfig with the card's packing by default and device-chosen precision.
 
     The card concatenates texts and cuts 1,024-token chunks: TRL's ``packing_strategy="wrapped"``
@@ -33,10 +34,22 @@ class SFTConfig(DevicePrecisionMixin, trl.SFTConfig):
     packing_strategy: str = field(default="wrapped", metadata={"help": "wrapped (card) | bfd | bfd_split."})
     max_length: int | None = field(default=1024, metadata={"help": "Chunk length when packing (card: 1,024)."})
     eval_rows: int = field(default=500, metadata={"help": "Held-out RM-test dialogues used for SFT eval loss."})
+    max_document_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Drop (and count) training dialogues longer than this many tokens; unset keeps all. "
+            "Dialogues longer than max_length are counted and reported either way (packing cuts them)."
+        },
+    )
     gold_eval_prompts: int = field(
         default=200, metadata={"help": "Held-out prompts answered greedily for the gold accuracy (embedded data)."}
     )
     gold_max_new_tokens: int = field(default=32, metadata={"help": "Max new tokens of those greedy answers."})
+
+    def __post_init__(self) -> None:
+        if self.max_document_tokens is not None and self.max_document_tokens < 1:
+            raise ValueError(f"max_document_tokens={self.max_document_tokens}: must be >= 1 (or unset)")
+        super().__post_init__()
 
 
 def sft_datasets(splits: hdata.PreferenceSplits, eval_rows: int) -> tuple[Dataset, Dataset | None]:
@@ -45,6 +58,35 @@ def sft_datasets(splits: hdata.PreferenceSplits, eval_rows: int) -> tuple[Datase
     test = Dataset.from_dict({"text": [p + c for p, c in zip(splits.test["prompt"], splits.test["chosen"])]})
     eval_ds = test.select(range(min(eval_rows, len(test)))) if eval_rows > 0 and len(test) else None
     return train, eval_ds
+
+
+def long_documents(train: Dataset, tokenizer, max_length: int | None, cap: int | None) -> tuple[Dataset, dict]:
+    """Count training dialogues longer than ``max_length`` (packing cuts them into many chunks: one 2 MB dialogue
+    turned a 4-step run into 544 steps) and drop those over ``cap`` when one is set; both numbers are reported."""
+    lengths = np.zeros(len(train), dtype=np.int64)
+    for start in range(0, len(train), 2048):  # chunks: only the lengths are kept
+        batch = train["text"][start : start + 2048]
+        lengths[start : start + len(batch)] = [len(x) for x in tokenizer(batch, add_special_tokens=False)["input_ids"]]
+    report = {
+        "sft_documents_over_max_length": int((lengths > (max_length or np.inf)).sum()),
+        "sft_longest_document_tokens": int(lengths.max()) if len(lengths) else 0,
+        "sft_documents_dropped_over_cap": 0,
+    }
+    if max_length and report["sft_documents_over_max_length"]:
+        logger.warning(
+            "%d training dialogues are longer than max_length=%d (longest %d tokens); set "
+            "max_document_tokens to drop them",
+            report["sft_documents_over_max_length"],
+            max_length,
+            report["sft_longest_document_tokens"],
+        )
+    if cap is not None:
+        keep = np.flatnonzero(lengths <= cap)
+        report["sft_documents_dropped_over_cap"] = len(train) - len(keep)
+        if not len(keep):
+            raise ValueError(f"max_document_tokens={cap}: every training dialogue is longer; raise it or unset it")
+        train = train.select(keep)
+    return train, report
 
 
 def gold_eval(model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import trl
 
 from hhrm.generation import SamplingArguments
 from hhrm.raft.select import SELECTIONS, JunkFilter
-from hhrm.runtime import DevicePrecisionMixin
+from hhrm.runtime import StageConfigMixin
 
 # The stages of one iteration, in order; each writes one main output (see hhrm.raft).
 STAGES = ("draw", "generate", "score", "select", "train", "metrics")
@@ -21,7 +21,7 @@ class StopRequested(Exception):
 
 
 @dataclass
-class RaftConfig(DevicePrecisionMixin, trl.SFTConfig):
+class RaftConfig(StageConfigMixin, trl.SFTConfig):
     """RAFT settings beside TRL's SFTConfig, which holds the per-iteration fine-tune settings.
 
     ``output_dir`` is the run folder; the fine-tune of iteration ``i`` uses every SFT setting here

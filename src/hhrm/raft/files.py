@@ -18,14 +18,15 @@ from hhrm.reporting import config_dict, read_json
 
 POLICY_DONE = "raft_done"
 # Settings that do not change what a finished stage wrote: a resume may change them.
+# (generation_batch_size is not one: how prompts are batched changes the samples.)
 RESUMABLE_SETTINGS = {
     "progress",
     "stop_after",
     "logging_steps",
     "disable_tqdm",
     "output_dir",
+    "overwrite_output_dir",
     "offload_models",
-    "generation_batch_size",
     "reward_batch_size",
     "logging_dir",
     "run_name",
@@ -83,10 +84,34 @@ def link_policy(src: Path, dst: Path) -> None:
                 shutil.copy2(f, target)
 
 
-def run_fingerprint(args: Any, data_args: Any, model_args: Any) -> dict[str, Any]:
-    """The settings a finished stage's outputs depend on (JSON-safe); ``run.json`` keeps them."""
+def run_fingerprint(args: Any, data_args: Any, model_args: Any, world_size: int) -> dict[str, Any]:
+    """What a finished stage's outputs depend on (JSON-safe): settings, the input models' files, the process count.
+
+    The models are identified by their weight files' names, sizes and modification times, so a policy or
+    reward model retrained at the same path is a different input (``make rm && make raft`` is refused
+    rather than reporting the old numbers).
+    """
     raft_args = {k: v for k, v in config_dict(args).items() if k not in RESUMABLE_SETTINGS}
-    return {"data": config_dict(data_args), "model": model_args.model_name_or_path, "raft": raft_args}
+    inputs = {
+        "policy": weights_identity(model_args.model_name_or_path),
+        "reward_model": weights_identity(args.reward_model_name_or_path),
+        "world_size": world_size,
+    }
+    return {
+        "data": config_dict(data_args),
+        "model": model_args.model_name_or_path,
+        "raft": raft_args,
+        "inputs": inputs,
+    }
+
+
+def weights_identity(path: str) -> list[list[Any]] | str:
+    """``[[file, bytes, mtime_ns], ...]`` of a model folder's weight files; a hub id stands for itself."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    files = sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def check_resume(run_dir: Path, fingerprint: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from trl import get_peft_config
 
 from hhrm import data as hdata
 from hhrm import modeling, reporting, synthetic
+from hhrm.outputs import check_output_dir
 from hhrm.raft.config import RaftConfig, StopRequested
 from hhrm.raft.files import (
     check_resume,
@@ -56,10 +58,10 @@ class RaftRunner:
                 "reward_model_name_or_path is not set: give the reward model folder (recipes/rm.py output)"
             )
         self.args, self.data_args, self.model_args = args, data_args, model_args
-        self.state = PartialState()
+        self.state = PartialState(timeout=timedelta(seconds=args.ddp_timeout))  # RAFT's own collectives too
+        self.out = check_output_dir(args.output_dir, "raft")
         self.rank, self.world = self.state.process_index, self.state.num_processes
-        self.out = Path(args.output_dir)
-        self.tokenizer = modeling.load_tokenizer(model_args, padding_side="right")
+        self.tokenizer = modeling.load_tokenizer(model_args, padding_side="right", args=args)
         self.splits = hdata.load_splits(data_args)
         self.prompts, self.prompt_report = prompt_set(self.splits, self.tokenizer, args.max_prompt_tokens)
         draw_prompts(len(self.prompts), args.prompts_per_iteration, args.seed, 0)  # fail now on a too-large draw
@@ -71,7 +73,7 @@ class RaftRunner:
     # ----- the algorithm -----------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        fingerprint = run_fingerprint(self.args, self.data_args, self.model_args)
+        fingerprint = run_fingerprint(self.args, self.data_args, self.model_args, self.world)
         check_resume(self.out, fingerprint)
         if self.state.is_main_process:
             reporting.write_json(

@@ -49,6 +49,7 @@ class ModelResidency:
 
     def __init__(self, args: RaftConfig, model_args: trl.ModelConfig, tokenizer, state: PartialState):
         self.args, self.model_args, self.tokenizer, self.state = args, model_args, tokenizer, state
+        modeling.check_reward_model(args.reward_model_name_or_path)  # refuse a non-RM folder before any generation
         self.offload = resolve_offload(args.offload_models, model_args.model_name_or_path)
         self._policy: Policy | None = None
         self._scorer: RewardScorer | None = None
