@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # CPU wheel this machine has on disk instead of a multi-GB CUDA download.
 TORCH_SPEC ?= torch==2.13.0
 ACCEL ?= accelerate_configs/cpu.yaml
-LAUNCH = $(VENV)/bin/accelerate launch --config_file $(ACCEL) --num_cpu_threads_per_process $(shell nproc)
+LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCEL) --num_cpu_threads_per_process $(shell nproc)
 TINY := outputs/tiny
 ARGS ?=
 

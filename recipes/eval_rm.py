@@ -63,7 +63,8 @@ def main(
 
 
 if __name__ == "__main__":
-    parser = TrlParser((data.DataArguments, rm.RewardConfig, ModelConfig, EvalArguments))
-    data_args, args, model_args, eval_args = parser.parse_args_and_config()
-    setup_logging()
-    main(data_args, args, model_args, eval_args)
+    with runtime.refusals_in_one_line():  # a refusal: one line `hhrm: error: ...`, exit code 2
+        parser = TrlParser((data.DataArguments, rm.RewardConfig, ModelConfig, EvalArguments))
+        data_args, args, model_args, eval_args = parser.parse_args_and_config()
+        setup_logging()
+        main(data_args, args, model_args, eval_args)

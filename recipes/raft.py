@@ -32,10 +32,13 @@ def main(data_args: data.DataArguments, args: RaftConfig, model_args: ModelConfi
 
 
 if __name__ == "__main__":
-    parser = TrlParser((data.DataArguments, RaftConfig, ModelConfig))
-    data_args, args, model_args = parser.parse_args_and_config()
-    setup_logging()
-    try:
-        main(data_args, args, model_args)
-    except StopRequested as stop:  # stop_after: a planned stop, not a failure
-        print(stop)
+    from hhrm.runtime import refusals_in_one_line
+
+    with refusals_in_one_line():  # a refusal: one line `hhrm: error: ...`, exit code 2
+        parser = TrlParser((data.DataArguments, RaftConfig, ModelConfig))
+        data_args, args, model_args = parser.parse_args_and_config()
+        setup_logging()
+        try:
+            main(data_args, args, model_args)
+        except StopRequested as stop:  # stop_after: a planned stop, not a failure
+            print(stop)

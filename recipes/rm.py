@@ -55,7 +55,10 @@ def main(data_args: data.DataArguments, args: rm.RewardConfig, model_args: Model
 
 
 if __name__ == "__main__":
-    parser = TrlParser((data.DataArguments, rm.RewardConfig, ModelConfig))
-    data_args, args, model_args = parser.parse_args_and_config()
-    setup_logging()
-    main(data_args, args, model_args)
+    from hhrm.runtime import refusals_in_one_line
+
+    with refusals_in_one_line():  # a refusal: one line `hhrm: error: ...`, exit code 2
+        parser = TrlParser((data.DataArguments, rm.RewardConfig, ModelConfig))
+        data_args, args, model_args = parser.parse_args_and_config()
+        setup_logging()
+        main(data_args, args, model_args)

@@ -59,7 +59,10 @@ def main(data_args: data.DataArguments, args: sft.SFTConfig, model_args: ModelCo
 
 
 if __name__ == "__main__":
-    parser = TrlParser((data.DataArguments, sft.SFTConfig, ModelConfig))
-    data_args, args, model_args = parser.parse_args_and_config()
-    setup_logging()
-    main(data_args, args, model_args)
+    from hhrm.runtime import refusals_in_one_line
+
+    with refusals_in_one_line():  # a refusal: one line `hhrm: error: ...`, exit code 2
+        parser = TrlParser((data.DataArguments, sft.SFTConfig, ModelConfig))
+        data_args, args, model_args = parser.parse_args_and_config()
+        setup_logging()
+        main(data_args, args, model_args)

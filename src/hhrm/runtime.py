@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,6 +82,21 @@ class StageConfigMixin:
         super().__post_init__()
 
 
+def process_state(args: Any):
+    """accelerate's ``PartialState`` with the collective timeout of ``args.ddp_timeout`` (seconds).
+
+    The trainers apply ``ddp_timeout`` to their own process group; code that synchronises ranks outside
+    a trainer (RAFT's gathers and barriers) starts the group here, so a frozen rank fails the run after
+    that many seconds rather than gloo's 30 minutes.
+    """
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    # cpu=True without an accelerator: several processes then form a gloo group instead of each running alone.
+    return PartialState(cpu=not has_accelerator(), timeout=timedelta(seconds=args.ddp_timeout))
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -88,3 +108,46 @@ def setup_logging(level: int = logging.INFO) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+# hhrm's own checks raise these, with a message that names the setting or file and the fix.
+REFUSALS = (ValueError, FileNotFoundError, ConnectionError)
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_RECIPES_DIR = _PACKAGE_DIR.parents[1] / "recipes"  # the repository's recipes/ (hhrm is installed from src/)
+
+
+def raised_by_hhrm(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised in hhrm's own code (a deliberate check), not inside torch/transformers/trl.
+
+    Own code: the ``hhrm`` package, the repository's ``recipes/`` and the script being run. What counts is the
+    innermost frame of the traceback, the one that raised.
+    """
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    if script and path == Path(script).resolve():
+        return True
+    return any(path.is_relative_to(folder) for folder in (_PACKAGE_DIR, _RECIPES_DIR))
+
+
+@contextmanager
+def refusals_in_one_line() -> Iterator[None]:
+    """Around a recipe's parsing and ``main``: a refusal is one line on stderr and exit code 2.
+
+    A ``ValueError`` / ``FileNotFoundError`` / ``ConnectionError`` raised by hhrm's own code prints
+    ``hhrm: error: <message>`` (on the main process only; every rank exits 2), like argparse's usage errors.
+    Anything else, and those types raised inside a library (a bug, not a refusal), keeps its traceback.
+    """
+    try:
+        yield
+    except REFUSALS as exc:
+        if not raised_by_hhrm(exc):
+            raise
+        if is_main_process():
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"hhrm: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

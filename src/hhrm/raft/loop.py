@@ -7,19 +7,17 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import trl
-from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset
 from trl import get_peft_config
 
 from hhrm import data as hdata
-from hhrm import modeling, reporting, synthetic
+from hhrm import modeling, reporting, runtime, synthetic
 from hhrm.outputs import check_output_dir
 from hhrm.raft.config import RaftConfig, StopRequested
 from hhrm.raft.files import (
@@ -58,7 +56,7 @@ class RaftRunner:
                 "reward_model_name_or_path is not set: give the reward model folder (recipes/rm.py output)"
             )
         self.args, self.data_args, self.model_args = args, data_args, model_args
-        self.state = PartialState(timeout=timedelta(seconds=args.ddp_timeout))  # RAFT's own collectives too
+        self.state = runtime.process_state(args)  # ddp_timeout also bounds RAFT's own gathers and barriers
         self.out = check_output_dir(args.output_dir, "raft")
         self.rank, self.world = self.state.process_index, self.state.num_processes
         self.tokenizer = modeling.load_tokenizer(model_args, padding_side="right", args=args)
