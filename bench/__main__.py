@@ -22,6 +22,9 @@ Sections (``--sections``, default all; one file each under bench/):
              measured in the same run.
 * ``demo``:  wall time and peak RSS of each stage of ``make demo``, read from the demo's summary
              (``--demo run`` runs the demo first; ``--demo skip`` leaves it out).
+* ``data``:  wall time and peak RSS of the data preparation (load_splits, rm.prepare_pairs, data_report) on
+             raw HH-format files of full HH-RLHF size (~161K + 8.5K rows at --size cpu/1b), one fresh process
+             per size; an absolute figure against targets (120 s, 4 GB), not a ratio.
 
 The models are Llamas built from a config with random weights (``--size``): timing does not depend
 on the weights, and a realistic width keeps the figures about matmuls rather than Python overhead.
@@ -45,7 +48,7 @@ from typing import Any
 import datasets
 import torch
 
-from . import demo, gen, mfu, rm, score, sft
+from . import data, demo, gen, mfu, rm, score, sft
 from .common import (
     DEFAULT_DEMO_SUMMARY,
     PRESETS,
@@ -58,7 +61,7 @@ from .common import (
     usable_cpus,
 )
 
-SECTIONS = ("sft", "rm", "gen", "score", "mfu", "demo")
+SECTIONS = ("sft", "rm", "gen", "score", "mfu", "demo", "data")
 RUNNERS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "sft": sft.run,
     "rm": rm.run,
@@ -66,6 +69,7 @@ RUNNERS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "score": score.run,
     "mfu": mfu.run,
     "demo": demo.run,
+    "data": data.run,
 }
 DATA_ENV = "HHRM_HH_SAMPLE"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -222,12 +226,32 @@ def format_entry(e: dict[str, Any]) -> list[str]:
             f"{fmt(e['ratio']):>7} {exp:>7}",
             f"{'':<28}   A = {e['a']['label']};  B = {e['b']['label']}",
         ]
+    if "sizes" in e:
+        return data_lines(e)
     if "stages" in e:
         return [
             f"{'demo ' + st['stage']:<28} {fmt(st['seconds']):>14} s  peak RSS {fmt(st['max_rss_mb'])} MB"
             for st in e["stages"]
         ]
     return [f"{e['id']:<28} skipped: {e.get('skipped')}"]
+
+
+def data_lines(e: dict[str, Any]) -> list[str]:
+    lines = []
+    for s in e["sizes"]:
+        name = f"data {s['rows']:,} rows"
+        if "error" in s:
+            lines.append(f"{name:<28} {s['error']}")
+            continue
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items())
+        lines.append(
+            f"{name:<28} {fmt(s['total_seconds']):>14} s  peak RSS {fmt(s['peak_rss_mb'])} MB  "
+            f"{fmt(s['rows_per_s'])} rows/s  ({phases} s)"
+        )
+    meets = ", ".join(f"{k} <= {v}: {e['meets'][k]}" for k, v in e["targets"].items())
+    growth = e["growth"]["peak_rss_mb_per_10k_rows"]
+    lines.append(f"{'':<28}   {e['sample']} sample; {fmt(growth)} MB per 10K rows; largest size meets {meets}")
+    return lines
 
 
 def fmt(x: Any) -> str:

@@ -66,6 +66,11 @@ class Preset:
     score_texts: int = 128
     score_batch: int = 64
     peak_n: int = 2048
+    # Data preparation (section data): raw HH-format files of each data_train_rows + data_test_rows rows, read,
+    # reported and tokenized in a fresh process per size; data_test_offset test rows join training (the card: 6,275)
+    data_train_rows: tuple[int, ...] = (40_000, 80_000, 161_000)
+    data_test_rows: int = 8552
+    data_test_offset: int = 6275
 
 
 PRESETS: dict[str, Preset] = {
@@ -92,6 +97,9 @@ PRESETS: dict[str, Preset] = {
         score_texts=8,
         score_batch=8,
         peak_n=256,
+        data_train_rows=(2000, 4000, 8000),
+        data_test_rows=500,
+        data_test_offset=300,
     ),
     # The CPU reference: 4 Llama layers at hidden 512 (~15M parameters with a 4k vocabulary).
     "cpu": Preset(hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1408),

@@ -52,6 +52,7 @@ def test_bench_tiny_writes_wellformed_json(tmp_path):
         "score_scorer_vs_pipeline",
         "mfu_sft_wrapped",
         "demo",
+        "data_prep_full_size",
     } <= ids
     for e in result["entries"]:
         if "ratio" not in e:
@@ -65,8 +66,30 @@ def test_bench_tiny_writes_wellformed_json(tmp_path):
     # the batched scorer and the card's pipeline compute the same rewards
     assert by_id["score_scorer_vs_pipeline"]["details"]["max_abs_reward_diff"] < 1e-3
     assert by_id["demo"]["stages"][0] == {"stage": "sft", "seconds": 1.5, "max_rss_mb": 300.0}
+    check_data_entry(by_id["data_prep_full_size"], result["preset"])
     assert "sft_packing_tokens_per_s" in proc.stdout  # the table was printed
+    assert "data 8,500 rows" in proc.stdout
     assert f"wrote {out}" in proc.stdout
+
+
+def check_data_entry(entry, preset):
+    """The full-size data entry: one row per preset size, every phase timed, RSS measured, rows as built."""
+    assert entry["sample"] == "embedded" and "embedded" in entry["source"]
+    sizes = entry["sizes"]
+    assert [s["train_rows"] for s in sizes] == preset["data_train_rows"] == [2000, 4000, 8000]
+    for s in sizes:
+        assert "error" not in s, s.get("error")
+        assert s["test_rows"] == preset["data_test_rows"] and s["rows"] == s["train_rows"] + s["test_rows"]
+        assert s["loaded"]["source_rows"] == {"train_rows": s["train_rows"], "test_rows": s["test_rows"]}
+        assert s["loaded"]["rm_train_rows"] + s["loaded"]["rm_test_rows"] == s["rows"]  # no bad row, no duplicate
+        assert s["loaded"]["bad_rows"] == {"train": 0, "test": 0}
+        assert set(s["seconds"]) == {"load_splits", "data_report", "prepare_pairs"}
+        assert all(v > 0 for v in s["seconds"].values()) and s["total_seconds"] > 0 and s["rows_per_s"] > 0
+        assert s["peak_rss_mb"] >= s["rss_after_imports_mb"] > 0
+        assert s["rm_pairs"]["eval_pairs_overlapping_train"] == 0
+    assert entry["targets"] == {"seconds": 120, "peak_rss_mb": 4096}
+    assert set(entry["meets"]) == {"seconds", "peak_rss_mb"}
+    assert entry["growth"]["peak_rss_mb_per_10k_rows"] is not None
 
 
 def test_bench_missing_data_file_is_an_error(tmp_path):

@@ -382,11 +382,19 @@ def length_stats(lengths: np.ndarray) -> dict[str, float]:
     }
 
 
-def data_report(splits: PreferenceSplits, tokenizer, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Counts, drops by reason and token-length percentiles of chosen vs rejected, per split."""
+def data_report(
+    splits: PreferenceSplits,
+    tokenizer,
+    extra: dict[str, Any] | None = None,
+    lengths: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> dict[str, Any]:
+    """Counts, drops by reason and token-length percentiles of chosen vs rejected, per split.
+
+    ``lengths``: the splits' pair lengths when the caller has them already (the RM stage tokenized every pair).
+    """
     report: dict[str, Any] = {"source": splits.source, "bad_rows": {k: v.to_dict() for k, v in splits.drops.items()}}
     for name, ds in (("train", splits.train), ("test", splits.test)):
-        lc, lr = pair_lengths(ds, tokenizer)
+        lc, lr = lengths[name] if lengths else pair_lengths(ds, tokenizer)
         report[name] = {"pairs": len(ds), "chosen_tokens": length_stats(lc), "rejected_tokens": length_stats(lr)}
     report["train_test_overlap"] = len(overlapping_pairs(splits.train, splits.test))
     report.update(extra or {})
