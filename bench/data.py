@@ -120,7 +120,17 @@ def build_folder(folder: Path, pool: list[dict[str, str]], lengthen: bool, train
 
 
 def peak_rss_mb() -> float:
-    """This process's peak RSS so far (``ru_maxrss`` is in KiB on Linux)."""
+    """This process's peak RSS so far: ``VmHWM`` of its own memory map.
+
+    Not ``ru_maxrss``: Linux carries that over ``fork`` + ``exec``, so a child started by a bench that already
+    holds GBs of models would report the parent's peak (2.6 GB at every size, measured).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 

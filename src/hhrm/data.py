@@ -369,17 +369,9 @@ def length_stats(lengths: np.ndarray) -> dict[str, float]:
     if len(lengths) == 0:
         return {"count": 0}
     q = np.percentile(lengths, [5, 25, 50, 75, 95, 99])
-    return {
-        "count": int(len(lengths)),
-        "mean": float(lengths.mean()),
-        "p5": float(q[0]),
-        "p25": float(q[1]),
-        "p50": float(q[2]),
-        "p75": float(q[3]),
-        "p95": float(q[4]),
-        "p99": float(q[5]),
-        "max": int(lengths.max()),
-    }
+    stats = {"count": int(len(lengths)), "mean": float(lengths.mean())}
+    stats |= {f"p{p}": float(v) for p, v in zip((5, 25, 50, 75, 95, 99), q)}
+    return stats | {"max": int(lengths.max())}
 
 
 def data_report(
