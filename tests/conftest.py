@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,24 @@ def run_process(cmd: list[str], usual_seconds: float, **kwargs) -> subprocess.Co
             f"{' '.join(map(str, cmd[:4]))} ... did not finish in {limit:.0f} s; it usually takes about "
             f"{usual_seconds:.0f} s on 2 idle cores: a hang, or a machine far busier than that"
         )
+
+
+def two_process_launch(script: str, *args: str) -> list[str]:
+    """``accelerate launch`` of ``script`` as 2 gloo processes on this CPU machine (``--multi_gpu`` falls back to
+    gloo without CUDA; accelerate's MULTI_CPU type would need mpirun)."""
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    return [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        script,
+        *args,
+    ]

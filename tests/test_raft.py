@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from hhrm import data as hdata
 from hhrm.raft import RaftConfig, StopRequested
 from hhrm.reporting import read_jsonl
 
-from conftest import load_recipe, run_process
+from conftest import load_recipe, run_process, two_process_launch
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,21 +201,7 @@ def test_two_processes_cover_every_prompt_once(models, tmp_path):
     values = settings(models, out, num_iterations=1, prompts_per_iteration=21, heldout_prompts=9)
     argv = [x for k, v in values.items() for x in (f"--{k}", str(v))]
     env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "recipes/raft.py",
-        *argv,
-    ]
+    cmd = two_process_launch("recipes/raft.py", *argv)
     proc = run_process(cmd, 90, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     d = out / "iter_000"

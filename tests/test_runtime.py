@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from conftest import two_process_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,20 +27,7 @@ state.wait_for_everyone()
 def test_a_frozen_rank_fails_the_run_after_ddp_timeout(tmp_path):
     script = tmp_path / "frozen_rank.py"
     script.write_text(FROZEN_RANK)
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(script),
-    ]
+    cmd = two_process_launch(str(script))
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=250)
