@@ -40,6 +40,7 @@ def main(data_args: data.DataArguments, args: sft.SFTConfig, model_args: ModelCo
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    reporting.set_tensorboard_dir(trainer)  # curves in output_dir/runs, the evaluation before training included
     before = trainer.evaluate() if eval_ds is not None else {}
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 

@@ -12,7 +12,7 @@ from hhrm import data as hdata
 from hhrm.raft import RaftConfig, StopRequested
 from hhrm.reporting import read_jsonl
 
-from conftest import load_recipe, run_process, two_process_launch
+from conftest import load_recipe, run_process, tensorboard_scalars, two_process_launch
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +160,20 @@ def test_reward_rises_and_outputs_are_written(uninterrupted):
     ):
         assert key in m, key
     assert m["reward_best_of_k"] >= m["reward_first_sample"]
+
+
+def test_tensorboard_has_each_iteration_and_each_fine_tune(uninterrupted):
+    """report_to's default: RAFT's per-iteration metrics (step = iteration) and each iteration's SFT curves."""
+    out = uninterrupted
+    rows = json.loads((out / "metrics_per_iteration.json").read_text())["iterations"]
+    raft = tensorboard_scalars(out / "runs" / "raft")
+    for key in ("reward_best_of_k", "gold_accuracy", "kept", "response_tokens_mean", "distinct_2", "seconds_train"):
+        assert raft[f"raft/{key}"] == [(i, pytest.approx(r[key])) for i, r in enumerate(rows)], key
+    final = json.loads((out / "metrics_per_iteration.json").read_text())["final"]
+    assert raft["final/heldout_reward"] == [(2, pytest.approx(final["heldout_reward"]))]
+    for it in (0, 1):
+        assert "train/train_loss" in tensorboard_scalars(out / "runs" / f"iter_{it:03d}")
+    assert not list((out / "iter_000" / "policy").rglob("events.out.tfevents.*"))  # not inside the model folder
 
 
 def test_resume_after_interruption_in_each_stage_gives_identical_results(models, uninterrupted, tmp_path):

@@ -9,7 +9,7 @@ from trl import ModelConfig, SFTTrainer, get_peft_config
 
 from hhrm import data, sft
 
-from conftest import load_recipe, run_process
+from conftest import load_recipe, run_process, tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SFT = ROOT / "recipes" / "configs" / "tiny" / "sft.yaml"
@@ -62,7 +62,9 @@ def test_packing_gives_full_chunks_without_padding(tiny, tmp_path):
 
 def test_sft_recipe_lowers_eval_loss_and_writes_a_model_folder(tiny, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny["base"])
-    args = _args(tmp_path, max_steps=40, eval_rows=100, gold_eval_prompts=40, gold_max_new_tokens=16)
+    args = _args(
+        tmp_path, max_steps=40, eval_rows=100, gold_eval_prompts=40, gold_max_new_tokens=16, report_to="tensorboard"
+    )
     data_args = data.DataArguments(dataset_name=str(tiny["data"]), test_offset=100)
     metrics = load_recipe("sft").main(data_args, args, ModelConfig(model_name_or_path=str(tiny["base"])))
     before = {"eval_loss": metrics["eval_loss_before"]}
@@ -81,6 +83,9 @@ def test_sft_recipe_lowers_eval_loss_and_writes_a_model_folder(tiny, tmp_path):
     card = (out / "README.md").read_text()
     assert "eval_loss" in card and "gold_accuracy" in card and '"learning_rate": 0.003' in card
     assert AutoModelForCausalLM.from_pretrained(out).config.pad_token_id == tok.pad_token_id
+    curves = tensorboard_scalars(out / "runs")  # the trainer's curves, where the README says to look
+    assert [step for step, _ in curves["train/loss"]] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert curves["train/loss"][-1][1] < curves["train/loss"][0][1]
 
 
 @pytest.mark.slow

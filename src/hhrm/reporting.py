@@ -173,3 +173,39 @@ def write_stage_outputs(
         write_json(data_report, output_dir / "data_report.json")
     write_json(metrics, output_dir / "metrics.json")
     card.write(output_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# TensorBoard: every stage's trainer logs there by default (``report_to``, see hhrm.runtime)
+
+TENSORBOARD = "tensorboard"
+
+
+def log_scalars(log_dir: str | os.PathLike, scalars: dict[str, Any], step: int, prefix: str) -> int:
+    """Write the numeric values of ``scalars`` as TensorBoard scalars ``prefix/key`` at ``step``; returns how many.
+
+    For what no trainer logs (RAFT's per-iteration metrics). The writer is opened and closed per call: a
+    resumed run appends a new event file to the same folder, which TensorBoard reads together.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    values = {k: float(v) for k, v in scalars.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with SummaryWriter(log_dir=str(log_dir)) as writer:
+        for key, value in values.items():
+            writer.add_scalar(f"{prefix}/{key}", value, step)
+    return len(values)
+
+
+def set_tensorboard_dir(trainer: Any, log_dir: str | os.PathLike | None = None) -> None:
+    """Point the trainer's TensorBoard callback (``report_to``) at ``log_dir`` before anything is logged.
+
+    Default: ``<output_dir>/runs/<date>_<host>``, transformers' own choice, which it makes only at train begin:
+    a ``trainer.evaluate()`` before ``train()`` would otherwise open a writer in ``./runs`` of the working
+    directory. RAFT gives each iteration's fine-tune its own folder (its steps restart at 0).
+    """
+    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations.integration_utils import default_logdir
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.tb_writer is None:
+            callback.logging_dir = str(log_dir or Path(trainer.args.output_dir) / default_logdir())

@@ -50,12 +50,20 @@ class StageConfigMixin:
     """Put first in a TRL config's bases: what every hhrm stage adds to TRL's config.
 
     * ``bf16=None`` is resolved from the device before TRL sees it (TRL's default is True even on a CPU);
+    * ``report_to`` defaults to TensorBoard (TRL's is none): a run of hours shows its curves;
     * on a machine without an accelerator, ``use_cpu`` (so several processes initialise gloo);
     * ``overwrite_output_dir``: a folder that holds a model is only replaced when asked (``hhrm.outputs``);
     * ``resume_from_checkpoint: true`` means the latest checkpoint in ``output_dir``, as in TRL's scripts
       (transformers parses it as a path string).
     """
 
+    report_to: None | str | list[str] = field(
+        default="tensorboard",
+        metadata={
+            "help": "Where the trainer logs: tensorboard (default: event files under <output_dir>/runs; watch with "
+            "`tensorboard --logdir <output_dir>`), wandb, mlflow, ... or none."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={

@@ -219,6 +219,7 @@ class RaftRunner:
             processing_class=self.tokenizer,
             peft_config=get_peft_config(self.model_args),
         )
+        reporting.set_tensorboard_dir(trainer, self.out / "runs" / d.name)  # not inside the policy folder
         result = trainer.train()
         modeling.save_merged(trainer, tmp, self.tokenizer)
         if self.state.is_main_process:
@@ -231,6 +232,8 @@ class RaftRunner:
         if self.state.is_main_process:
             row = iteration_metrics(iter_dir(self.out, it), it, self.policy_path(it), self.gold)
             reporting.write_json(row, iter_dir(self.out, it) / "metrics.json")
+            if reporting.TENSORBOARD in self.args.report_to:
+                reporting.log_scalars(self.out / "runs" / "raft", row | {"iteration": None}, step=it, prefix="raft")
             write_run_reports(self.out, iteration_rows(self.out, self.args.num_iterations), None, self.title)
         self.state.wait_for_everyone()
         return {}
@@ -267,6 +270,10 @@ class RaftRunner:
             )
             reporting.write_json(headline, self.out / "metrics.json")
             card.write(self.out)
+            if (
+                reporting.TENSORBOARD in self.args.report_to
+            ):  # the final policy's held-out metrics, after the last step
+                reporting.log_scalars(self.out / "runs" / "raft", final, step=self.args.num_iterations, prefix="final")
         self.state.wait_for_everyone()
         return headline
 
