@@ -47,7 +47,8 @@ def main(
     scorer = scoring.RewardScorer.from_pretrained(
         reward_model, dtype=runtime.torch_dtype(args.bf16), batch_size=args.scorer_batch_size, setting="reward_model"
     )
-    pairs = rm.prepare_pairs(data.load_splits(data_args), scorer.tokenizer, args.max_length, args.dedup_test)
+    splits = data.load_splits(data_args, scorer.tokenizer)  # the tokenizer renders the text when use_chat_template
+    pairs = rm.prepare_pairs(splits, scorer.tokenizer, args.max_length, args.dedup_test)
 
     ################
     # Evaluation; eval_rm.json and the model card's evaluation section

@@ -25,7 +25,7 @@ def main(data_args: data.DataArguments, args: sft.SFTConfig, model_args: ModelCo
     ################
     # Data: chosen dialogues of the RM-train rows; held-out RM-test dialogues for the eval loss
     ################
-    splits = data.load_splits(data_args)
+    splits = data.load_splits(data_args, tokenizer)  # the tokenizer renders the text when use_chat_template is set
     train_ds, eval_ds = sft.sft_datasets(splits, args.eval_rows)
     train_ds, long_docs = sft.long_documents(train_ds, tokenizer, args.max_length, args.max_document_tokens)
 

@@ -210,3 +210,18 @@ def test_chunked_normalisation_and_lengths_match_one_pass(tmp_path, tiny, monkey
     test = ds.select([23, 5, 3]).add_item({"prompt": "###Human: x ###Assistant:", "chosen": " a", "rejected": " b"})
     assert data.overlapping_pairs(ds, test) == [0, 1, 2]
     assert data.overlapping_pairs(ds, ds.select([])) == [] and data.overlapping_pairs(ds.select([]), test) == []
+
+
+def test_text_rule_option_and_row_index():
+    args = data.DataArguments()
+    assert args.use_chat_template is False and data.text_rule(args).name == "hh"
+    assert "chat template" in data.DataArguments.__dataclass_fields__["use_chat_template"].metadata["help"]
+    rows = [_raw_pair(0), BAD_ROW, _raw_pair(2)]
+    ds, report = data.normalize_rows(rows, "auto", "train", first_index=7)
+    assert (
+        ds.column_names == [*data.COLUMNS, "row"]
+        and ds["row"] == [7, 9]
+        and report.examples == {"missing_field": ["train[8]"]}
+    )
+    ds, _ = data.normalize_rows(rows, "raw", "train", keep_index=False)
+    assert ds.column_names == list(data.COLUMNS)

@@ -116,7 +116,10 @@ def test_detect_format_reads_object_rows_only(tmp_path):
     raw = _raw_rows(40)
     marker = {data_io.UNPARSABLE: "x.jsonl:1: bad"}
     assert data.detect_format([42, None, "prompt", ["prompt"], marker, *raw]) == "raw"
-    assert data.detect_format([None, "chosen", {"prompt": "p", "chosen": "c", "rejected": "r"}]) == "dahoas"
+    hh_prompt = {"prompt": "\n\nHuman: p\n\nAssistant:", "chosen": "c", "rejected": "r"}
+    assert data.detect_format([None, "chosen", hh_prompt]) == "dahoas"
+    # A prompt without HH turn markers is TRL's plain-text "standard" format, not Dahoas.
+    assert data.detect_format([None, "chosen", {"prompt": "p", "chosen": "c", "rejected": "r"}]) == "standard"
     with pytest.raises(ValueError, match="dataset_format=raw"):
         data.detect_format([42, None, "prompt"])
     # Through a file: the non-object rows are counted, the rest load as raw.

@@ -45,3 +45,10 @@ def test_cut_at_next_turn():
 def test_last_human_turn():
     prompt, _ = f.split_prompt_response(RAW)
     assert f.last_human_turn(prompt) == "What is 2 plus 2?"
+
+
+def test_turn_markers_tell_hh_text_from_plain_text():
+    assert f.has_turn_markers(RAW) and f.has_turn_markers("###Human: hi ###Assistant:")
+    assert f.has_turn_markers("Human: hi\n\nAssistant:") and f.has_turn_markers("\r\n\r\nHuman: hi\r\n\r\nAssistant:")
+    assert not f.has_turn_markers("What did the Human: say?") and not f.has_turn_markers("plain question")
+    assert f.normalize_newlines("a\r\nb\rc\n") == "a\nb\nc\n"

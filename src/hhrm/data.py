@@ -1,23 +1,30 @@
 """HH-RLHF loading, normalisation, the card's splits and the data report.
 
-Two input schemas are accepted, detected from the columns (or forced with ``dataset_format``):
+Input formats, detected from the columns and values (or stated with ``dataset_format``;
+:mod:`hhrm.formats` has the details):
 
-* ``raw``: Anthropic's release, ``{"chosen": dialogue, "rejected": dialogue}`` (whole dialogues);
-* ``dahoas``: ``Dahoas/full-hh-rlhf``, ``{"prompt", "response", "chosen", "rejected"}`` where
-  ``chosen``/``rejected`` hold the final answer only.
+* ``raw``: Anthropic's release, ``{"chosen": dialogue, "rejected": dialogue}`` (whole HH dialogues);
+* ``dahoas``: ``Dahoas/full-hh-rlhf``, ``{"prompt", "response", "chosen", "rejected"}``, an HH-marker
+  prompt and the final answers;
+* ``conversational``: TRL's message lists, with the prompt implicit (the shared messages before the
+  last) or explicit (``"prompt": [...]``);
+* ``standard``: TRL's plain strings with a plain-text prompt (one user message).
 
-Both become one internal form, ``{"prompt", "chosen", "rejected"}`` in hhrm's text format
-(:mod:`hhrm.formatting`): a prompt ending in ``" ###Assistant:"`` and two responses. Rows that
-cannot be normalised are counted by reason (:class:`DropReport`), never raise mid-run; a split
-that is empty, or has more bad rows than ``max_bad_row_fraction`` allows, is refused before any
-training starts. Reading files is :mod:`hhrm.data_io`.
+All become one internal form, ``{"prompt", "chosen", "rejected"}`` strings, through one text rule
+(:class:`hhrm.formats.TextRule`, built by :func:`text_rule`): the card's ``###Human:`` /
+``###Assistant:`` format (:mod:`hhrm.formatting`), or with ``use_chat_template`` the tokenizer's chat
+template. SFT (prompt + chosen), the RM (prompt + response + EOS), evaluation, scoring and RAFT read
+these strings, so no two stages render a dialogue differently. Rows that cannot be normalised are
+counted by reason (:class:`DropReport`), never raise mid-run; a split that is empty, or has more bad
+rows than ``max_bad_row_fraction`` allows, is refused before any training starts. Prompt/response
+rows to score go through :func:`normalize_completions` by the same rule. Reading files is
+:mod:`hhrm.data_io`.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,12 +32,13 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, Features, Value, concatenate_datasets
 
-from hhrm import formatting
-from hhrm.data_io import UNDECODABLE, UNPARSABLE, detect_format, read_rows, split_file
+from hhrm import formats
+from hhrm.data_io import UNDECODABLE, UNPARSABLE, detect_completion_format, detect_format, read_rows, split_file
+from hhrm.formats import BadRow, DropReport, TextRule, text_rule
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", "raw", "dahoas")
+FORMATS = ("auto", *formats.PAIR_FORMATS)
 COLUMNS = ("prompt", "chosen", "rejected")
 # Rows normalised (and pairs tokenized) per step, so no stage holds a second full Python copy of a split.
 CHUNK_ROWS = 8192
@@ -49,7 +57,14 @@ class DataArguments:
             "is a local path."
         },
     )
-    dataset_format: str = field(default="auto", metadata={"help": "auto | raw | dahoas (auto: from the columns)."})
+    dataset_format: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | raw | dahoas | conversational | standard (auto: from the columns and values). raw: "
+            "Anthropic's whole dialogues; dahoas: HH-marker prompt + answers; conversational: TRL's message lists "
+            "(prompt implicit or explicit); standard: TRL's plain strings with a plain-text prompt."
+        },
+    )
     train_split: str = field(default="train", metadata={"help": "Split (or file stem) with the training rows."})
     test_split: str = field(default="test", metadata={"help": "Split (or file stem) with the test rows."})
     test_offset: int = field(
@@ -64,6 +79,14 @@ class DataArguments:
         default=0.1,
         metadata={
             "help": "Share of rows per split that may be dropped as bad before the run is refused; 1.0 accepts any."
+        },
+    )
+    use_chat_template: bool = field(
+        default=False,
+        metadata={
+            "help": "Render every dialogue with the tokenizer's chat template instead of the card's ###Human: / "
+            "###Assistant: format (needs a tokenizer with a chat_template; keeps system messages). One rule for "
+            "every stage: change it only together with retraining the SFT and reward models."
         },
     )
 
@@ -86,128 +109,88 @@ class DataArguments:
 # Normalisation with bad-row accounting
 
 
-class BadRow(ValueError):
-    """A row that cannot be normalised; ``reason`` is the counter key."""
-
-    def __init__(self, reason: str, detail: str = "", where: str | None = None):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.where = where  # a row id better than the row's position (``file:line``), if any
-
-
-@dataclass
-class DropReport:
-    """Rows dropped, by reason, with the first few row ids of each for a user to look at."""
-
-    counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-    seen: int = 0
-
-    def add(self, reason: str, row_id: str) -> None:
-        self.counts[reason] += 1
-        self.examples.setdefault(reason, [])
-        if len(self.examples[reason]) < 5:
-            self.examples[reason].append(row_id)
-
-    @property
-    def dropped(self) -> int:
-        return sum(self.counts.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"seen": self.seen, "dropped": self.dropped, "by_reason": dict(self.counts), "examples": self.examples}
-
-    def reasons(self, top: int | None = None) -> str:
-        """``reason=count (e.g. ids)``, most frequent first."""
-        return ", ".join(f"{k}={v} (e.g. {', '.join(self.examples[k][:3])})" for k, v in self.counts.most_common(top))
-
-    def summary(self, name: str) -> str:
-        if not self.dropped:
-            return f"{name}: {self.seen} rows, none dropped"
-        return f"{name}: {self.seen} rows, dropped {self.dropped}: {self.reasons()}"
+def normalize_row(row: dict[str, Any], fmt: str, rule: TextRule | None = None) -> dict[str, str]:
+    """One preference row -> ``{"prompt", "chosen", "rejected"}`` by ``rule`` (default: ``###``); raises BadRow."""
+    _check_readable(row)
+    context, chosen, rejected = formats.pair_parts(row, fmt)
+    formats.check_answers(context, chosen, rejected)
+    rule = rule or formats.HH_RULE
+    prompt, chosen = rule.render(context, chosen)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rule.render(context, rejected)[1]}
 
 
-def _require_str(row: dict[str, Any], key: str) -> str:
-    if key not in row or row[key] is None:
-        raise BadRow("missing_field", key)
-    text = row[key]
-    if not isinstance(text, str):
-        raise BadRow("not_string", f"{key} is {type(text).__name__}")
-    # Windows (\r\n) and old Mac (\r) line ends read like \n, so their turn markers are found.
-    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+def normalize_completion(row: dict[str, Any], fmt: str, rule: TextRule | None = None) -> dict[str, str]:
+    """One prompt/response (or prompt/completion) row -> ``{"prompt", "response"}``; raises :class:`BadRow`."""
+    _check_readable(row)
+    context, answer = formats.completion_parts(row, fmt)
+    formats.check_answers(context, answer)
+    prompt, response = (rule or formats.HH_RULE).render(context, answer)
+    return {"prompt": prompt, "response": response}
 
 
-def _split(text: str, which: str) -> tuple[list[formatting.Turn], str]:
-    try:
-        turns = formatting.parse_turns(text)
-    except ValueError as e:
-        raise BadRow("malformed_dialogue", f"{which}: {e}") from None
-    if not turns or turns[-1][0] != "Assistant":
-        raise BadRow("no_assistant_turn", which)
-    return turns[:-1], turns[-1][1]
-
-
-def _prompt_context(prompt: str) -> list[formatting.Turn]:
-    """Turns of a Dahoas prompt, which must end with an empty Assistant turn."""
-    try:
-        turns = formatting.parse_turns(prompt)
-    except ValueError as e:
-        raise BadRow("malformed_dialogue", f"prompt: {e}") from None
-    if not turns or turns[-1] != ("Assistant", ""):
-        raise BadRow("no_assistant_turn", "prompt does not end with 'Assistant:'")
-    return turns[:-1]
-
-
-def normalize_row(row: dict[str, Any], fmt: str) -> dict[str, str]:
-    """One input row → ``{"prompt", "chosen", "rejected"}``; raises :class:`BadRow`."""
+def _check_readable(row: dict[str, Any]) -> None:
     if UNPARSABLE in row:
         raise BadRow("unparsable_json", row[UNPARSABLE])
     if UNDECODABLE in row:
         raise BadRow("undecodable_line", row.get("detail", ""), where=row[UNDECODABLE])
-    chosen_raw, rejected_raw = _require_str(row, "chosen"), _require_str(row, "rejected")
-    if fmt == "dahoas":
-        context = _prompt_context(_require_str(row, "prompt"))
-        chosen, rejected = chosen_raw.strip(), rejected_raw.strip()
-    else:
-        context, chosen = _split(chosen_raw, "chosen")
-        rejected_context, rejected = _split(rejected_raw, "rejected")
-        if context != rejected_context:
-            raise BadRow("prompt_mismatch", "chosen and rejected differ before the final answer")
-    if not any(role == "Human" for role, _ in context):
-        raise BadRow("no_human_turn")
-    if not chosen or not rejected:
-        raise BadRow("empty_response", "chosen" if not chosen else "rejected")
-    if chosen == rejected:
-        raise BadRow("identical_responses")
-    return {
-        "prompt": formatting.make_prompt(context),
-        "chosen": formatting.make_response(chosen),
-        "rejected": formatting.make_response(rejected),
-    }
 
 
-_FEATURES = Features({k: Value("string") for k in COLUMNS})
-
-
-def normalize_rows(rows: Sequence[Any], fmt: str, name: str, first_index: int = 0) -> tuple[Dataset, DropReport]:
-    """Normalise every row; bad rows are counted in the report (ids are ``name[index]``, or ``file:line``).
-
-    Clean rows go to Arrow every :data:`CHUNK_ROWS` rows, so the split is never held twice in Python.
+def normalize_rows(
+    rows: Sequence[Any],
+    fmt: str,
+    name: str,
+    first_index: int = 0,
+    rule: TextRule | None = None,
+    keep_index: bool = True,
+) -> tuple[Dataset, DropReport]:
+    """Normalise every preference row by ``rule``; bad rows are counted in the report (ids ``name[index]`` or
+    ``file:line``). Columns ``prompt``, ``chosen``, ``rejected`` (strings) and, with ``keep_index``, ``row``: the
+    input index (``first_index`` + position) of each kept row, in input order. ``fmt="auto"`` detects it.
     """
+    fmt = detect_format(rows) if fmt == "auto" else _check_format(fmt, formats.PAIR_FORMATS)
+    return _normalize(rows, lambda r: normalize_row(r, fmt, rule), COLUMNS, name, first_index, keep_index)
+
+
+def normalize_completions(
+    rows: Sequence[Any], fmt: str, name: str, rule: TextRule | None = None, first_index: int = 0
+) -> tuple[Dataset, DropReport]:
+    """Prompt/response rows (``{"prompt", "response"}`` or TRL's ``{"prompt", "completion"}``; ``fmt``: ``dahoas``
+    (HH-marker prompt), ``standard`` (plain-text prompt), ``conversational`` (message lists) or ``auto``, see
+    :func:`detect_completion_format`) -> string columns ``prompt``, ``response`` (``prompt + response`` is the
+    full text ``rule`` renders) and int ``row`` (input index of each kept row, in order); the rest are counted.
+    """
+    fmt = detect_completion_format(rows) if fmt == "auto" else _check_format(fmt, formats.COMPLETION_FORMATS)
+    return _normalize(rows, lambda r: normalize_completion(r, fmt, rule), ("prompt", "response"), name, first_index)
+
+
+def _check_format(fmt: str, known: tuple[str, ...]) -> str:
+    if fmt not in known:
+        raise ValueError(f"dataset_format={fmt!r}: expected one of {('auto', *known)}")
+    return fmt
+
+
+def _normalize(
+    rows: Sequence[Any], convert, columns: Sequence[str], name: str, first_index: int, keep_index: bool = True
+) -> tuple[Dataset, DropReport]:
+    """``convert`` every row; clean rows go to Arrow every :data:`CHUNK_ROWS` rows (a split is never held twice)."""
+    features = Features({k: Value("string") for k in columns} | ({"row": Value("int64")} if keep_index else {}))
     report = DropReport(seen=len(rows))
     parts: list[Dataset] = []
-    out: dict[str, list[str]] = {k: [] for k in COLUMNS}
+    out: dict[str, list] = {k: [] for k in features}
     for i, row in enumerate(rows, start=first_index):
         try:
-            clean = normalize_row(row, fmt) if isinstance(row, dict) else _raise_not_object(row)
+            clean = convert(row) if isinstance(row, dict) else _raise_not_object(row)
         except BadRow as e:
-            report.add(e.reason, e.where or f"{name}[{i}]")
+            report.add(e.reason, e.where or f"{name}[{i}]", e.detail)
             continue
-        for k in COLUMNS:
+        for k in columns:
             out[k].append(clean[k])
-        if len(out["prompt"]) >= CHUNK_ROWS:
-            parts.append(Dataset.from_dict(out, features=_FEATURES))
-            out = {k: [] for k in COLUMNS}
-    parts.append(Dataset.from_dict(out, features=_FEATURES))
+        if keep_index:
+            out["row"].append(i)
+        if len(out[columns[0]]) >= CHUNK_ROWS:
+            parts.append(Dataset.from_dict(out, features=features))
+            out = {k: [] for k in features}
+    parts.append(Dataset.from_dict(out, features=features))
     return (parts[0] if len(parts) == 1 else concatenate_datasets(parts)), report
 
 
@@ -233,12 +216,15 @@ class PreferenceSplits:
         return Dataset.from_dict({"text": [p + c for p, c in zip(self.train["prompt"], self.train["chosen"])]})
 
 
-def load_splits(args: DataArguments) -> PreferenceSplits:
-    """Read, split by the card's rule (on raw row positions), then normalise each part.
+def load_splits(args: DataArguments, tokenizer=None) -> PreferenceSplits:
+    """Read, split by the card's rule (on raw row positions), then normalise each part by the one text rule.
 
-    Refused (``ValueError``) before any training: an empty train input, an RM-train split with no
-    usable pair, and a split with a larger share of bad rows than ``max_bad_row_fraction``.
+    ``tokenizer``: the one whose chat template renders the text when ``use_chat_template`` (required then).
+    Refused (``ValueError``) before any training: ``use_chat_template`` without a tokenizer that has a chat
+    template, an empty train input, an RM-train split with no usable pair, and a split with a larger share of
+    bad rows than ``max_bad_row_fraction``.
     """
+    rule = text_rule(args, tokenizer)  # a config error, before minutes of reading
     train_rows, test_rows = _read_inputs(args)
     fmt = args.dataset_format
     if fmt == "auto":
@@ -246,17 +232,19 @@ def load_splits(args: DataArguments) -> PreferenceSplits:
     source = {
         "dataset_name": args.dataset_name,
         "format": fmt,
+        "text_rule": rule.name,
         "train_rows": len(train_rows),
         "test_rows": len(test_rows),
         "test_offset": args.test_offset,
     }
-    train_a, drop_a = normalize_rows(train_rows, fmt, args.train_split)
+    part = dict(rule=rule, keep_index=False)  # the splits keep today's three columns
+    train_a, drop_a = normalize_rows(train_rows, fmt, args.train_split, **part)
     del train_rows  # the raw rows are not needed past their own normalisation
-    train_b, drop_b = normalize_rows(test_rows[: args.test_offset], fmt, args.test_split)
-    test, drop_test = normalize_rows(test_rows[args.test_offset :], fmt, args.test_split, first_index=args.test_offset)
+    train_b, drop_b = normalize_rows(test_rows[: args.test_offset], fmt, args.test_split, **part)
+    test, drop_test = normalize_rows(test_rows[args.test_offset :], fmt, args.test_split, args.test_offset, **part)
     del test_rows
     train = concatenate_datasets([train_a, train_b])
-    drops = {"train": _merge(drop_a, drop_b), "test": drop_test}
+    drops = {"train": drop_a.merge(drop_b), "test": drop_test}
     for name, rep in drops.items():
         (logger.warning if rep.dropped else logger.info)(rep.summary(f"bad rows in {name}"))
     _refuse_bad_splits(args, drops, len(train))
@@ -301,15 +289,6 @@ def _refuse_bad_splits(args: DataArguments, drops: dict[str, DropReport], train_
                 f"{args.max_bad_row_fraction}: fix the file or the schema (dataset_format), or raise "
                 f"max_bad_row_fraction (1.0 accepts any)"
             )
-
-
-def _merge(a: DropReport, b: DropReport) -> DropReport:
-    merged = DropReport(counts=a.counts + b.counts, seen=a.seen + b.seen)
-    for rep in (a, b):
-        for k, ids in rep.examples.items():
-            merged.examples.setdefault(k, [])
-            merged.examples[k].extend(ids[: 5 - len(merged.examples[k])])
-    return merged
 
 
 def overlapping_pairs(train: Dataset, test: Dataset) -> list[int]:

@@ -1,4 +1,4 @@
-"""Reading preference rows from a local folder or file, or a hub id, and detecting their schema.
+"""Reading preference rows from a local folder or file, or a hub id, and detecting their format.
 
 Local JSON lines are read as bytes, line by line, so that one bad line becomes a marker row that
 :mod:`hhrm.data` counts with the other bad rows (``unparsable_json``, ``undecodable_line``), while a
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from datasets import Dataset
+
+from hhrm.formatting import has_turn_markers
 
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 # A name ending like a data file is a path, never a hub id.
@@ -195,27 +197,75 @@ def is_marker(row: Any) -> bool:
     return isinstance(row, dict) and (UNPARSABLE in row or UNDECODABLE in row)
 
 
-def detect_format(rows: Iterable[Any], limit: int = 100) -> str:
-    """``dahoas`` if rows carry a ``prompt`` column, else ``raw`` (needs ``chosen``/``rejected``).
+def _pair_format(row: dict[str, Any]) -> str | None:
+    """The pair format one object row shows, ``"implicit"`` for TRL's prompt-less plain strings, or ``None``."""
+    prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+    if any(isinstance(v, list) for v in (prompt, chosen, rejected)):
+        return "conversational"
+    if isinstance(prompt, str):  # HH markers in the prompt: Dahoas; plain text: TRL's standard
+        return "dahoas" if has_turn_markers(prompt) else "standard"
+    texts = [v for v in (chosen, rejected) if isinstance(v, str)]
+    if texts:
+        return "raw" if any(has_turn_markers(t) for t in texts) else "implicit"
+    return None
 
-    Only JSON objects count (the first ``limit`` of them): a number, a string or an unreadable line
-    is skipped here and counted as a bad row when the rows are normalised.
+
+def _objects(rows: Iterable[Any], limit: int) -> Iterator[dict[str, Any]]:
+    """The first ``limit`` rows that are JSON objects (not marker rows)."""
+    objects = (row for row in rows if isinstance(row, dict) and not is_marker(row))
+    for _, row in zip(range(limit), objects):
+        yield row
+
+
+def detect_format(rows: Iterable[Any], limit: int = 100) -> str:
+    """The pair format (``raw`` | ``dahoas`` | ``conversational`` | ``standard``) from the first row that shows one.
+
+    Message lists: ``conversational``; a string prompt with HH turn markers: ``dahoas``, without: ``standard``;
+    no prompt, chosen/rejected with markers: ``raw``. Plain chosen/rejected strings with neither a prompt nor
+    markers (TRL's standard implicit prompt) cannot give a prompt: refused. Only JSON objects count (the first
+    ``limit``): a number, a string or an unreadable line is skipped here and counted as a bad row later.
     """
     first_keys: list[str] | None = None
-    objects = 0
-    for row in rows:
-        if not isinstance(row, dict) or is_marker(row):
-            continue
-        if "prompt" in row:
-            return "dahoas"
-        if "chosen" in row or "rejected" in row:
-            return "raw"
+    fallback = implicit = None
+    for row in _objects(rows, limit):
+        found = _pair_format(row)
+        if found not in (None, "implicit"):
+            return found
+        implicit = implicit or found
+        if fallback is None and ("prompt" in row or "chosen" in row or "rejected" in row):
+            fallback = "dahoas" if "prompt" in row else "raw"  # columns there, values unusable: bad rows later
         first_keys = sorted(map(str, row)) if first_keys is None else first_keys
-        objects += 1
-        if objects >= limit:
-            break
+    if implicit:
+        raise ValueError(
+            "dataset_format: chosen/rejected are plain strings with no prompt column and no Human:/Assistant: "
+            "markers (TRL's standard implicit-prompt format), so nothing says where the prompt ends: add a prompt "
+            "column (dataset_format=standard) or write the rows as message lists (dataset_format=conversational)"
+        )
+    if fallback:
+        return fallback
     found = f"columns {first_keys}" if first_keys is not None else "no row that is a JSON object"
     raise ValueError(
         f"cannot detect the dataset format from {found}: expected chosen/rejected (+ prompt); check dataset_name, "
-        f"or state the schema with dataset_format=raw|dahoas"
+        f"or state the schema with dataset_format=raw|dahoas|conversational|standard"
+    )
+
+
+def detect_completion_format(rows: Iterable[Any], limit: int = 100) -> str:
+    """The format of prompt/response rows (``{"prompt", "response"}`` or TRL's ``{"prompt", "completion"}``).
+
+    ``conversational`` (message lists), ``dahoas`` (a prompt with HH turn markers, ending ``Assistant:``) or
+    ``standard`` (a plain-text prompt: one user message), from the first object row with a prompt.
+    """
+    first_keys: list[str] | None = None
+    for row in _objects(rows, limit):
+        prompt, answer = row.get("prompt"), row.get("response", row.get("completion"))
+        if isinstance(prompt, list) or isinstance(answer, list):
+            return "conversational"
+        if isinstance(prompt, str):
+            return "dahoas" if has_turn_markers(prompt) else "standard"
+        first_keys = sorted(map(str, row)) if first_keys is None else first_keys
+    found = f"columns {first_keys}" if first_keys is not None else "no row that is a JSON object"
+    raise ValueError(
+        f"cannot detect the completion format from {found}: expected prompt + response (or completion); check the "
+        f"input, or state it with dataset_format=dahoas|conversational|standard"
     )

@@ -1,10 +1,13 @@
-"""The one text format every stage uses.
+"""The card's ``###Human:`` / ``###Assistant:`` text format, the default text rule of every stage.
 
 HH-RLHF dialogues arrive as ``"\\n\\nHuman: q\\n\\nAssistant: a..."``. The card rewrites the two
-markers to ``###Human:`` / ``###Assistant:``. Everything in hhrm renders text through this module,
-so SFT, reward training, scoring, evaluation and RAFT all see byte-identical strings.
+markers to ``###Human:`` / ``###Assistant:``. Every input format (:mod:`hhrm.formats`: raw HH, Dahoas,
+TRL's conversational and standard) becomes turns rendered by one rule, so SFT, reward training,
+scoring, evaluation and RAFT all see byte-identical strings. With ``use_chat_template`` the tokenizer's
+chat template renders the same turns instead (:class:`hhrm.formats.TextRule`); this module is the
+``###`` rendering, and the parsing of HH marker text in either case.
 
-The rule (see README, "Text format"):
+The ``###`` rule (see README, "Text format"):
 
 * a dialogue is a list of turns ``(role, text)``, each text stripped of surrounding whitespace;
 * a turn renders as ``"###Human: text"`` / ``"###Assistant: text"``; turns are joined by one space,
@@ -30,6 +33,17 @@ _RAW_SPLIT = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _HASH_SPLIT = re.compile(r"###(Human|Assistant):")
 
 Turn = tuple[str, str]
+
+
+def normalize_newlines(text: str) -> str:
+    """Windows (``\\r\\n``) and old Mac (``\\r``) line ends as ``\\n``, so their turn markers are found."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def has_turn_markers(text: str) -> bool:
+    """Whether ``text`` holds HH turn markers (raw ``\\n\\nHuman:`` or ``###Human:``), i.e. is HH dialogue text."""
+    text = normalize_newlines(text)
+    return bool(_HASH_SPLIT.search(text) or _RAW_SPLIT.search(text))
 
 
 def rewrite_markers(text: str) -> str:

@@ -60,7 +60,7 @@ class RaftRunner:
         self.out = check_output_dir(args.output_dir, "raft")
         self.rank, self.world = self.state.process_index, self.state.num_processes
         self.tokenizer = modeling.load_tokenizer(model_args, padding_side="right", args=args)
-        self.splits = hdata.load_splits(data_args)
+        self.splits = hdata.load_splits(data_args, self.tokenizer)
         self.prompts, self.prompt_report = prompt_set(self.splits, self.tokenizer, args.max_prompt_tokens)
         draw_prompts(len(self.prompts), args.prompts_per_iteration, args.seed, 0)  # fail now on a too-large draw
         self.heldout = hdata.heldout_prompts(self.splits, args.heldout_prompts)
@@ -232,9 +232,8 @@ class RaftRunner:
         if self.state.is_main_process:
             row = iteration_metrics(iter_dir(self.out, it), it, self.policy_path(it), self.gold)
             reporting.write_json(row, iter_dir(self.out, it) / "metrics.json")
-            if reporting.TENSORBOARD in self.args.report_to:
-                reporting.log_scalars(self.out / "runs" / "raft", row | {"iteration": None}, step=it, prefix="raft")
-            write_run_reports(self.out, iteration_rows(self.out, self.args.num_iterations), None, self.title)
+            rows = iteration_rows(self.out, self.args.num_iterations)
+            write_run_reports(self.out, rows, None, self.title, self.args.report_to)
         self.state.wait_for_everyone()
         return {}
 
@@ -259,7 +258,7 @@ class RaftRunner:
         rows = iteration_rows(self.out, self.args.num_iterations)
         headline = run_headline(rows, final, self.args, self.prompt_report["prompt_set"], self.gold)
         if self.state.is_main_process:
-            write_run_reports(self.out, rows, final, self.title)
+            write_run_reports(self.out, rows, final, self.title, self.args.report_to)
             link_policy(Path(self.policy_path(self.args.num_iterations)), self.out)
             card = model_card(
                 rows,
@@ -270,10 +269,6 @@ class RaftRunner:
             )
             reporting.write_json(headline, self.out / "metrics.json")
             card.write(self.out)
-            if (
-                reporting.TENSORBOARD in self.args.report_to
-            ):  # the final policy's held-out metrics, after the last step
-                reporting.log_scalars(self.out / "runs" / "raft", final, step=self.args.num_iterations, prefix="final")
         self.state.wait_for_everyone()
         return headline
 
