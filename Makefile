@@ -11,7 +11,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCEL) --num_cpu_
 TINY := outputs/tiny
 ARGS ?=
 
-.PHONY: install embedded sft rm eval-rm raft demo test test-fast bench style quality clean
+.PHONY: install embedded sft rm eval-rm score raft demo test test-fast bench style quality clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -35,6 +35,12 @@ rm: embedded
 eval-rm: CONFIG ?= recipes/configs/tiny/rm.yaml
 eval-rm: install
 	$(PY) recipes/eval_rm.py --config $(CONFIG) $(if $(MODEL),--reward_model $(MODEL)) $(ARGS)
+
+# Score a file with a reward model: make score MODEL=outputs/tiny/rm DATA=pairs.jsonl OUT=scores.jsonl
+# (several processes: ACCEL=accelerate_configs/multi_cpu.yaml; each scores one shard of the rows)
+score: install
+	@test -n "$(MODEL)" -a -n "$(DATA)" -a -n "$(OUT)" || { echo "usage: make score MODEL=<reward model folder> DATA=<file> OUT=<file.jsonl|.parquet> [ARGS=...]"; exit 2; }
+	$(LAUNCH) recipes/score.py --model_name_or_path $(MODEL) --dataset_name $(DATA) --output_file $(OUT) $(ARGS)
 
 raft: CONFIG ?= recipes/configs/tiny/raft.yaml
 raft: embedded

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,11 +163,22 @@ def iterations_table(rows: list[dict[str, Any]], final: dict[str, Any] | None) -
     return reporting.markdown_table(rows + ([{"iteration": "final"} | final] if final else []), columns)
 
 
-def write_run_reports(out: Path, rows: list[dict[str, Any]], final: dict[str, Any] | None, title: str) -> None:
-    """``metrics_per_iteration.json``, ``metrics.md`` and ``reward_curve.png`` from the rows so far."""
+def write_run_reports(
+    out: Path, rows: list[dict[str, Any]], final: dict[str, Any] | None, title: str, report_to: Sequence[str] = ()
+) -> None:
+    """``metrics_per_iteration.json``, ``metrics.md`` and ``reward_curve.png`` from the rows so far.
+
+    With TensorBoard in ``report_to``, also the newest row (step = its iteration) or, once there, the final
+    policy's held-out metrics (step = the number of iterations) as scalars in ``runs/raft``.
+    """
     reporting.write_json({"iterations": rows, "final": final}, out / "metrics_per_iteration.json")
     (out / "metrics.md").write_text(iterations_table(rows, final))
     plot_reward_curve(rows, final, out / "reward_curve.png", title=title)
+    if reporting.TENSORBOARD in report_to and rows:
+        if final is None:
+            reporting.log_scalars(out / "runs" / "raft", rows[-1] | {"iteration": None}, rows[-1]["iteration"], "raft")
+        else:
+            reporting.log_scalars(out / "runs" / "raft", final, len(rows), "final")
 
 
 def model_card(

@@ -1,0 +1,335 @@
+"""The scoring command: every response of a data file scored by a reward model, written back beside its row.
+
+Input: any preference format hhrm reads (pairs: raw, dahoas, conversational, standard) or prompt/response
+rows (``{"prompt", "response"}`` or TRL's ``{"prompt", "completion"}``), from a local file or folder or a hub
+id. Every text goes through the one text rule (:mod:`hhrm.formats`) and the one reward rule
+(:func:`hhrm.scoring.encode`: text + EOS, read at the EOS), so a score here equals the score the RM was
+evaluated with.
+
+Output: the input rows, in input order and all of them, with ``chosen_reward``/``rejected_reward`` (pairs)
+or ``reward`` (responses) added; a row that could not be read or rendered keeps null rewards and says why
+in ``bad_row``. JSON lines or Parquet (by the file's suffix), plus ``<name>.metrics.json`` with the counts,
+the reward statistics and, for pairs, the pairwise accuracy (ties count as wrong, as in :mod:`hhrm.rm_eval`).
+
+Under ``accelerate launch`` each process scores one contiguous shard of the rows; the main process gathers
+them, checks that every row came back exactly once, and writes the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hhrm import data, data_io, formats, reporting, runtime, scoring
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("auto", "pairs", "responses")
+OUTPUT_SUFFIXES = (".jsonl", ".parquet")
+HEADLINE = ("rows", "scored", "bad_rows", "accuracy", "reward_mean", "seconds")
+REWARD_COLUMNS = {"pairs": ("chosen_reward", "rejected_reward"), "responses": ("reward",)}
+
+
+@dataclass
+class ScoreDataArguments:
+    """The rows to score."""
+
+    dataset_name: str = field(
+        default=None,
+        metadata={
+            "help": "Input: a local .jsonl[.gz]/.json/.parquet file, a folder holding <split>.<ext>, or a hub id."
+        },
+    )
+    split: str = field(
+        default="test", metadata={"help": "Split (file stem) to read when dataset_name is a folder/hub id."}
+    )
+    input_kind: str = field(
+        default="auto",
+        metadata={
+            "help": "pairs (chosen/rejected: any preference format) | responses (prompt + response or completion) | "
+            "auto (pairs if the rows have chosen/rejected, responses if they have response/completion).",
+            "choices": list(KINDS),
+        },
+    )
+    dataset_format: str = field(
+        default="auto",
+        metadata={
+            "help": "Format of the rows: auto | raw | dahoas | conversational | standard (README: 'Data formats').",
+            "choices": list(data.FORMATS),
+        },
+    )
+    use_chat_template: bool = field(
+        default=False,
+        metadata={"help": "Render with the reward tokenizer's chat template: set it as the RM was trained."},
+    )
+    max_rows: int | None = field(default=None, metadata={"help": "Score only the first N rows (quick runs)."})
+    max_bad_row_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of rows that may be unreadable before the run is refused (1.0 accepts any)."},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.dataset_name:
+            raise ValueError("dataset_name is required: the file (or folder) of rows to score (make score DATA=...)")
+        if self.input_kind not in KINDS:
+            raise ValueError(f"input_kind={self.input_kind!r}: expected one of {KINDS}")
+        if self.dataset_format not in data.FORMATS:
+            raise ValueError(f"dataset_format={self.dataset_format!r}: expected one of {data.FORMATS}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"max_rows={self.max_rows}: must be >= 1, or left unset to score every row")
+        if not 0.0 <= self.max_bad_row_fraction <= 1.0:
+            raise ValueError(f"max_bad_row_fraction={self.max_bad_row_fraction}: must be within [0, 1]")
+
+
+@dataclass
+class ScoreConfig:
+    """Where the scores go and how they are computed. The reward model is ``model_name_or_path`` (ModelConfig)."""
+
+    output_file: str = field(
+        default=None, metadata={"help": "Output file: .jsonl or .parquet (the input rows with reward columns)."}
+    )
+    overwrite_output: bool = field(default=False, metadata={"help": "Replace output_file if it exists."})
+    batch_size: int = field(default=64, metadata={"help": "Texts per reward-model forward, at most."})
+    max_tokens_per_batch: int = field(default=32_768, metadata={"help": "Padded tokens per forward, at most."})
+    bf16: bool | None = field(default=None, metadata={"help": "None: bf16 on a bf16-capable GPU, fp32 elsewhere."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar (main process)."})
+    ddp_timeout: int = field(default=1800, metadata={"help": "Seconds a process waits for the others to gather."})
+
+    def __post_init__(self) -> None:
+        if not self.output_file:
+            raise ValueError("output_file is required: a .jsonl or .parquet path (make score OUT=...)")
+        if not self.output_file.endswith(OUTPUT_SUFFIXES):
+            raise ValueError(f"output_file={self.output_file!r}: must end with one of {OUTPUT_SUFFIXES}")
+        if Path(self.output_file).exists() and not self.overwrite_output:
+            raise ValueError(
+                f"output_file={self.output_file!r} exists: choose another output_file, or pass --overwrite_output true"
+            )
+        if self.batch_size < 1 or self.max_tokens_per_batch < 1:
+            raise ValueError(
+                f"batch_size={self.batch_size}, max_tokens_per_batch={self.max_tokens_per_batch}: must be >= 1"
+            )
+
+
+def metrics_path(output_file: str | os.PathLike) -> Path:
+    """``scores.jsonl`` -> ``scores.metrics.json``."""
+    path = Path(output_file)
+    return path.with_name(path.name.rsplit(".", 1)[0] + ".metrics.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Input
+
+
+@dataclass
+class ScoreInput:
+    rows: list[Any]  # the input rows, as read (marker rows for unreadable lines)
+    kind: str  # pairs | responses
+    fmt: str  # the rows' format (detected or stated)
+    table: Any  # datasets.Dataset: prompt + chosen/rejected or response, and ``row`` (input index)
+    drops: data.DropReport
+
+    def texts(self, start: int, stop: int) -> list[str]:
+        """The full texts of table rows ``start:stop``: per row, chosen then rejected (pairs) or the response."""
+        batch = self.table[start:stop]
+        if self.kind == "responses":
+            return [p + r for p, r in zip(batch["prompt"], batch["response"])]
+        return [p + r for p, c, rj in zip(batch["prompt"], batch["chosen"], batch["rejected"]) for r in (c, rj)]
+
+
+def detect_kind(rows: list[Any], kind: str) -> str:
+    """``pairs`` or ``responses`` from the first object rows' columns (``input_kind=auto``)."""
+    if kind != "auto":
+        return kind
+    for row in rows[:100]:
+        if not isinstance(row, dict) or data_io.is_marker(row):
+            continue
+        if "chosen" in row or "rejected" in row:
+            return "pairs"
+        if "response" in row or "completion" in row:
+            return "responses"
+    objects = [r for r in rows[:100] if isinstance(r, dict) and not data_io.is_marker(r)]
+    found = f"columns {sorted(map(str, objects[0]))}" if objects else "no row that is a JSON object"
+    raise ValueError(
+        f"input_kind: the rows have neither chosen/rejected pairs nor a prompt with a response (or completion): "
+        f"found {found}; check dataset_name, or state input_kind=pairs|responses"
+    )
+
+
+def read_input(args: ScoreDataArguments, tokenizer) -> ScoreInput:
+    """Read and render the rows (refused early: no usable row, or too many bad rows)."""
+    rows = data_io.read_rows(args.dataset_name, args.split)
+    if args.max_rows is not None:
+        rows = rows[: args.max_rows]
+    if not rows:
+        raise ValueError(f"dataset_name={args.dataset_name!r}: no rows to score")
+    kind = detect_kind(rows, args.input_kind)
+    rule = formats.text_rule(args, tokenizer)
+    name = Path(args.dataset_name).name
+    fmt = args.dataset_format
+    if kind == "pairs":
+        fmt = data_io.detect_format(rows) if fmt == "auto" else fmt
+        table, drops = data.normalize_rows(rows, fmt, name, rule=rule)
+    else:
+        fmt = data_io.detect_completion_format(rows) if fmt == "auto" else fmt
+        table, drops = data.normalize_completions(rows, fmt, name, rule=rule)
+    share = drops.dropped / drops.seen
+    if not len(table) or share > args.max_bad_row_fraction:
+        raise ValueError(
+            f"dataset_name={args.dataset_name!r}: {drops.dropped} of {drops.seen} rows cannot be scored as {kind} "
+            f"({drops.reasons(top=3)}); fix the rows, set dataset_format/input_kind, or raise max_bad_row_fraction "
+            f"(now {args.max_bad_row_fraction})"
+        )
+    if drops.dropped:
+        logger.warning(drops.summary("rows not scored"))
+    return ScoreInput(rows=rows, kind=kind, fmt=fmt, table=table, drops=drops)
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring one process's shard
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous ``[start, stop)`` of ``n`` rows for ``rank`` of ``world``: together they cover each row once."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def score_shard(
+    scorer: scoring.RewardScorer, inp: ScoreInput, start: int, stop: int, progress: bool
+) -> list[tuple[int, list[float | None], str | None]]:
+    """``(input row, rewards, why not)`` for table rows ``start:stop``; a text longer than the model's positions
+    gets no reward (``too_long``) instead of failing the run."""
+    from tqdm.auto import tqdm
+
+    per_row = 2 if inp.kind == "pairs" else 1
+    limit = getattr(scorer.model.config, "max_position_embeddings", None)
+    chunk = max(scorer.batch_size * 16, 1024) // per_row
+    out: list[tuple[int, list[float | None], str | None]] = []
+    with tqdm(total=stop - start, desc="scoring", unit="row", disable=not progress) as bar:
+        for lo in range(start, stop, chunk):
+            hi = min(lo + chunk, stop)
+            ids = scoring.encode(scorer.tokenizer, inp.texts(lo, hi))
+            fits = [limit is None or len(x) <= limit for x in ids]
+            scores = iter(scorer.score_ids([x for x, ok in zip(ids, fits) if ok]))
+            values = [next(scores) if ok else None for ok in fits]
+            for j, row in enumerate(inp.table[lo:hi]["row"]):
+                mine = values[j * per_row : (j + 1) * per_row]
+                out.append((row, mine, None if None not in mine else "too_long"))
+            bar.update(hi - lo)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def output_rows(inp: ScoreInput, scored: dict[int, tuple[list[float | None], str | None]], rule) -> list[dict]:
+    """Every input row, in order, with its reward columns (null and ``bad_row`` when it has none)."""
+    columns = REWARD_COLUMNS[inp.kind]
+    fmt_rows: list[dict] = []
+    for i, row in enumerate(inp.rows):
+        out = dict(row) if isinstance(row, dict) else {"value": row}
+        if i in scored:
+            rewards, why = scored[i]
+        else:
+            rewards, why = [None] * len(columns), _why_bad(row, inp, rule)
+        out |= dict(zip(columns, rewards)) | {"bad_row": why}
+        fmt_rows.append(out)
+    return fmt_rows
+
+
+def _why_bad(row: Any, inp: ScoreInput, rule) -> str:
+    """The reason a row was not scored (re-derived for the few bad rows: the report keeps counts only)."""
+    one = data.normalize_rows if inp.kind == "pairs" else data.normalize_completions
+    _, report = one([row], inp.fmt, "row", rule=rule)
+    return next(iter(report.counts), "unreadable")
+
+
+def write_rows(rows: list[dict], path: str | os.PathLike) -> Path:
+    """JSON lines or Parquet, written whole then renamed into place."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return reporting.write_jsonl(rows, path)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = list(dict.fromkeys(k for r in rows for k in r))  # every row's columns (from_pylist reads the first's)
+    try:
+        table = pa.table({k: [r.get(k) for r in rows] for k in names})
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise ValueError(
+            f"output_file={str(path)!r}: the rows do not fit one Parquet schema ({e}); write .jsonl instead"
+        ) from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def summarize(inp: ScoreInput, rows: list[dict], seconds: float) -> dict[str, Any]:
+    """Counts, reward statistics and, for pairs, the pairwise accuracy over the scored pairs."""
+    columns = REWARD_COLUMNS[inp.kind]
+    scored = [r for r in rows if all(r[c] is not None for c in columns)]
+    bad: dict[str, int] = {}
+    for r in rows:
+        if r.get("bad_row"):
+            bad[r["bad_row"]] = bad.get(r["bad_row"], 0) + 1
+    values = np.array([r[c] for r in scored for c in columns], dtype=np.float64)
+    m: dict[str, Any] = {
+        "kind": inp.kind,
+        "rows": len(rows),
+        "scored": len(scored),
+        "bad_rows": sum(bad.values()),
+        "bad_rows_by_reason": bad,
+        "bad_row_examples": inp.drops.examples,
+        "reward_mean": float(values.mean()) if len(values) else None,
+        "reward_std": float(values.std()) if len(values) else None,
+        "seconds": seconds,
+    }
+    if inp.kind == "pairs" and scored:
+        margin = np.array([r["chosen_reward"] - r["rejected_reward"] for r in scored])
+        m |= {
+            "accuracy": float((margin > 0).mean()),
+            "ties": int((margin == 0).sum()),
+            "margin_mean": float(margin.mean()),
+        }
+    return m
+
+
+def run(data_args: ScoreDataArguments, args: ScoreConfig, model_path: str) -> dict[str, Any]:
+    """Score every row (sharded over the processes), write the output file and its metrics (main process)."""
+    import time
+
+    from accelerate.utils import gather_object
+
+    start = time.perf_counter()
+    state = runtime.process_state(args)
+    scorer = scoring.RewardScorer.from_pretrained(
+        model_path,
+        device=str(state.device),
+        dtype=runtime.torch_dtype(args.bf16),
+        setting="model_name_or_path",
+        batch_size=args.batch_size,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+    )
+    inp = read_input(data_args, scorer.tokenizer)
+    lo, hi = shard_bounds(len(inp.table), state.process_index, state.num_processes)
+    mine = score_shard(scorer, inp, lo, hi, args.progress and state.is_main_process)
+    everything = gather_object(mine) if state.num_processes > 1 else mine
+    metrics: dict[str, Any] = {}
+    if state.is_main_process:
+        scored = {row: (rewards, why) for row, rewards, why in everything}
+        if len(scored) != len(everything) or sorted(scored) != list(inp.table["row"]):
+            raise RuntimeError(f"gathered {len(everything)} scored rows for {len(inp.table)} rows: a shard was lost")
+        rows = output_rows(inp, scored, formats.text_rule(data_args, scorer.tokenizer))
+        write_rows(rows, args.output_file)
+        metrics = summarize(inp, rows, time.perf_counter() - start) | {"reward_model": str(model_path)}
+        metrics |= {"input": data_args.dataset_name, "output": args.output_file, "processes": state.num_processes}
+        reporting.write_json(metrics, metrics_path(args.output_file))
+    state.wait_for_everyone()
+    return metrics
