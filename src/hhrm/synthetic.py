@@ -187,7 +187,12 @@ def gold_reward(prompt: str, response: str) -> float:
 
 
 def task_name(prompt: str) -> str | None:
-    found = match_task(formatting.last_human_turn(prompt))
+    """The embedded task a prompt asks, or ``None`` (also for text not in the ### format, e.g. a chat template's)."""
+    try:
+        question = formatting.last_human_turn(prompt)
+    except ValueError:
+        return None
+    found = match_task(question)
     return found[0].name if found else None
 
 
