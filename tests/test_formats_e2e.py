@@ -126,6 +126,28 @@ def test_chat_template_runs_every_stage(tiny, raw_pairs, tmp_path):
     assert got["score"]["scored"] == len(read_jsonl(folder / "test.jsonl")) and got["score"]["bad_rows"] == 0
     rm_tok = AutoTokenizer.from_pretrained(tmp_path / "rm")
     assert rm_tok.chat_template == CHATML  # the RM folder carries the rule its texts were rendered with
+    # RAFT on the chat-template prompts: one short iteration, its samples drawn after the template's prompt.
+    from hhrm.raft import RaftConfig
+
+    raft_args = RaftConfig(
+        output_dir=str(tmp_path / "raft"),
+        reward_model_name_or_path=str(tmp_path / "rm"),
+        num_iterations=1,
+        prompts_per_iteration=8,
+        num_samples=2,
+        max_new_tokens=8,
+        heldout_prompts=4,
+        max_length=128,
+        per_device_train_batch_size=4,
+        progress=False,
+        disable_tqdm=True,
+        report_to="none",
+        offload_models=False,
+    )
+    data_args = data.DataArguments(dataset_name=str(folder), test_offset=100, use_chat_template=True)
+    load_recipe("raft").main(data_args, raft_args, ModelConfig(model_name_or_path=str(tmp_path / "sft")))
+    scored = read_jsonl(tmp_path / "raft" / "iter_000" / "scored.jsonl")
+    assert len(scored) == 8 and all(r["prompt"].endswith("<|im_start|>assistant\n") for r in scored)
 
 
 def test_real_hh_sample_as_conversational_runs_every_stage(hh_sample, tiny, tmp_path):
