@@ -1,8 +1,15 @@
-"""RM: reward-model training pairs/s and padding share, length-grouped batches vs random order.
+"""RM: reward-model training pairs/s and padding share: padding-free rows, length-grouped batches, random order.
 
-A = length-grouped batches (``transformers.trainer_pt_utils.get_length_grouped_indices``, what Trainer's
-``train_sampling_strategy="group_by_length"`` uses), B = the same pairs in random order. Chosen and
-rejected go in one padded batch (TRL's ``DataCollatorForPreference``), Bradley-Terry loss.
+Four ways to train on the same pairs, interleaved in one run, Bradley-Terry loss, one optimizer step per batch:
+
+* length-grouped padded batches (``transformers.trainer_pt_utils.get_length_grouped_indices``, what Trainer's
+  ``train_sampling_strategy="group_by_length"`` uses, hhrm's default), chosen and rejected in one padded batch
+  (TRL's ``DataCollatorForPreference``);
+* the same pairs in random order, padded;
+* padding-free (``RewardConfig.padding_free``): each batch as one packed row
+  (:class:`hhrm.rm_trainer.PackedPreferenceCollator`, rewards read by :class:`hhrm.rm_trainer.PackedRewards`,
+  the code hhrm's RewardTrainer runs) in random order, and in grouped order; the model's attention
+  implementation (the bench's sdpa: a dense block-diagonal T x T mask per row).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from trl.trainer.reward_trainer import DataCollatorForPreference
+
+from hhrm import rm_trainer
 
 from .common import Context, Side, build_model, compare, interleave, length_summary, ratio_entry
 
@@ -61,8 +70,13 @@ def max_lengths(subset: list[Pair]) -> list[int]:
     return [max(len(c), len(r)) for c, r in subset]
 
 
-def batches(ctx: Context, subset: list[Pair], order: list[int]) -> list[Batch]:
-    collate = DataCollatorForPreference(pad_token_id=ctx.tokenizer.pad_token_id)
+def batches(ctx: Context, subset: list[Pair], order: list[int], packed: bool = False) -> list[Batch]:
+    """Padded batches (TRL's collator) or packed rows (hhrm's padding-free collator) of ``rm_batch`` pairs."""
+    collate = (
+        rm_trainer.PackedPreferenceCollator()
+        if packed
+        else DataCollatorForPreference(pad_token_id=ctx.tokenizer.pad_token_id)
+    )
     B = ctx.preset.rm_batch
     return [
         collate([{"chosen_ids": subset[i][0], "rejected_ids": subset[i][1]} for i in order[s : s + B]])
@@ -74,13 +88,34 @@ def batches(ctx: Context, subset: list[Pair], order: list[int]) -> list[Batch]:
 # The sides
 
 
-def train_step(model, optimizer, device: torch.device) -> Callable[[Batch], None]:
-    """One optimizer step with RewardTrainer's loss (Bradley-Terry, no margin): chosen rows first."""
+def padded_rewards(model, device: torch.device) -> Callable[[Batch], torch.Tensor]:
+    """Rewards of a padded batch: the model's pooled logits (chosen rows first)."""
 
-    def step(b: Batch) -> None:
-        rewards = model(
+    def rewards(b: Batch) -> torch.Tensor:
+        return model(
             input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False
         ).logits[:, 0]
+
+    return rewards
+
+
+def packed_rewards(model, device: torch.device) -> Callable[[Batch], torch.Tensor]:
+    """Rewards of a packed row as hhrm's RewardTrainer reads them: the score head at each text's last token."""
+    head = rm_trainer.score_head(model)
+
+    def rewards(b: Batch) -> torch.Tensor:
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+        ends = inputs.pop(rm_trainer.SEQUENCE_ENDS)
+        return rm_trainer.PackedRewards(model, head, ends)(use_cache=False, **inputs).logits[:, 0]
+
+    return rewards
+
+
+def train_step(rewards_of: Callable[[Batch], torch.Tensor], optimizer) -> Callable[[Batch], None]:
+    """One optimizer step with RewardTrainer's loss (Bradley-Terry, no margin): chosen rewards first."""
+
+    def step(b: Batch) -> None:
+        rewards = rewards_of(b)
         n = rewards.shape[0] // 2
         loss = -F.logsigmoid(rewards[:n] - rewards[n:]).mean()
         loss.backward()
@@ -99,14 +134,21 @@ def training_side(label: str, step: Callable[[Batch], None], batches: list[Batch
     return Side(label, run, warmup=lambda: step(batches[0]))
 
 
-def grouped_side(ctx: Context, step: Callable[[Batch], None], batches: list[Batch], n_pairs: int) -> Side:
-    """A: length-grouped batches."""
-    return training_side(f"length-grouped batches of {ctx.preset.rm_batch} pairs", step, batches, n_pairs)
-
-
-def random_side(ctx: Context, step: Callable[[Batch], None], batches: list[Batch], n_pairs: int) -> Side:
-    """B: random batches."""
-    return training_side(f"random batches of {ctx.preset.rm_batch} pairs", step, batches, n_pairs)
+def sides(ctx: Context, model, subset: list[Pair], orders: dict[str, list[int]]) -> dict[str, Side]:
+    """Padded (grouped, random order) and padding-free (random, grouped order) sides, one model and optimizer."""
+    B, n = ctx.preset.rm_batch, len(subset)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    padded = train_step(padded_rewards(model, ctx.device), optimizer)
+    packed = train_step(packed_rewards(model, ctx.device), optimizer)
+    made = {}
+    for name, step, order, label in (
+        ("grouped", padded, "grouped", f"length-grouped padded batches of {B} pairs"),
+        ("random", padded, "random", f"random padded batches of {B} pairs"),
+        ("padding_free", packed, "random", f"padding-free rows of {B} pairs, random order"),
+        ("padding_free_grouped", packed, "grouped", f"padding-free rows of {B} pairs, grouped order"),
+    ):
+        made[name] = training_side(label, step, batches(ctx, subset, orders[order], packed=step is packed), n)
+    return made
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,22 +166,17 @@ def run(ctx: Context) -> list[dict[str, Any]]:
         "grouped": padding_share(all_pairs, grouped_order(all_len, B, 0), B),
     }
 
-    # Timed: the same rm_pairs pairs in both orders. The subset is smaller than one of Trainer's
+    # Timed: the same rm_pairs pairs in each way. The subset is smaller than one of Trainer's
     # megabatches, so it is grouped as one megabatch.
     subset = random.Random(1).sample(all_pairs, min(p.rm_pairs, len(all_pairs)))
     sub_len = max_lengths(subset)
     mega = max(1, min(50, math.ceil(len(subset) / B)))
     orders = {"random": random_order(sub_len, 1), "grouped": grouped_order(sub_len, B, 1, mega)}
-    timed = {k: batches(ctx, subset, o) for k, o in orders.items()}
     model = build_model("seqcls", p, ctx.tokenizer, ctx.device, ctx.dtype)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    step = train_step(model, optimizer, ctx.device)
-    grouped = grouped_side(ctx, step, timed["grouped"], len(subset))
-    rand = random_side(ctx, step, timed["random"], len(subset))
-    interleave(ctx.clock, [grouped, rand], p.repeats)
+    side = sides(ctx, model, subset, orders)
+    interleave(ctx.clock, list(side.values()), p.repeats)
     ctx.rm_model = model
-    del optimizer
 
     details = {
         "pairs_timed": len(subset),
@@ -147,18 +184,53 @@ def run(ctx: Context) -> list[dict[str, Any]]:
         "pair_max_length": length_summary(sub_len),
         "padding_share_timed": {k: round(padding_share(subset, o, B), 4) for k, o in orders.items()},
         "padding_share_all_pairs": {k: round(v, 4) for k, v in full.items()},
+        "packed_row_tokens": {k: length_summary(row_tokens(subset, o, B)) for k, o in orders.items()},
+        "attn_implementation": model.config._attn_implementation,
         "note": "grouped order = transformers get_length_grouped_indices (Trainer train_sampling_strategy="
-        "'group_by_length'); RewardTrainer needs a `length` column for it (its rows have no input_ids)",
+        "'group_by_length'), hhrm's RewardConfig default (hhrm.rm_trainer adds the `length` column RewardTrainer "
+        "rows lack). Padding-free rows attend through a dense block-diagonal T x T mask under sdpa/eager.",
     }
+    return entries(side, full, details)
+
+
+def row_tokens(subset: list[Pair], order: list[int], batch: int) -> list[int]:
+    """Tokens of each packed row (both texts of every pair of a batch)."""
+    rows = [order[s : s + batch] for s in range(0, len(order), batch)]
+    return [sum(len(subset[i][0]) + len(subset[i][1]) for i in row) for row in rows]
+
+
+def entries(side: dict[str, Side], full: dict[str, float], details: dict[str, Any]) -> list[dict[str, Any]]:
+    unit = "pairs/s"
     return [
         compare(
             "rm_grouped_pairs_per_s",
-            "RM training pairs/s: length-grouped vs random order",
-            grouped,
-            rand,
-            "pairs/s",
+            "RM training pairs/s: length-grouped vs random order (padded)",
+            side["grouped"],
+            side["random"],
+            unit,
             None,
             details,
+        ),
+        compare(
+            "rm_padding_free_pairs_per_s",
+            "RM training pairs/s: padding-free rows vs padded batches, both in random order",
+            side["padding_free"],
+            side["random"],
+            unit,
+        ),
+        compare(
+            "rm_padding_free_vs_grouped",
+            "RM training pairs/s: padding-free rows (random order) vs length-grouped padded batches (hhrm's default)",
+            side["padding_free"],
+            side["grouped"],
+            unit,
+        ),
+        compare(
+            "rm_padding_free_grouped_order",
+            "RM training pairs/s, padding-free rows: grouped vs random order",
+            side["padding_free_grouped"],
+            side["padding_free"],
+            unit,
         ),
         ratio_entry(
             "rm_padding_share",

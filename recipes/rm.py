@@ -4,7 +4,7 @@ accelerate launch --config_file accelerate_configs/cpu.yaml recipes/rm.py --conf
 make rm [CONFIG=...] [ARGS="--field value ..."]
 """
 
-from trl import ModelConfig, RewardTrainer, TrlParser
+from trl import ModelConfig, TrlParser
 
 from hhrm import data, modeling, outputs, reporting, rm, rm_eval, scoring
 from hhrm.runtime import setup_logging
@@ -17,7 +17,7 @@ def main(data_args: data.DataArguments, args: rm.RewardConfig, model_args: Model
     outputs.check_output_dir(args.output_dir, "rm", args.overwrite_output_dir)
     rm.check_model_path(model_args)
     tokenizer = modeling.load_tokenizer(model_args, args=args)
-    pairs = rm.prepare_pairs(data.load_splits(data_args), tokenizer, args.max_length, args.dedup_test)
+    pairs = rm.prepare_pairs(data.load_splits(data_args, tokenizer), tokenizer, args.max_length, args.dedup_test)
 
     ################
     # Model: a sequence classifier with one label, its head freshly initialised
@@ -31,14 +31,8 @@ def main(data_args: data.DataArguments, args: rm.RewardConfig, model_args: Model
     ################
     # Training
     ################
-    trainer = RewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=rm.trainer_dataset(pairs.train),
-        eval_dataset=rm.trainer_dataset(pairs.test) if len(pairs.test) else None,
-        processing_class=tokenizer,
-        peft_config=rm.reward_peft_config(model_args),
-    )
+    # hhrm's RewardTrainer: length-grouped batches (default), padding-free rows when args.padding_free
+    trainer = rm.make_trainer(model, args, pairs, tokenizer, model_args)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
     ################

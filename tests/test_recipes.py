@@ -56,7 +56,15 @@ def test_accelerate_configs_load(path):
 # The library's layout: no import cycle, no stage importing a later one, modules of a readable size
 
 SRC = ROOT / "src"
-STAGE_ORDER = {"hhrm.sft": 1, "hhrm.rm": 2, "hhrm.rm_eval": 2, "hhrm.rm_card": 2, "hhrm.score_file": 2, "hhrm.raft": 3}
+STAGE_ORDER = {
+    "hhrm.sft": 1,
+    "hhrm.rm": 2,
+    "hhrm.rm_eval": 2,
+    "hhrm.rm_card": 2,
+    "hhrm.rm_trainer": 2,
+    "hhrm.score_file": 2,
+    "hhrm.raft": 3,
+}
 
 
 def _module_name(path: Path) -> str:

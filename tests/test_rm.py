@@ -178,8 +178,10 @@ def test_card_pipeline_snippet_equals_direct_forward(saved_rm, batch_size):
     assert rewards == pytest.approx(direct, abs=1e-5)
 
 
-def test_same_reward_on_all_four_paths(saved_rm, tmp_path):
-    from trl import RewardTrainer
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_same_reward_on_all_four_paths(saved_rm, tmp_path, padding_free):
+    """Training (padded batches, or packed rows when padding_free) scores what the other three paths score."""
+    from hhrm.rm_trainer import RewardTrainer
 
     texts, pipe = snippet_rewards(saved_rm, 2)
     prompts = [t.split(" ###Assistant:")[0] + " ###Assistant:" for t in texts]
@@ -189,17 +191,14 @@ def test_same_reward_on_all_four_paths(saved_rm, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(saved_rm)
     model = AutoModelForSequenceClassification.from_pretrained(saved_rm).eval()
-    # 1. training: RewardTrainer's own tokenization (raw text in) and collator, through the model.
-    trainer = RewardTrainer(
-        model=model,
-        args=config(tmp_path, per_device_eval_batch_size=8),
-        train_dataset=pairs,
-        eval_dataset=pairs,
-        processing_class=tok,
-    )
+    # 1. training: RewardTrainer's own tokenization (raw text in), collator and loss, through the model
+    # (random order: the evaluation batch keeps the texts' order).
+    args = config(tmp_path, per_device_eval_batch_size=8, padding_free=padding_free, train_sampling_strategy="random")
+    trainer = RewardTrainer(model=model, args=args, train_dataset=pairs, eval_dataset=pairs, processing_class=tok)
     batch = next(iter(trainer.get_eval_dataloader()))
+    assert ("attention_mask" in batch) != padding_free
     with torch.no_grad():
-        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        logits = trainer.compute_loss(trainer.model, batch, return_outputs=True)[1].logits[:, 0]
     train_chosen, train_rejected = logits[: len(texts)].tolist(), logits[len(texts) :].tolist()
     # 2. hhrm's scorer; 3. the evaluation; 4. the card's pipeline snippet.
     scorer = scoring.RewardScorer.from_pretrained(saved_rm)
