@@ -1,10 +1,12 @@
-"""The whole recipe on the embedded default: build it, then SFT -> RM -> RAFT, on this machine.
+"""The whole recipe on the embedded default: build it, then SFT -> RM -> score -> RAFT, on this machine.
 
     python scripts/demo.py --out outputs/tiny        (what `make demo` runs)
 
 Each stage is the real recipe launched with ``accelerate launch`` and the tiny YAML config, exactly
 as a user would run it; this driver only times them, reads their ``metrics.json`` and prints where
-everything is. Wall time and peak RSS per stage go to ``<out>/demo_summary.json``.
+everything is. The score stage is ``make score`` on the pairs the RM stage evaluated (written by this
+driver with the RM config's own data settings): its pairwise accuracy must be the RM's held-out
+``eval_accuracy_exact``. Wall time and peak RSS per stage go to ``<out>/demo_summary.json``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from hhrm import reporting, rm, sft
+from trl import ModelConfig, TrlParser
+
+from hhrm import data, modeling, reporting, rm, score_file, sft
 from hhrm.embedded import ensure_embedded
 from hhrm.raft import report as raft_report
 
@@ -27,11 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = (
     ("sft", "recipes/sft.py", sft.HEADLINE),
     ("rm", "recipes/rm.py", rm.HEADLINE),
+    ("score", "recipes/score.py", score_file.HEADLINE),
     ("raft", "recipes/raft.py", raft_report.HEADLINE),
 )
 
 
-def run_stage(name: str, recipe: str, config: Path, overrides: list[str], log_path: Path, threads: int) -> dict:
+def run_stage(name: str, recipe: str, config: Path | None, overrides: list[str], log_path: Path, threads: int) -> dict:
     """Launch one recipe; returns wall seconds and the peak RSS of its process tree (MB)."""
     cmd = [
         sys.executable,
@@ -42,8 +47,7 @@ def run_stage(name: str, recipe: str, config: Path, overrides: list[str], log_pa
         "--num_cpu_threads_per_process",
         str(threads),
         str(ROOT / recipe),
-        "--config",
-        str(config),
+        *(["--config", str(config)] if config else []),
         *overrides,
     ]
     print(f"\n=== {name}: {' '.join(cmd[2:])}\n    log: {log_path}", flush=True)
@@ -60,8 +64,18 @@ def run_stage(name: str, recipe: str, config: Path, overrides: list[str], log_pa
     return {"seconds": round(seconds, 1), "max_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
+def heldout_pairs(rm_config: Path, overrides: list[str], path: Path) -> Path:
+    """The RM-test pairs the RM recipe evaluated (its config's test_offset, max_length, dedup), as JSON lines."""
+    data_args, args, model_args = TrlParser((data.DataArguments, rm.RewardConfig, ModelConfig)).parse_args_and_config(
+        ["--config", str(rm_config), *overrides]
+    )
+    tokenizer = modeling.load_tokenizer(ModelConfig(model_name_or_path=args.output_dir))
+    pairs = rm.prepare_pairs(data.load_splits(data_args, tokenizer), tokenizer, args.max_length, args.dedup_test)
+    return reporting.write_jsonl(pairs.test.select_columns(["prompt", "chosen", "rejected"]), path)
+
+
 def format_summary(summary: dict) -> str:
-    lines = ["", "hhrm demo: embedded default, SFT -> RM -> RAFT", ""]
+    lines = ["", "hhrm demo: embedded default, SFT -> RM -> score -> RAFT", ""]
     for name, _, keys in STAGES:
         stage = summary["stages"].get(name)
         if not stage:
@@ -78,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/tiny", help="where the embedded default and all stages go")
     parser.add_argument("--configs", default=str(ROOT / "recipes" / "configs" / "tiny"), help="folder of stage YAMLs")
-    parser.add_argument("--stages", default="sft,rm,raft", help="comma-separated subset, in pipeline order")
+    parser.add_argument("--stages", default="sft,rm,score,raft", help="comma-separated subset, in pipeline order")
     parser.add_argument(
         "--threads",
         type=int,
@@ -90,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     wanted = args.stages.split(",")
     unknown = set(wanted) - {s[0] for s in STAGES}
     if unknown:
-        raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)}; choose from sft, rm, raft")
+        raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)}; choose from sft, rm, score, raft")
 
     start = time.perf_counter()
     paths = ensure_embedded(out)
@@ -102,24 +116,25 @@ def main(argv: list[str] | None = None) -> dict:
         # Each stage reads the previous stage's folder: the tiny YAMLs name outputs/tiny/...; these
         # overrides keep the chain inside --out wherever it is.
         overrides = ["--dataset_name", str(paths["data"]), "--output_dir", str(stage_out)]
+        config: Path | None = Path(args.configs) / f"{name}.yaml"
         if name == "sft":
             overrides += ["--model_name_or_path", str(paths["base"])]
         elif name == "rm":
             overrides += ["--model_name_or_path", str(out / "sft")]
+        elif name == "score":  # make score MODEL=<out>/rm DATA=<the RM's held-out pairs> OUT=<out>/score/scores.jsonl
+            rm_overrides = ["--dataset_name", str(paths["data"]), "--output_dir", str(out / "rm")]
+            pairs = heldout_pairs(Path(args.configs) / "rm.yaml", rm_overrides, out / "rm_heldout_pairs.jsonl")
+            config, overrides = None, ["--model_name_or_path", str(out / "rm"), "--dataset_name", str(pairs)]
+            overrides += ["--output_file", str(stage_out / "scores.jsonl"), "--progress", "false"]
         elif name == "raft":
             overrides += ["--model_name_or_path", str(out / "sft"), "--reward_model_name_or_path", str(out / "rm")]
         if stage_out.exists():
             # A fresh run: the stages before were just retrained, so a kept RAFT folder would resume
             # iterations made with other models (`make raft` is the way to resume a run).
             shutil.rmtree(stage_out)
-        stats = run_stage(
-            name, recipe, Path(args.configs) / f"{name}.yaml", overrides, out / f"{name}.log", args.threads
-        )
-        summary["stages"][name] = {
-            **stats,
-            "output_dir": str(stage_out),
-            "metrics": reporting.read_json(stage_out / "metrics.json"),
-        }
+        stats = run_stage(name, recipe, config, overrides, out / f"{name}.log", args.threads)
+        metrics = stage_out / ("scores.metrics.json" if name == "score" else "metrics.json")
+        summary["stages"][name] = {**stats, "output_dir": str(stage_out), "metrics": reporting.read_json(metrics)}
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     summary_path = out / "demo_summary.json"
     summary["summary_path"] = str(summary_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,17 @@ def test_chat_template_runs_every_stage(tiny, raw_pairs, tmp_path):
     data_args = data.DataArguments(dataset_name=str(folder), test_offset=100, use_chat_template=True)
     load_recipe("raft").main(data_args, raft_args, ModelConfig(model_name_or_path=str(tmp_path / "sft")))
     scored = read_jsonl(tmp_path / "raft" / "iter_000" / "scored.jsonl")
+    # A reward model trained without the policy's template would score text it never saw: refused up front.
+    shutil.copytree(tmp_path / "rm", tmp_path / "rm_plain")
+    plain = AutoTokenizer.from_pretrained(tmp_path / "rm_plain")
+    plain.chat_template = None
+    plain.save_pretrained(tmp_path / "rm_plain")
+    (tmp_path / "rm_plain" / "chat_template.jinja").unlink(missing_ok=True)
+    other = replace(
+        raft_args, output_dir=str(tmp_path / "raft2"), reward_model_name_or_path=str(tmp_path / "rm_plain")
+    )
+    with pytest.raises(ValueError, match="another chat_template than the policy"):
+        load_recipe("raft").main(data_args, other, ModelConfig(model_name_or_path=str(tmp_path / "sft")))
     assert len(scored) == 8 and all(r["prompt"].endswith("<|im_start|>assistant\n") for r in scored)
 
 

@@ -65,7 +65,7 @@ class RaftRunner:
         draw_prompts(len(self.prompts), args.prompts_per_iteration, args.seed, 0)  # fail now on a too-large draw
         self.heldout = hdata.heldout_prompts(self.splits, args.heldout_prompts)
         self.gold = synthetic.is_gold_checkable(self.heldout)
-        self.models = ModelResidency(args, model_args, self.tokenizer, self.state)
+        self.models = ModelResidency(args, model_args, self.tokenizer, self.state, self.splits.source["text_rule"])
         self.title = f"RAFT on {model_args.model_name_or_path}"
 
     # ----- the algorithm -----------------------------------------------------------------

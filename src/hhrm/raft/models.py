@@ -47,9 +47,18 @@ class Policy:
 class ModelResidency:
     """Loads, keeps and frees the policy and the reward scorer of one RAFT run."""
 
-    def __init__(self, args: RaftConfig, model_args: trl.ModelConfig, tokenizer, state: PartialState):
+    def __init__(
+        self, args: RaftConfig, model_args: trl.ModelConfig, tokenizer, state: PartialState, text_rule: str = "hh"
+    ):
         self.args, self.model_args, self.tokenizer, self.state = args, model_args, tokenizer, state
-        modeling.check_reward_model(args.reward_model_name_or_path)  # refuse a non-RM folder before any generation
+        rm_tokenizer = modeling.check_reward_model(args.reward_model_name_or_path)  # before any generation
+        if text_rule == "chat_template" and rm_tokenizer.chat_template != tokenizer.chat_template:
+            # The RM scores the policy's rendering: trained on another template's text, its rewards mean little.
+            raise ValueError(
+                f"use_chat_template=true, but the reward model {args.reward_model_name_or_path!r} has another "
+                f"chat_template than the policy {model_args.model_name_or_path!r}: RAFT's prompts and samples are "
+                "rendered with the policy's template; train the RM with the same template, or use_chat_template=false"
+            )
         self.offload = resolve_offload(args.offload_models, model_args.model_name_or_path)
         self._policy: Policy | None = None
         self._scorer: RewardScorer | None = None
