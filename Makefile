@@ -11,7 +11,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCEL) --num_cpu_
 TINY := outputs/tiny
 ARGS ?=
 
-.PHONY: install embedded sft rm eval-rm score raft demo test test-fast bench style quality clean
+.PHONY: install embedded sft rm eval-rm score serve-rm raft demo test test-fast bench style quality clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -41,6 +41,13 @@ eval-rm: install
 score: install
 	@test -n "$(MODEL)" -a -n "$(DATA)" -a -n "$(OUT)" || { echo "usage: make score MODEL=<reward model folder> DATA=<file> OUT=<file.jsonl|.parquet> [ARGS=...]"; exit 2; }
 	$(LAUNCH) recipes/score.py --model_name_or_path $(MODEL) --dataset_name $(DATA) --output_file $(OUT) $(ARGS)
+
+# Serve a reward model over HTTP (LitServe; one model process on one device, no accelerate; Ctrl-C stops it):
+# make serve-rm MODEL=outputs/tiny/rm [PORT=8000] [ARGS="--device cuda --max_batch_size 32"]
+PORT ?= 8000
+serve-rm: install
+	@test -n "$(MODEL)" || { echo "usage: make serve-rm MODEL=<reward model folder> [PORT=8000] [ARGS=...]"; exit 2; }
+	$(PY) recipes/serve_rm.py --model_name_or_path $(MODEL) --port $(PORT) $(ARGS)
 
 raft: CONFIG ?= recipes/configs/tiny/raft.yaml
 raft: embedded

@@ -18,6 +18,8 @@ Sections (``--sections``, default all; one file each under bench/):
              prompts x K per call vs one prompt x K per call (the original RAFT aligner) vs one sequence
              per call.
 * ``score``: responses/s, hhrm.scoring.RewardScorer vs the card's ``pipeline(..., batch_size=1)``.
+* ``serve``: the reward-model server (recipes/serve_rm.py, LitServe) on the loopback address under 8 concurrent
+             clients, texts/s vs RewardScorer in-process on the same texts; requests/s, p50/p99 latency, batch fill.
 * ``mfu``:   training FLOP/s (6 N tokens/s, from the packed SFT run) over the peak matmul FLOP/s
              measured in the same run.
 * ``demo``:  wall time and peak RSS of each stage of ``make demo``, read from the demo's summary
@@ -48,7 +50,7 @@ from typing import Any
 import datasets
 import torch
 
-from . import data, demo, gen, mfu, rm, score, sft
+from . import data, demo, gen, mfu, rm, score, serve, sft
 from .common import (
     DEFAULT_DEMO_SUMMARY,
     PRESETS,
@@ -61,12 +63,13 @@ from .common import (
     usable_cpus,
 )
 
-SECTIONS = ("sft", "rm", "gen", "score", "mfu", "demo", "data")
+SECTIONS = ("sft", "rm", "gen", "score", "serve", "mfu", "demo", "data")
 RUNNERS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "sft": sft.run,
     "rm": rm.run,
     "gen": gen.run,
     "score": score.run,
+    "serve": serve.run,
     "mfu": mfu.run,
     "demo": demo.run,
     "data": data.run,
@@ -225,7 +228,7 @@ def format_entry(e: dict[str, Any]) -> list[str]:
             f"{e['id']:<28} {fmt(e['a']['value']):>14} {fmt(e['b']['value']):>14} {e['a']['unit']:<12} "
             f"{fmt(e['ratio']):>7} {exp:>7}",
             f"{'':<28}   A = {e['a']['label']};  B = {e['b']['label']}",
-        ]
+        ] + ([f"{'':<28}   {e['summary']}"] if e.get("summary") else [])
     if "sizes" in e:
         return data_lines(e)
     if "stages" in e:

@@ -176,6 +176,33 @@ def test_tensorboard_has_each_iteration_and_each_fine_tune(uninterrupted):
     assert not list((out / "iter_000" / "policy").rglob("events.out.tfevents.*"))  # not inside the model folder
 
 
+def test_scoring_through_a_reward_server_resumes_and_matches_in_process(models, uninterrupted, tmp_path):
+    """reward_model_url: a server that goes away fails the run naming the URL; the re-run against the model
+    served again (at another port) resumes at the scoring stage and ends with the in-process run's numbers."""
+    from hhrm.serve_rm import launch
+
+    out = tmp_path / "remote"
+    served = {k: v for k, v in settings(models, out).items() if k != "reward_model_name_or_path"}
+    with launch(models["rm"], "--num_threads", "1") as url:
+        with pytest.raises(StopRequested):
+            run(served | {"reward_model_url": url, "stop_after": "0:generate"})
+    with pytest.raises(ConnectionError, match=f"reward_model_url='{url}'.*make serve-rm"):
+        run(served | {"reward_model_url": url, "reward_request_retries": 0})
+    samples = (out / "iter_000" / "samples.jsonl").read_text()
+    with launch(models["rm"], "--num_threads", "1") as other_url:
+        assert other_url != url
+        run(served | {"reward_model_url": other_url})
+    assert (out / "iter_000" / "samples.jsonl").read_text() == samples  # nothing generated again
+    remote = json.loads((out / "metrics_per_iteration.json").read_text())
+    local = json.loads((uninterrupted / "metrics_per_iteration.json").read_text())
+    for mine, theirs in zip(remote["iterations"] + [remote["final"]], local["iterations"] + [local["final"]]):
+        for key in ("reward_best_of_k", "reward_kept", "heldout_reward", "gold_accuracy", "gold_accuracy_sampled"):
+            if key in theirs:
+                assert mine[key] == pytest.approx(theirs[key], abs=1e-4), key
+        assert mine.get("kept") == theirs.get("kept")
+    assert kept(out, 1) == kept(uninterrupted, 1)
+
+
 def test_resume_after_interruption_in_each_stage_gives_identical_results(models, uninterrupted, tmp_path):
     out = tmp_path / "raft_b"
     for stop in ("0:generate", "0:train", "1:draw", "1:generate", "1:score", "1:select", "1:train", "1:metrics"):

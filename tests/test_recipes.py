@@ -62,6 +62,8 @@ STAGE_ORDER = {
     "hhrm.rm_eval": 2,
     "hhrm.rm_card": 2,
     "hhrm.rm_trainer": 2,
+    "hhrm.serve_rm": 2,
+    "hhrm.serve_rm_protocol": 2,
     "hhrm.score_file": 2,
     "hhrm.raft": 3,
 }

@@ -8,14 +8,19 @@ it starts a new ``###Human:`` turn, and the response is cut from the prompt by t
 :func:`generate_responses` is the Hugging Face path. Given an ``accelerator`` it generates through
 ``trl.models.utils.unwrap_model_for_generation``, which unwraps DDP/FSDP and gathers ZeRO-3 shards
 (calling ``generate`` on a ZeRO-3-partitioned module is the classic RAFT failure). :class:`VLLMBackend`
-is the optional vLLM path behind the same call shape; vLLM is imported only when it is built.
+is the optional vLLM path behind the same call shape (colocated, or a ``trl vllm-serve`` server that
+receives each new policy's weights); vLLM is imported only when it is built. transformers' continuous
+batching (``model.generate_batch``) was measured against this path and is not used: about a third of its
+tokens/s on a CPU (``make bench``, ``gen_continuous_vs_static``; bench/README.md says why).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -200,31 +205,81 @@ def _generate(model, tokenizer, input_ids, attention, config: GenerationConfig, 
     )
 
 
-class VLLMBackend:
-    """vLLM generation for the policy, through TRL's ``VLLMGeneration`` (colocate or server mode).
+def vllm_missing(mode: str) -> str | None:
+    """Why ``generation_backend=vllm`` in ``vllm_mode=mode`` cannot run here; None when it can.
 
-    Built once per run; call :meth:`sync_weights` after the policy changes (each RAFT iteration).
-    Sampling settings are fixed at construction, as vLLM's engine takes them per request but TRL's
-    wrapper holds them; :meth:`generate` checks that it is asked for the same ones.
+    RaftConfig asks when the settings are read, so a run is refused before its data and models load.
+    """
+    from trl.import_utils import is_requests_available, is_vllm_available
+
+    if not is_vllm_available():
+        return "vLLM is not installed (pip install -e '.[vllm]', on a machine with CUDA GPUs)"
+    if mode == "server" and not is_requests_available():
+        return "the requests package is not installed (TRL's VLLMClient talks HTTP to the server)"
+    if mode == "server" and not torch.cuda.is_available():
+        return (
+            "the policy's weights go to the server over NCCL from a CUDA GPU of the main process "
+            "(TRL's VLLMClient.init_communicator), and no CUDA GPU is visible to this process"
+        )
+    return None
+
+
+class _Processes:
+    """What TRL's ``VLLMGeneration`` reads from an ``Accelerator``, from accelerate's ``PartialState``.
+
+    RAFT builds no ``Accelerator`` of its own: the fine-tunes' trainers set the process-wide DeepSpeed/FSDP
+    state. No plugin here, so TRL reads parameters as they are; a ZeRO-3-partitioned policy loaded outside a
+    trainer is gathered by :meth:`VLLMBackend.hold` around the push instead.
+    """
+
+    state = SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=None)
+
+    def __init__(self):
+        from accelerate import PartialState
+
+        self._state = PartialState()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._state, name)
+
+
+class VLLMBackend:
+    """vLLM generation for the policy, through TRL's ``VLLMGeneration`` (``colocate`` or ``server`` mode).
+
+    Built once per run. :meth:`hold` makes it generate from a given policy, pushing that policy's weights
+    into vLLM unless they are the ones pushed last (RAFT: after each fine-tune, and first thing in a run,
+    a resumed one included). In server mode the engine is a ``trl vllm-serve`` / ``vllm serve`` process
+    on other GPUs: TRL's ``VLLMClient`` connects at construction (waiting up to ``server_timeout`` s),
+    the main process sends every process's prompts and pushes the weights over NCCL. Sampling settings
+    are fixed at construction (TRL's wrapper holds them); :meth:`generate` checks it is asked for the same.
     """
 
     def __init__(
-        self, model, tokenizer, accelerator, sampling: SamplingArguments, mode: str = "colocate", **vllm_kwargs: Any
+        self,
+        model,
+        tokenizer,
+        accelerator,
+        sampling: SamplingArguments,
+        mode: str = "colocate",
+        **vllm_kwargs: Any,
     ):
+        """``model``: the policy (colocate: vLLM loads ``model.name_or_path``; server: may be None until
+        :meth:`hold`). ``accelerator``: None for accelerate's process state. ``vllm_kwargs``: TRL's
+        ``VLLMGeneration`` settings (``server_host``, ``server_port``, ``server_base_url``,
+        ``server_timeout``, ``group_port``; colocate: ``gpu_memory_utilization``)."""
         try:
             from trl.generation.vllm_generation import VLLMGeneration
         except ImportError as e:  # vllm (and requests) are optional: `pip install -e .[vllm]`
             raise ImportError(f"generation_backend=vllm needs vLLM installed (pip install -e '.[vllm]'): {e}") from e
-        if not sampling.do_sample:
-            # vLLM greedy is temperature 0; TRL's wrapper passes temperature through unchanged.
-            temperature = 0.0
-        else:
-            temperature = sampling.temperature
+        # vLLM greedy is temperature 0; TRL's wrapper passes temperature through unchanged.
+        temperature = sampling.temperature if sampling.do_sample else 0.0
         self.sampling, self.tokenizer = sampling, tokenizer
+        self.processes = accelerator if accelerator is not None else _Processes()
+        self.policy_path: str | None = None  # the policy whose weights vLLM holds (None: as it was started)
         stop = {"stop": [formatting.HUMAN]} if sampling.stop_at_turn_marker else {}
         self.engine = VLLMGeneration(
             model,
-            accelerator,
+            self.processes,
             tokenizer,
             mode=mode,
             temperature=temperature,
@@ -236,8 +291,25 @@ class VLLMBackend:
             **vllm_kwargs,
         )
 
-    def sync_weights(self) -> None:
-        self.engine.sync_weights()
+    def hold(self, path: str, model, accelerator=None) -> bool:
+        """Generate from ``model``, the policy saved at ``path``: push its weights unless ``path``'s are the
+        ones pushed last. Returns whether it pushed. Every process calls it (gathering shards is collective).
+
+        ``accelerator``: the trainer's, when ``model`` is that trainer's (ZeRO-3/FSDP-sharded) model: TRL
+        then gathers one parameter at a time. Without it, a model that ZeRO-3 partitioned at load is
+        gathered whole by :func:`hhrm.modeling.full_parameters` (a no-op for any other model).
+        """
+        if path == self.policy_path:
+            return False
+        from trl.distributed import DistributedBackend
+
+        self.engine.model = model
+        self.engine.accelerator = accelerator if accelerator is not None else self.processes
+        self.engine._dist = DistributedBackend(self.engine.accelerator)  # TRL reads the backend from it once
+        with modeling.full_parameters(model) if accelerator is None else contextlib.nullcontext():
+            self.engine.sync_weights()  # server: NCCL broadcast from the main process; then the prefix cache reset
+        self.policy_path = path
+        return True
 
     def generate(
         self,
@@ -250,12 +322,29 @@ class VLLMBackend:
         if sampling is not None and sampling != self.sampling:
             raise ValueError("VLLMBackend was built with other sampling settings; build one per setting")
         start = time.perf_counter()
-        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+        ids = self._same_count_everywhere(ids)
+        if not ids:  # no process has a prompt (each knows: the counts were gathered)
+            return []
         # K consecutive copies per prompt: what both VLLMGeneration modes expect for num_generations=K.
         repeated = [p for p in ids for _ in range(k)]
         _, completion_ids, _, _ = self.engine.generate(prompts=repeated, images=None, num_generations=k)
+        completion_ids = completion_ids[: len(prompts) * k]  # drop the fillers' completions
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         cut = [formatting.cut_at_next_turn(t) if self.sampling.stop_at_turn_marker else t for t in texts]
         if stats is not None:
             stats.update(generated_tokens=sum(len(c) for c in completion_ids), seconds=time.perf_counter() - start)
         return [cut[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+    def _same_count_everywhere(self, ids: list[list[int]]) -> list[list[int]]:
+        """Server mode: TRL gathers every process's prompts and hands process ``r`` the completions at
+        ``r * len(prompts)``, which is right only when all processes send as many; RAFT's shards differ
+        by one. Shorter shards are topped up with a one-token filler prompt, whose completions
+        :meth:`generate` drops."""
+        if self.engine.mode != "server" or self.processes.num_processes == 1:
+            return ids
+        from accelerate.utils import gather_object
+
+        most = max(gather_object([len(ids)]))
+        filler = [self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0]
+        return ids + [filler] * (most - len(ids))

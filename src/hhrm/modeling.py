@@ -362,3 +362,12 @@ def full_parameters(model) -> Iterator[Any]:
             yield model
         finally:
             model._hhrm_full_parameters = False
+
+
+def weights_identity(path: str) -> list[list[Any]] | str:
+    """``[[file, bytes, mtime_ns], ...]`` of a model folder's weight files; a hub id stands for itself."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    files = sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]

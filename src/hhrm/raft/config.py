@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import trl
 
+from hhrm import generation
 from hhrm.generation import SamplingArguments
 from hhrm.raft.select import SELECTIONS, JunkFilter
 from hhrm.runtime import StageConfigMixin
@@ -36,7 +37,20 @@ class RaftConfig(StageConfigMixin, trl.SFTConfig):
     save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints inside an iteration (off)."})
 
     reward_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Reward model folder (output of recipes/rm.py)."}
+        default=None, metadata={"help": "Reward model folder (output of recipes/rm.py). Or reward_model_url."}
+    )
+    reward_model_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "Score through an hhrm reward server instead (make serve-rm; e.g. http://10.0.0.2:8000), in place "
+            "of reward_model_name_or_path: same rewards, the reward model's memory on another machine."
+        },
+    )
+    reward_request_timeout: float = field(
+        default=300.0, metadata={"help": "reward_model_url: seconds one scoring request may take."}
+    )
+    reward_request_retries: int = field(
+        default=3, metadata={"help": "reward_model_url: retries of a failed request (transport error or 5xx)."}
     )
     num_iterations: int = field(default=10, metadata={"help": "RAFT iterations."})
     prompts_per_iteration: int = field(default=2048, metadata={"help": "Prompts drawn per iteration (card: 2,048)."})
@@ -74,9 +88,30 @@ class RaftConfig(StageConfigMixin, trl.SFTConfig):
         default="hf", metadata={"help": "hf (transformers generate) | vllm.", "choices": list(BACKENDS)}
     )
     vllm_mode: str = field(
-        default="colocate", metadata={"help": "vllm: colocate | server.", "choices": list(VLLM_MODES)}
+        default="colocate",
+        metadata={
+            "help": "vllm: colocate (a vLLM engine inside each training process, on its GPU) | server (a "
+            "`trl vllm-serve` process on other GPUs; the policy's weights are pushed to it after each fine-tune).",
+            "choices": list(VLLM_MODES),
+        },
     )
     vllm_gpu_memory_utilization: float = field(default=0.4, metadata={"help": "vllm colocate: GPU memory share."})
+    vllm_server_host: str | None = field(
+        default=None,
+        metadata={"help": "vllm server: host of the `trl vllm-serve` process (e.g. 127.0.0.1 on the same node)."},
+    )
+    vllm_server_port: int = field(default=8000, metadata={"help": "vllm server: its --port."})
+    vllm_server_base_url: str | None = field(
+        default=None,
+        metadata={"help": "vllm server: its URL (e.g. http://10.0.0.3:8000), in place of host and port."},
+    )
+    vllm_server_timeout: float = field(
+        default=240.0, metadata={"help": "vllm server: seconds to wait for it to answer at start before failing."}
+    )
+    vllm_group_port: int = field(
+        default=51216,
+        metadata={"help": "vllm server: port on the main training process's node for the NCCL weight-push group."},
+    )
     progress: bool = field(default=True, metadata={"help": "Progress bars for generation and scoring."})
     stop_after: str | None = field(
         default=None, metadata={"help": "'<iteration>:<stage>': stop after that stage (staged runs, tests)."}
@@ -99,10 +134,18 @@ class RaftConfig(StageConfigMixin, trl.SFTConfig):
                 f"generation_backend={self.generation_backend!r}: expected one of {BACKENDS}",
             ),
             (self.vllm_mode in VLLM_MODES, f"vllm_mode={self.vllm_mode!r}: expected one of {VLLM_MODES}"),
+            (
+                bool(self.reward_model_name_or_path) != bool(self.reward_model_url),
+                "reward_model_name_or_path is not set: give the reward model folder (recipes/rm.py output), or "
+                "reward_model_url for a reward server"
+                if not self.reward_model_url
+                else "reward_model_name_or_path and reward_model_url are both set: give one",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self.check_generation_backend()
         # Built (and so validated) now, not after the first model load.
         self.sampling = SamplingArguments(
             max_new_tokens=self.max_new_tokens,
@@ -118,6 +161,39 @@ class RaftConfig(StageConfigMixin, trl.SFTConfig):
             patterns=list(self.filter_patterns or []),
         )
         self.stop_point = self.parse_stop_after()
+
+    def check_generation_backend(self) -> None:
+        """Refuse now what cannot work with the generation settings (not after the data and the first model load)."""
+        uses_server = self.vllm_mode == "server" or self.vllm_server_host or self.vllm_server_base_url
+        if self.generation_backend != "vllm":
+            if uses_server:
+                raise ValueError(
+                    f"vllm_mode={self.vllm_mode!r} / vllm_server_*: they apply to generation_backend=vllm, and "
+                    f"generation_backend={self.generation_backend!r}: add --generation_backend vllm or drop them"
+                )
+            return
+        if self.vllm_mode == "server":
+            url = self.vllm_server_base_url
+            checks = [
+                (
+                    bool(self.vllm_server_host or url),
+                    "vllm_mode=server: no server address; set vllm_server_host (and vllm_server_port) or "
+                    "vllm_server_base_url to where `trl vllm-serve` listens",
+                ),
+                (
+                    not url or url.startswith(("http://", "https://")),
+                    f"vllm_server_base_url={url!r}: not an http(s) URL",
+                ),
+                (0 < self.vllm_server_port < 65536, f"vllm_server_port={self.vllm_server_port}: not a port"),
+                (0 < self.vllm_group_port < 65536, f"vllm_group_port={self.vllm_group_port}: not a port"),
+                (self.vllm_server_timeout > 0, f"vllm_server_timeout={self.vllm_server_timeout}: must be > 0"),
+            ]
+            for ok, message in checks:
+                if not ok:
+                    raise ValueError(message)
+        missing = generation.vllm_missing(self.vllm_mode)
+        if missing:
+            raise ValueError(f"generation_backend=vllm (vllm_mode={self.vllm_mode}): {missing}")
 
     def seed_for(self, iteration: int, stage: int, rank: int) -> int:
         """Sampling seed: depends on (seed, iteration, stage, rank) only, never on what ran before."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from accelerate.utils import gather_object
 
+from hhrm.modeling import weights_identity
 from hhrm.reporting import config_dict, read_json
 
 POLICY_DONE = "raft_done"
@@ -28,6 +29,14 @@ RESUMABLE_SETTINGS = {
     "overwrite_output_dir",
     "offload_models",
     "reward_batch_size",
+    "reward_model_url",  # where the RM is served, not which: the served model is in the fingerprint's inputs
+    "reward_request_timeout",
+    "reward_request_retries",
+    "vllm_server_host",  # where the generation server runs, not what it generates with (RAFT pushes the policy)
+    "vllm_server_port",
+    "vllm_server_base_url",
+    "vllm_server_timeout",
+    "vllm_group_port",
     "logging_dir",
     "run_name",
 }
@@ -84,7 +93,9 @@ def link_policy(src: Path, dst: Path) -> None:
                 shutil.copy2(f, target)
 
 
-def run_fingerprint(args: Any, data_args: Any, model_args: Any, world_size: int) -> dict[str, Any]:
+def run_fingerprint(
+    args: Any, data_args: Any, model_args: Any, world_size: int, served: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What a finished stage's outputs depend on (JSON-safe): settings, the input models' files, the process count.
 
     The models are identified by their weight files' names, sizes and modification times, so a policy or
@@ -94,7 +105,8 @@ def run_fingerprint(args: Any, data_args: Any, model_args: Any, world_size: int)
     raft_args = {k: v for k, v in config_dict(args).items() if k not in RESUMABLE_SETTINGS}
     inputs = {
         "policy": weights_identity(model_args.model_name_or_path),
-        "reward_model": weights_identity(args.reward_model_name_or_path),
+        # A served RM is identified by what its server says it serves (its folder, and that folder's weights).
+        "reward_model": weights_identity(args.reward_model_name_or_path) if args.reward_model_name_or_path else served,
         "world_size": world_size,
     }
     return {
@@ -103,15 +115,6 @@ def run_fingerprint(args: Any, data_args: Any, model_args: Any, world_size: int)
         "raft": raft_args,
         "inputs": inputs,
     }
-
-
-def weights_identity(path: str) -> list[list[Any]] | str:
-    """``[[file, bytes, mtime_ns], ...]`` of a model folder's weight files; a hub id stands for itself."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return path
-    files = sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def check_resume(run_dir: Path, fingerprint: dict[str, Any]) -> None:

@@ -51,10 +51,6 @@ class RaftRunner:
     """One RAFT run; :meth:`run` executes (or resumes) every stage and returns the headline metrics."""
 
     def __init__(self, args: RaftConfig, data_args: hdata.DataArguments, model_args: trl.ModelConfig):
-        if not args.reward_model_name_or_path:
-            raise ValueError(
-                "reward_model_name_or_path is not set: give the reward model folder (recipes/rm.py output)"
-            )
         self.args, self.data_args, self.model_args = args, data_args, model_args
         self.state = runtime.process_state(args)  # ddp_timeout also bounds RAFT's own gathers and barriers
         self.out = check_output_dir(args.output_dir, "raft")
@@ -71,7 +67,8 @@ class RaftRunner:
     # ----- the algorithm -----------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        fingerprint = run_fingerprint(self.args, self.data_args, self.model_args, self.world)
+        served = self.models.remote.identity() if self.models.remote else None
+        fingerprint = run_fingerprint(self.args, self.data_args, self.model_args, self.world, served)
         check_resume(self.out, fingerprint)
         if self.state.is_main_process:
             reporting.write_json(

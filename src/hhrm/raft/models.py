@@ -8,6 +8,7 @@ resident at a time. After a fine-tune the trained policy stays resident for the 
 from __future__ import annotations
 
 import gc
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,49 @@ from trl import get_peft_config
 
 from hhrm import generation, modeling, runtime
 from hhrm.raft.config import RaftConfig
+from hhrm.reward_client import RemoteRewardScorer
 from hhrm.scoring import RewardScorer
 
 # offload_models unset: a policy checkpoint above this size (≈1B fp32 / 2B bf16 params) is "big".
 OFFLOAD_AUTO_BYTES = 4 * 1024**3
+
+
+def check_reward_model(args: RaftConfig, model_args: trl.ModelConfig, tokenizer, text_rule: str) -> None:
+    """A reward model folder (:func:`hhrm.modeling.check_reward_model`) that reads the policy's text: under a chat
+    template the RM scores the policy's rendering, so one trained on another template's text is refused."""
+    rm_tokenizer = modeling.check_reward_model(args.reward_model_name_or_path)
+    if text_rule == "chat_template" and rm_tokenizer.chat_template != tokenizer.chat_template:
+        raise ValueError(
+            f"use_chat_template=true, but the reward model {args.reward_model_name_or_path!r} has another "
+            f"chat_template than the policy {model_args.model_name_or_path!r}: RAFT's prompts and samples are "
+            "rendered with the policy's template; train the RM with the same template, or use_chat_template=false"
+        )
+
+
+def remote_scorer(args: RaftConfig) -> RemoteRewardScorer:
+    """The client of the reward server at ``reward_model_url`` (checked now: it must answer ``/info``)."""
+    return RemoteRewardScorer(
+        args.reward_model_url,
+        timeout=args.reward_request_timeout,
+        retries=args.reward_request_retries,
+        batch_size=args.reward_batch_size,
+    )
+
+
+def vllm_backend(args: RaftConfig, tokenizer, model=None) -> generation.VLLMBackend:
+    """TRL's vLLM engine for ``generation_backend=vllm``: a ``trl vllm-serve`` server's client, or colocated
+    (vLLM loads ``model``'s folder in each process)."""
+    if args.vllm_mode == "server":
+        where = dict(
+            server_base_url=args.vllm_server_base_url,
+            server_host=args.vllm_server_host or "0.0.0.0",  # unused with a base URL (the config requires one)
+            server_port=args.vllm_server_port,
+            server_timeout=args.vllm_server_timeout,
+            group_port=args.vllm_group_port,
+        )
+    else:
+        where = dict(gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+    return generation.VLLMBackend(model, tokenizer, None, args.sampling, mode=args.vllm_mode, **where)
 
 
 def resolve_offload(offload_models: bool | None, policy_path: str) -> bool:
@@ -51,18 +91,16 @@ class ModelResidency:
         self, args: RaftConfig, model_args: trl.ModelConfig, tokenizer, state: PartialState, text_rule: str = "hh"
     ):
         self.args, self.model_args, self.tokenizer, self.state = args, model_args, tokenizer, state
-        rm_tokenizer = modeling.check_reward_model(args.reward_model_name_or_path)  # before any generation
-        if text_rule == "chat_template" and rm_tokenizer.chat_template != tokenizer.chat_template:
-            # The RM scores the policy's rendering: trained on another template's text, its rewards mean little.
-            raise ValueError(
-                f"use_chat_template=true, but the reward model {args.reward_model_name_or_path!r} has another "
-                f"chat_template than the policy {model_args.model_name_or_path!r}: RAFT's prompts and samples are "
-                "rendered with the policy's template; train the RM with the same template, or use_chat_template=false"
-            )
+        # Refuse a non-RM folder, or a reward server that does not answer, before any generation.
+        self.remote = remote_scorer(args) if args.reward_model_url else None
+        if self.remote is None:
+            check_reward_model(args, model_args, tokenizer, text_rule)
         self.offload = resolve_offload(args.offload_models, model_args.model_name_or_path)
         self._policy: Policy | None = None
         self._scorer: RewardScorer | None = None
-        self._vllm = None
+        # vllm server mode: connect now (fails after vllm_server_timeout s if no server answers), not at iteration 0.
+        server = args.generation_backend == "vllm" and args.vllm_mode == "server"
+        self._vllm = vllm_backend(args, tokenizer) if server else None
 
     # ----- loading and freeing -----------------------------------------------------------
 
@@ -117,7 +155,9 @@ class ModelResidency:
             trainer=trainer if sharded else None,
         )
 
-    def scorer(self) -> RewardScorer:
+    def scorer(self) -> RewardScorer | RemoteRewardScorer:
+        if self.remote is not None:
+            return self.remote
         if self._scorer is None:
             self.release(policy=self.offload, scorer=False)
             self._scorer = RewardScorer.from_pretrained(
@@ -143,19 +183,11 @@ class ModelResidency:
         policy = self.policy(path)
         progress = self.args.progress and self.state.is_main_process
         if self.args.generation_backend == "vllm" and sampling == self.args.sampling:
-            if self._vllm is None:
-                from accelerate import Accelerator
-
-                self._vllm = generation.VLLMBackend(
-                    policy.model,
-                    self.tokenizer,
-                    Accelerator(),
-                    self.args.sampling,
-                    mode=self.args.vllm_mode,
-                    gpu_memory_utilization=self.args.vllm_gpu_memory_utilization,
-                )
-            self._vllm.engine.model = policy.model
-            self._vllm.sync_weights()
+            if self._vllm is None:  # colocate: vLLM loads the first policy it generates from
+                self._vllm = vllm_backend(self.args, self.tokenizer, policy.model)
+            # Pushes the weights once per policy: after each fine-tune, and first thing in a (resumed) run.
+            trainer = policy.trainer  # set when the model is a trainer's sharded one: TRL gathers it per parameter
+            self._vllm.hold(path, trainer.model if trainer else policy.model, trainer.accelerator if trainer else None)
             return generation.generate_responses(
                 self._vllm, self.tokenizer, prompts, k, sampling, stats=stats, progress=progress
             )
@@ -183,7 +215,7 @@ class ModelResidency:
             starts = tqdm(starts, desc=desc, unit="chunk")
         out: list[float] = []
         # One gather for all chunks: ranks' shards differ in size, so their chunk counts may too.
-        with modeling.full_parameters(scorer.model):
+        with modeling.full_parameters(scorer.model) if self.remote is None else nullcontext():
             for s in starts:
                 out += scorer.score_pairs(prompts[s : s + chunk], responses[s : s + chunk])
         return out

@@ -194,7 +194,8 @@ def model_card(
         summary=(
             f"Reward-ranked fine-tuning: {len(rows)} iterations of {args.prompts_per_iteration} prompts, "
             f"K={args.num_samples} samples each, `{args.selection}` selection, scored by "
-            f"`{args.reward_model_name_or_path}`, fine-tuned with TRL `SFTTrainer` (completion-only loss).\n\n"
+            f"`{args.reward_model_name_or_path or args.reward_model_url}`, fine-tuned with TRL `SFTTrainer` "
+            "(completion-only loss).\n\n"
             "![reward curve](reward_curve.png)\n\n" + iterations_table(rows, final)
         ),
         metrics=headline,

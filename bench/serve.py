@@ -1,0 +1,198 @@
+"""The reward-model server under load: texts/s of ``recipes/serve_rm.py`` (LitServe) vs RewardScorer in-process.
+
+A = the server on the loopback address, started as a subprocess (``hhrm.serve_rm.launch``, its defaults:
+``max_batch_size`` 16, ``batch_timeout`` 5 ms; the bench's threads, device and dtype), loaded by ``CLIENTS`` client
+threads that each send their share of ``POST /score`` requests of 1, 2, 4 or 8 texts one after another; a round is
+every request once, timed from the first send to the last answer. B = :class:`hhrm.scoring.RewardScorer` in this
+process scoring the same texts in one call (no HTTP, no JSON, one length sort over all texts: the ceiling). Both load
+the same folder: the preset's random-weight Llama reward model saved with the bench tokenizer.
+
+The texts: ``score_texts`` prompt + chosen texts of the bench data, every ``LONG_EVERY``-th one replaced by a
+``LONG_TOKENS``-token text (several dialogues joined and cut). Also reported: requests/s, p50/p99 latency, the batch
+fill the server counted (requests and texts per model call, texts per forward; ``GET /stats``) and the largest reward
+difference between the two sides. Bounded: a fixed number of requests per round, each with a timeout, and a round
+stops sending after ``ROUND_LIMIT_S``; the server is stopped when the section ends, whatever happens.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hhrm import scoring, serve_rm
+from hhrm.serve_rm_protocol import request_json
+
+from .common import Context, Side, build_model, compare, interleave, length_summary
+
+CLIENTS = 8
+REQUEST_SIZES = (1, 2, 4, 8)
+LONG_TOKENS = 512
+LONG_EVERY = 4
+ROUND_LIMIT_S = 600.0
+REQUEST_TIMEOUT_S = 300.0
+
+
+def sample_texts(ctx: Context) -> list[str]:
+    """``score_texts`` texts: prompt + chosen, every LONG_EVERY-th a LONG_TOKENS-token text (EOS included)."""
+    data, tok, rng = ctx.data, ctx.tokenizer, random.Random(5)
+    texts = []
+    for k in range(max(ctx.preset.score_texts, 2 * LONG_EVERY)):
+        i = rng.randrange(len(data.prompts))
+        if k % LONG_EVERY != LONG_EVERY - 1:
+            texts.append(data.prompts[i] + data.chosen[i])
+            continue
+        ids: list[int] = []
+        while len(ids) < LONG_TOKENS:
+            j = rng.randrange(len(data.prompts))
+            ids += tok(data.prompts[j] + data.chosen[j], add_special_tokens=False)["input_ids"]
+        texts.append(tok.decode(ids[: LONG_TOKENS - 1]))
+    return texts
+
+
+def make_requests(texts: list[str]) -> list[list[int]]:
+    """Indices of ``texts`` per request: consecutive runs of 1, 2, 4, 8, 1, ... texts."""
+    requests, start, k = [], 0, 0
+    while start < len(texts):
+        size = REQUEST_SIZES[k % len(REQUEST_SIZES)]
+        requests.append(list(range(start, min(start + size, len(texts)))))
+        start, k = start + size, k + 1
+    return requests
+
+
+def save_model(ctx: Context, folder: Path) -> None:
+    """The preset's reward model (random weights) and the bench tokenizer, as a reward model folder."""
+    model = build_model("seqcls", ctx.preset, ctx.tokenizer, torch.device("cpu"), ctx.dtype)
+    model.config.pad_token_id = ctx.tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    ctx.tokenizer.save_pretrained(folder)
+
+
+class LoadRun:
+    """Side A's rounds: every request once from CLIENTS threads; latencies, rewards and the server's batch counters."""
+
+    def __init__(self, url: str, texts: list[str], requests: list[list[int]]):
+        self.url, self.texts, self.requests = url, texts, requests
+        self.latencies: list[float] = []
+        self.rewards: list[float | None] = [None] * len(texts)
+        self.rounds: list[dict[str, float]] = []  # per timed round: seconds, requests, and the /stats differences
+        self.failures: list[str] = []
+
+    def client(self, mine: list[list[int]], deadline: float, latencies: list[float]) -> None:
+        for idx in mine:
+            if time.monotonic() > deadline:
+                self.failures.append("round time limit reached")
+                return
+            payload = {"prompts": [""] * len(idx), "responses": [self.texts[i] for i in idx]}
+            start = time.perf_counter()
+            status, body = request_json(f"{self.url}/score", payload, timeout=REQUEST_TIMEOUT_S)
+            latencies.append(time.perf_counter() - start)
+            if status != 200:
+                self.failures.append(f"{status}: {body}")
+                return
+            for i, r in zip(idx, body["rewards"]):
+                self.rewards[i] = r
+
+    def round(self, timed: bool = True) -> float:
+        before = request_json(f"{self.url}/stats")[1]
+        shares = [self.requests[c::CLIENTS] for c in range(CLIENTS)]
+        latencies: list[list[float]] = [[] for _ in shares]
+        deadline = time.monotonic() + ROUND_LIMIT_S
+        threads = [threading.Thread(target=self.client, args=(s, deadline, lat)) for s, lat in zip(shares, latencies)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - start
+        if self.failures:
+            raise RuntimeError(f"reward server load run failed: {self.failures[:3]}")
+        after = request_json(f"{self.url}/stats")[1]
+        if timed:
+            self.latencies += [x for lat in latencies for x in lat]
+            keys = ("model_calls", "requests", "texts", "forwards", "tokens", "padded_tokens")
+            self.rounds.append({"seconds": seconds} | {k: after[k] - before[k] for k in keys})
+        return len(self.texts)
+
+    def details(self) -> dict[str, Any]:
+        total = {k: sum(r[k] for r in self.rounds) for k in self.rounds[0]}
+        ms = np.array(self.latencies) * 1000
+        return {
+            "requests_per_s": round(float(np.median([r["requests"] / r["seconds"] for r in self.rounds])), 2),
+            "latency_ms": {q: round(float(np.percentile(ms, p)), 1) for q, p in (("p50", 50), ("p99", 99))}
+            | {"max": round(float(ms.max()), 1), "requests": len(ms)},
+            "requests_per_model_call": round(total["requests"] / total["model_calls"], 2),
+            "texts_per_model_call": round(total["texts"] / total["model_calls"], 2),
+            "texts_per_forward": round(total["texts"] / total["forwards"], 2),
+            "padding_share": round(1 - total["tokens"] / total["padded_tokens"], 3),
+            "model_calls_per_round": round(total["model_calls"] / len(self.rounds), 1),
+        }
+
+
+def server_args(ctx: Context) -> list[str]:
+    bf16 = "true" if ctx.dtype == torch.bfloat16 else "false"  # the server runs bf16 or fp32
+    return [
+        *("--device", str(ctx.device), "--bf16", bf16, "--num_threads", str(torch.get_num_threads())),
+        *("--log_level", "warning"),
+    ]
+
+
+def run(ctx: Context) -> list[dict[str, Any]]:
+    texts = sample_texts(ctx)
+    requests = make_requests(texts)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "rm"
+        save_model(ctx, folder)
+        scorer = scoring.RewardScorer.from_pretrained(
+            folder, device=str(ctx.device), dtype=torch.bfloat16 if ctx.dtype == torch.bfloat16 else torch.float32
+        )
+        local: dict[str, list[float]] = {}
+
+        def in_process() -> float:
+            local["rewards"] = scorer.score(texts)
+            return len(texts)
+
+        with serve_rm.launch(folder, *server_args(ctx), ready_timeout=600, log=Path(tmp) / "server.log") as url:
+            load = LoadRun(url, texts, requests)
+            a = Side(f"server, {CLIENTS} clients, /score requests of {REQUEST_SIZES} texts", load.round)
+            a.warmup = lambda: load.round(timed=False)
+            b = Side("RewardScorer in-process, one call", in_process, warmup=lambda: scorer.score(texts[:8]))
+            interleave(ctx.clock, [a, b], ctx.preset.repeats)
+            info = request_json(f"{url}/info")[1]["model"]
+    diff = max(abs(x - y) for x, y in zip(load.rewards, local["rewards"]))
+    lens = [len(x) for x in scoring.encode(ctx.tokenizer, texts)]
+    details = {
+        "clients": CLIENTS,
+        "request_sizes": list(REQUEST_SIZES),
+        "requests_per_round": len(requests),
+        "texts_per_round": len(texts),
+        "long_texts": {"tokens": LONG_TOKENS, "every": LONG_EVERY},
+        "text_length": length_summary(lens),
+        **load.details(),
+        "max_abs_reward_diff": float(f"{diff:.3g}"),
+        "server": {"limits": info["limits"], "device": info["device"], "dtype": info["dtype"]},
+        "note": "server (HTTP and model processes) and the client threads share this machine; an idle server polls "
+        "LitServe's queue",
+    }
+    entry = compare(
+        "serve_server_vs_scorer",
+        "Reward server texts/s (LitServe, concurrent clients on loopback) vs RewardScorer in-process, same texts",
+        a,
+        b,
+        "texts/s",
+        None,
+        details,
+    )
+    lat = details["latency_ms"]
+    entry["summary"] = (
+        f"{details['requests_per_s']} requests/s, latency p50 {lat['p50']} ms / p99 {lat['p99']} ms; per model call "
+        f"{details['requests_per_model_call']} requests, {details['texts_per_model_call']} texts; "
+        f"{details['texts_per_forward']} texts per forward; max reward diff {details['max_abs_reward_diff']}"
+    )
+    return [entry]

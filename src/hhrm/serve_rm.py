@@ -1,0 +1,391 @@
+"""The reward-model server: a reward model folder behind HTTP on LitServe, scored by the one reward rule.
+
+Endpoints (JSON in and out; every refusal is ``{"error": "<one line>"}`` with a 4xx status, see
+:mod:`hhrm.serve_rm_protocol`):
+
+* ``POST /score``: ``{"prompts": [str], "responses": [str]}`` -> ``{"rewards": [float]}``, the reward of each
+  ``prompt + response`` (:class:`hhrm.scoring.RewardScorer`'s rule: text + EOS, read at the EOS).
+* ``POST /get_reward``: OpenRLHF's remote reward protocol (its ``--remote_rm_url``): ``{"query": [full texts],
+  "prompts": [str]}`` -> ``{"rewards": [float], "scores": [float], "extra_logs": {"dummy_scores": [float]}}``,
+  what OpenRLHF's ``serve_rm`` answers; other keys (``labels``, ``metas``) are ignored.
+* ``GET /health`` (LitServe's readiness: 200 ``ok`` once the model is loaded, 503 before), ``GET /info``
+  (LitServe's; under ``model``: the model path, the text rule, max length, the limits), ``GET /stats`` (counters:
+  model calls, requests and texts per call, texts per forward, refusals by status).
+
+Each request is checked and tokenized in the HTTP process before it is queued. LitServe's dynamic batching hands
+the model process up to ``max_batch_size`` queued requests (waiting at most ``batch_timeout``); their texts are
+flattened into one :meth:`RewardScorer.score_ids` call (which sorts them by length and cuts forwards of at most
+``batch_size`` texts and ``max_tokens_per_batch`` padded tokens), and the rewards are split back per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import litserve as ls
+import torch
+from litserve.specs.base import LitSpec
+from litserve.utils import LitAPIStatus, ResponseBufferItem
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+
+from hhrm import modeling, runtime, scoring
+from hhrm.serve_rm_protocol import (
+    STATS,
+    TEXT_RULE,
+    RequestError,
+    check_port,
+    encode_checked,
+    free_port,
+    get_reward_texts,
+    load_object,
+    request_json,
+    score_texts,
+    stats_summary,
+    worker_error,
+)
+
+HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServer.run binds
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "serve_rm.py"  # hhrm is installed from src/
+
+
+@dataclass
+class ServeConfig:
+    """The reward-model server: which model, where it listens, its device, and its limits."""
+
+    model_name_or_path: str = field(
+        default=None, metadata={"help": "Reward model folder (the output of `make rm`) or hub id (required)."}
+    )
+    host: str = field(
+        default="127.0.0.1",
+        metadata={
+            "help": "127.0.0.1 (this machine only), or 0.0.0.0 / :: (no authentication!)",
+            "choices": list(HOSTS),
+        },
+    )
+    port: int = field(default=8000, metadata={"help": "TCP port (1024-65535)."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N. Default: cuda if available."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "None: bf16 on a bf16-capable GPU, fp32 elsewhere (fp32 on --device cpu)."}
+    )
+    max_batch_size: int = field(
+        default=16, metadata={"help": "Requests LitServe merges into one model call, at most (dynamic batching)."}
+    )
+    batch_timeout: float = field(
+        default=0.005,
+        metadata={"help": "Seconds LitServe waits for more requests before a model call (> 0: 0 polls without rest)."},
+    )
+    max_texts_per_request: int = field(
+        default=256, metadata={"help": "Texts (queries or prompt/response pairs) per request, at most; more: 413."}
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per text (text + EOS), at most; longer: 413. Default: the model's positions."},
+    )
+    max_request_bytes: int = field(default=32 * 2**20, metadata={"help": "Request body size, at most; more: 413."})
+    batch_size: int = field(default=64, metadata={"help": "Texts per reward-model forward, at most (RewardScorer)."})
+    max_tokens_per_batch: int = field(
+        default=32_768, metadata={"help": "Padded tokens per reward-model forward, at most (RewardScorer)."}
+    )
+    request_timeout: float = field(
+        default=120.0, metadata={"help": "Seconds a request may wait in LitServe's queue before it is answered 504."}
+    )
+    num_threads: int | None = field(
+        default=None, metadata={"help": "CPU threads of the model process (torch.set_num_threads). Default: torch's."}
+    )
+    log_level: str = field(
+        default="info",
+        metadata={"help": "Server log level (info logs each request).", "choices": ["debug", "info", "warning"]},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path:
+            raise ValueError(
+                "model_name_or_path is required: the reward model folder to serve (make serve-rm MODEL=...)"
+            )
+        if self.host not in HOSTS:
+            raise ValueError(f"host={self.host!r}: LitServe binds one of {HOSTS} (127.0.0.1: this machine only)")
+        if not 1024 <= self.port <= 65535:
+            raise ValueError(f"port={self.port}: must be within 1024-65535")
+        counts = ("max_batch_size", "max_texts_per_request", "max_request_bytes", "batch_size", "max_tokens_per_batch")
+        bad = [f"{k}={getattr(self, k)}" for k in counts if getattr(self, k) < 1]
+        bad += [f"{k}={getattr(self, k)}" for k in ("max_length", "num_threads") if (getattr(self, k) or 1) < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be >= 1")
+        if not 0 < self.batch_timeout < self.request_timeout:
+            raise ValueError(
+                f"batch_timeout={self.batch_timeout}, request_timeout={self.request_timeout}: need "
+                "0 < batch_timeout < request_timeout"
+            )
+        self.device = self.device or runtime.default_device()
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device={self.device!r}: expected cpu, cuda or cuda:N")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r}: no CUDA device here; use --device cpu")
+
+    @property
+    def dtype(self):
+        """hhrm's precision rule, except that an unset ``bf16`` is fp32 on a CPU even where a GPU exists."""
+        return runtime.torch_dtype(False if self.bf16 is None and self.device == "cpu" else self.bf16)
+
+
+# --------------------------------------------------------------------------------------------
+# The HTTP side (a LitSpec: LitServe's way to give one LitAPI its own routes) and the model side (a LitAPI)
+
+
+class RewardSpec(LitSpec):
+    """``/score``, ``/get_reward`` and ``/stats`` in LitServe's HTTP process, all feeding the one model queue."""
+
+    def __init__(self, tokenizer, config: ServeConfig, max_length: int, stats):
+        super().__init__()
+        self.api_path = "/score"  # LitServe keys the model queue and the worker by this path
+        self.tokenizer, self.config, self.max_length, self.stats = tokenizer, config, max_length, stats
+        self.errors: dict[str, int] = {}
+
+    def __getstate__(self) -> dict:
+        return super().__getstate__() | {"tokenizer": None}  # the model process has its own
+
+    def pre_setup(self, lit_api) -> None:
+        self._endpoints = []
+        self.add_endpoint("/score", self.score, ["POST"])
+        self.add_endpoint("/get_reward", self.get_reward, ["POST"])
+        self.add_endpoint("/stats", self.read_stats, ["GET"])
+
+    def decode_request(self, request, context_kwargs=None):
+        return request
+
+    def encode_response(self, output, context_kwargs=None):
+        return output
+
+    async def score(self, request: Request) -> JSONResponse:
+        rewards = await self.serve(request, score_texts)
+        return rewards if isinstance(rewards, JSONResponse) else JSONResponse({"rewards": rewards})
+
+    async def get_reward(self, request: Request) -> JSONResponse:
+        rewards = await self.serve(request, get_reward_texts)
+        if isinstance(rewards, JSONResponse):
+            return rewards
+        return JSONResponse({"rewards": rewards, "scores": rewards, "extra_logs": {"dummy_scores": rewards}})
+
+    async def serve(self, request: Request, texts_of) -> list[float] | JSONResponse:
+        """Rewards of the request's texts, or the error response (the request never reaches the model then)."""
+        try:
+            try:
+                body = await request.body()
+            except ClientDisconnect:
+                raise RequestError(400, "the client disconnected before sending the whole body") from None
+            except Exception as err:  # LitServe's max_payload_size check raises an HTTPException (413)
+                raise RequestError(getattr(err, "status_code", 400), str(getattr(err, "detail", err))) from None
+            texts = texts_of(load_object(body), self.config.max_texts_per_request, self.tokenizer)
+            ids = await asyncio.to_thread(encode_checked, self.tokenizer, texts, self.max_length)
+            return await self.rewards(ids)
+        except RequestError as err:
+            key = str(err.status)
+            self.errors[key] = self.errors.get(key, 0) + 1
+            return JSONResponse({"error": err.message}, status_code=err.status)
+
+    async def rewards(self, ids: list[list[int]]) -> list[float]:
+        """Queue one request for the model process and wait for its rewards (as LitServe's own specs do)."""
+        uid, event = str(uuid.uuid4()), asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(event=event)
+        self.request_queue.put_nowait((self.response_queue_id, uid, time.monotonic(), ids))
+        try:
+            await event.wait()
+        finally:
+            item = self.response_buffer.pop(uid, None)
+        response, status = item.response
+        if status == LitAPIStatus.ERROR:
+            raise worker_error(response)
+        return response
+
+    async def read_stats(self) -> JSONResponse:
+        return JSONResponse(stats_summary(self.stats) | {"errors": dict(self.errors)})
+
+
+class RewardAPI(ls.LitAPI):
+    """The model process: one :class:`RewardScorer` on one device; each LitServe batch is one ``score_ids`` call."""
+
+    def __init__(self, config: ServeConfig, spec: RewardSpec, stats):
+        super().__init__(max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout, spec=spec)
+        self.config, self.stats = config, stats
+
+    def setup(self, device) -> None:
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.scorer = scoring.RewardScorer.from_pretrained(
+            self.config.model_name_or_path,
+            device=self.config.device,
+            dtype=self.config.dtype,
+            setting="model_name_or_path",
+            batch_size=self.config.batch_size,
+            max_tokens_per_batch=self.config.max_tokens_per_batch,
+        )
+        self.scorer.model.register_forward_pre_hook(self.count_forward, with_kwargs=True)
+
+    def count_forward(self, module, args, kwargs) -> None:
+        mask = kwargs["attention_mask"]
+        self.add(forwards=1, tokens=int(mask.sum()), padded_tokens=mask.numel())
+
+    def add(self, **counts) -> None:
+        """Count into the shared array (written by this process only, read by the HTTP process's /stats)."""
+        for key, value in counts.items():
+            self.stats[STATS.index(key)] += value
+
+    def decode_request(self, request, **kwargs):
+        return request  # token ids, checked by RewardSpec
+
+    def predict(self, batch, **kwargs):
+        requests = batch if self.max_batch_size > 1 else [batch]  # LitServe's single loop passes one request
+        start = time.perf_counter()
+        rewards = self.scorer.score_ids([ids for r in requests for ids in r])
+        seconds = time.perf_counter() - start
+        self.add(model_calls=1, requests=len(requests), texts=len(rewards), predict_seconds=seconds)
+        i = STATS.index("max_requests")
+        self.stats[i] = max(self.stats[i], len(requests))
+        out, start = [], 0
+        for r in requests:
+            out.append(rewards[start : start + len(r)])
+            start += len(r)
+        return out if self.max_batch_size > 1 else out[0]
+
+    def encode_response(self, output, **kwargs):
+        return output
+
+
+# --------------------------------------------------------------------------------------------
+# The server
+
+
+def model_positions(path: str) -> int | None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def build_server(config: ServeConfig) -> ls.LitServer:
+    """The LitServer, after the checks that refuse to start: not a reward model, a length over the model's
+    positions, a port in use. Nothing is loaded here but the tokenizer; the model process loads the model."""
+    tokenizer = modeling.check_reward_model(config.model_name_or_path, "model_name_or_path")
+    positions = model_positions(config.model_name_or_path)
+    max_length = config.max_length or positions
+    if max_length is None:
+        raise ValueError("max_length: the model's config states no positions (max_position_embeddings); set it")
+    if positions is not None and max_length > positions:
+        raise ValueError(f"max_length={max_length}: over the model's {positions} positions (max_position_embeddings)")
+    check_port(config.host, config.port)
+    stats = multiprocessing.get_context("spawn").Array("d", len(STATS), lock=False)  # one writer: the model process
+    spec = RewardSpec(tokenizer, config, max_length, stats)
+    api = RewardAPI(config, spec, stats)
+    limits = {
+        k: getattr(config, k)
+        for k in ("max_texts_per_request", "max_request_bytes", "max_batch_size", "batch_timeout", "request_timeout")
+    }
+    metadata = {
+        "model_name_or_path": str(config.model_name_or_path),
+        "weights": modeling.weights_identity(str(config.model_name_or_path)),  # a client's resume check reads it
+        "text_rule": TEXT_RULE,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "max_length": max_length,
+        "model_positions": positions,
+        "device": config.device,
+        "dtype": str(config.dtype).removeprefix("torch."),
+        "limits": limits | {"max_length": max_length},
+        "scorer": {"batch_size": config.batch_size, "max_tokens_per_batch": config.max_tokens_per_batch},
+        "endpoints": ["POST /score", "POST /get_reward", "GET /health", "GET /info", "GET /stats"],
+    }
+    return ls.LitServer(
+        api,
+        accelerator="cuda" if config.device.startswith("cuda") else "cpu",
+        devices=1,
+        workers_per_device=1,
+        timeout=config.request_timeout,
+        model_metadata=metadata,
+        max_payload_size=config.max_request_bytes,
+    )
+
+
+def serve(server: ls.LitServer, config: ServeConfig) -> None:
+    """Run until stopped by SIGINT (Ctrl-C) or SIGTERM: one HTTP process, one model process on ``config.device``.
+
+    Both signals take LitServe's graceful shutdown, which stops the HTTP and model processes too (on a plain
+    SIGTERM LitServe's main process would die alone and leave them holding the port); SIGINT also where the
+    server was started with it ignored (``cmd &`` in a script)."""
+    main_pid = os.getpid()
+
+    def stop(signum, frame) -> None:
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)  # a forked helper (LitServe's queue manager) that inherited this
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.run(
+        host=config.host,
+        port=config.port,
+        num_api_servers=1,
+        log_level=config.log_level,
+        generate_client_file=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# A server in a subprocess (tests, the bench, scripts): started on a free loopback port, always stopped
+
+
+@contextlib.contextmanager
+def launch(model: str | Path, *args: str, ready_timeout: float = 600.0, log: Path | None = None) -> Iterator[str]:
+    """``recipes/serve_rm.py`` on 127.0.0.1 and a free port, as a subprocess in its own process group: yields its
+    base URL once ``/health`` answers 200 (at most ``ready_timeout`` seconds, else RuntimeError with the log's
+    tail), and stops it on exit (SIGTERM, then SIGKILL to its process group after 30 s)."""
+    port = free_port()
+    out = open(log, "w+") if log else tempfile.TemporaryFile("w+")  # closed below
+    cmd = [sys.executable, str(RECIPE), "--model_name_or_path", str(model), "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while (status := _health(url)) != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                out.seek(0)
+                tail = out.read()[-3000:]
+                why = (
+                    f"exited with {proc.returncode}"
+                    if proc.poll() is not None
+                    else f"not ready after {ready_timeout} s"
+                )
+                raise RuntimeError(f"reward server {why} (last /health: {status}); its output:\n{tail}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what the server left behind (its model and HTTP processes)
+        proc.wait()
+        out.close()
+
+
+def _health(url: str) -> int | None:
+    try:
+        return request_json(f"{url}/health", timeout=5)[0]
+    except OSError:
+        return None

@@ -1,0 +1,211 @@
+"""The reward-model server (recipes/serve_rm.py on LitServe): both protocols give RewardScorer's rewards whatever the
+batching, bad requests are refused alone in one line, and a folder that is not a reward model never starts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from hhrm import scoring, serve_rm
+from hhrm.serve_rm_protocol import request_json, strip_special
+
+from conftest import ROOT, run_process
+
+MAX_TEXTS = 16
+SERVER_ARGS = (
+    *("--device", "cpu", "--num_threads", "1", "--log_level", "warning"),
+    *("--max_batch_size", "4", "--batch_timeout", "0.25"),  # 8 clients released together fill two batches of 4
+    *("--max_texts_per_request", str(MAX_TEXTS), "--max_request_bytes", str(2**20)),
+)
+
+
+def pairs(n: int, offset: int = 0) -> tuple[list[str], list[str]]:
+    """``n`` prompt/response pairs of varied lengths (some about 200 tokens)."""
+    prompts, responses = [], []
+    for i in range(offset, offset + n):
+        a, b = i % 17, (3 * i) % 23
+        history = " ".join(f"###Human: What is {k} plus {k}? ###Assistant: {2 * k}." for k in range(i % 4 * 6))
+        prompts.append(f"{history} ###Human: What is {a} plus {b}? ###Assistant:".lstrip())
+        responses.append(f" {a} plus {b} is {a + b}." + " Indeed." * (i % 3))
+    return prompts, responses
+
+
+@pytest.fixture(scope="module")
+def rm_folder(tiny, tmp_path_factory):
+    """A tiny reward model folder: the tiny Llama with a one-label score head (a random, non-trivial head)."""
+    folder = tmp_path_factory.mktemp("serve_rm") / "rm"
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["base"], num_labels=1)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scorer(rm_folder):
+    return scoring.RewardScorer.from_pretrained(rm_folder, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def server(rm_folder, tmp_path_factory):
+    """The server as a subprocess on a free loopback port, ready within 10 minutes, always stopped afterwards."""
+    log = tmp_path_factory.mktemp("serve_rm_log") / "server.log"
+    with serve_rm.launch(rm_folder, *SERVER_ARGS, ready_timeout=600, log=log) as url:
+        yield url
+
+
+def post(url: str, payload, timeout: float = 120):
+    return request_json(url, payload, timeout=timeout)
+
+
+def check_rewards(got, expected) -> None:
+    assert len(got) == len(expected)
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_both_protocols_give_reward_scorer_rewards(server, scorer):
+    eos, pad = scorer.tokenizer.eos_token, scorer.tokenizer.pad_token
+    for n, offset in ((1, 0), (3, 1), (MAX_TEXTS, 4)):
+        prompts, responses = pairs(n, offset)
+        expected = scorer.score_pairs(prompts, responses)
+        status, body = post(f"{server}/score", {"prompts": prompts, "responses": responses})
+        assert status == 200 and list(body) == ["rewards"], body
+        check_rewards(body["rewards"], expected)
+        # OpenRLHF: full texts, maybe padded or with their EOS; labels/metas ignored
+        queries = [p + r for p, r in zip(prompts, responses)]
+        queries[0] = pad + queries[0] + eos + pad + pad
+        payload = {"query": queries, "prompts": prompts, "labels": [""] * n, "metas": None}
+        status, body = post(f"{server}/get_reward", payload)
+        assert status == 200 and set(body) == {"rewards", "scores", "extra_logs"}, body
+        check_rewards(body["rewards"], expected)
+        assert body["scores"] == body["rewards"] == body["extra_logs"]["dummy_scores"]
+    status, body = post(f"{server}/get_reward", {"query": ["###Human: Hi ###Assistant: Hello!"]})  # no prompts
+    assert status == 200
+    check_rewards(body["rewards"], scorer.score(["###Human: Hi ###Assistant: Hello!"]))
+
+
+def test_strip_special_removes_whole_tokens_only():
+    assert strip_special("<pad>a pad<|endoftext|><pad>", ("<pad>", "<|endoftext|>")) == "a pad"
+    assert strip_special("pad>", ("<pad>",)) == "pad>"  # OpenRLHF's str.strip would eat the characters
+
+
+def wave(server: str, requests: list[tuple[str, object]]) -> list[tuple[int, object]]:
+    """All ``(path, payload)`` requests sent at once from one thread each (released together by a barrier)."""
+    barrier = threading.Barrier(len(requests))
+
+    def send(item):
+        barrier.wait(timeout=60)
+        return post(f"{server}{item[0]}", item[1])
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(send, requests))
+
+
+def test_concurrent_clients_are_batched_and_bad_requests_change_nothing(server, scorer):
+    before = request_json(f"{server}/stats")[1]
+    good = {}
+    requests = []
+    for i in range(8):
+        if i in (2, 5):  # bad requests in the same wave: refused alone, before they could join a batch
+            requests.append(("/score", {"prompts": ["a"], "responses": ["b", "c"]} if i == 2 else b"{not json"))
+            continue
+        prompts, responses = pairs(1 + i, offset=10 * i)
+        good[i] = scorer.score_pairs(prompts, responses)
+        payload = {"prompts": prompts, "responses": responses}
+        if i % 2:
+            payload = {"query": [p + r for p, r in zip(prompts, responses)]}
+        requests.append(("/get_reward" if i % 2 else "/score", payload))
+    results = wave(server, requests)
+    for i, (status, body) in enumerate(results):
+        if i in good:
+            assert status == 200, body
+            check_rewards(body["rewards"], good[i])
+        else:
+            assert status == 400 and set(body) == {"error"}, body
+    after = request_json(f"{server}/stats")[1]
+    assert after["requests"] - before["requests"] == len(good)
+    assert after["texts"] - before["texts"] == sum(len(v) for v in good.values())
+    assert after["max_requests"] >= 2, after  # LitServe merged concurrent requests into one model call
+    assert after["model_calls"] - before["model_calls"] < len(good)
+
+
+def raw_request(server: str, head: bytes, body: bytes, read: bool) -> None:
+    """A client that sends ``body`` after ``head`` and hangs up (``read``: after reading the answer)."""
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head + body)
+        if read:
+            sock.recv(65536)
+
+
+def test_bad_requests_are_refused_in_one_line_and_the_server_keeps_serving(server, scorer):
+    prompts, responses = pairs(2)
+    long_response = " one plus one is two." * 200  # about 1,000 tokens: over the model's 512 positions
+    cases = [
+        ("/score", b"prompts=a", 400, "not JSON"),
+        ("/score", b"[1, 2]", 400, "JSON object"),
+        ("/score", b'{"prompts": ["a\\ud800"], "responses": ["b"]}', 400, "cannot be tokenized"),
+        ("/score", {"prompts": "a", "responses": "b"}, 400, "non-empty list of strings"),
+        ("/score", {"prompts": ["a", 3], "responses": ["b", "c"]}, 400, '"prompts"[1] is int'),
+        ("/score", {"prompts": [], "responses": []}, 400, "non-empty list"),
+        ("/score", {"prompts": ["a"]}, 400, '"responses" must be a non-empty list of strings, got missing'),
+        ("/score", {"prompts": prompts, "responses": responses[:1]}, 400, "2 prompts but 1 responses"),
+        ("/score", {"prompts": ["a"] * 17, "responses": ["b"] * 17}, 413, "max_texts_per_request=16"),
+        ("/score", {"prompts": prompts, "responses": [responses[0], long_response]}, 413, "over max_length=512"),
+        ("/score", {"prompts": ["x" * 2**20], "responses": ["b"]}, 413, "too large"),
+        ("/get_reward", {"prompts": ["a"]}, 400, '"query" must be a non-empty list'),
+        ("/get_reward", {"query": ["a", "b"], "prompts": ["a"]}, 400, "1 prompts but 2 queries"),
+    ]
+    for path, payload, status, fragment in cases:
+        got, body = post(f"{server}{path}", payload)
+        assert got == status and isinstance(body, dict) and list(body) == ["error"], (path, payload, got, body)
+        assert fragment in body["error"] and "\n" not in body["error"], body
+    head = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    whole = json.dumps({"prompts": prompts, "responses": responses}).encode()
+    raw_request(server, head % (len(whole) + 100), whole[:20], read=False)  # hangs up mid-body
+    raw_request(server, head % len(whole), whole, read=False)  # hangs up before its answer
+    status, body = post(f"{server}/score", {"prompts": prompts, "responses": responses})
+    assert status == 200
+    check_rewards(body["rewards"], scorer.score_pairs(prompts, responses))
+    assert request_json(f"{server}/stats")[1]["errors"]["413"] >= 3
+
+
+def test_health_and_info(server, rm_folder):
+    assert request_json(f"{server}/health") == (200, "ok")
+    status, info = request_json(f"{server}/info")
+    model = info["model"]
+    assert status == 200 and model["model_name_or_path"] == str(rm_folder)
+    assert "EOS" in model["text_rule"] and model["max_length"] == model["model_positions"] == 512
+    assert model["limits"]["max_texts_per_request"] == MAX_TEXTS and model["limits"]["max_batch_size"] == 4
+    assert model["eos_token"] != model["pad_token"] and model["dtype"] == "float32"
+
+
+def test_not_a_reward_model_is_refused_in_one_line(tiny):
+    cmd = [sys.executable, str(ROOT / "recipes" / "serve_rm.py"), "--model_name_or_path", str(tiny["base"])]
+    proc = run_process([*cmd, "--port", "18099", "--device", "cpu"], usual_seconds=20, cwd=ROOT)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("hhrm: error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "model_name_or_path=" in lines[0] and "not a reward model" in lines[0]
+
+
+def test_limits_over_the_model_and_a_busy_port_are_refused(rm_folder):
+    with pytest.raises(ValueError, match="over the model's 512 positions"):
+        serve_rm.build_server(serve_rm.ServeConfig(model_name_or_path=str(rm_folder), device="cpu", max_length=513))
+    with pytest.raises(ValueError, match="host="):
+        serve_rm.ServeConfig(model_name_or_path=str(rm_folder), host="10.0.0.1")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = serve_rm.ServeConfig(model_name_or_path=str(rm_folder), device="cpu", port=busy.getsockname()[1])
+        with pytest.raises(ConnectionError, match="choose another --port"):
+            serve_rm.build_server(config)
