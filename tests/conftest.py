@@ -17,6 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # The real HH-RLHF sample (Anthropic's raw jsonl[.gz]) is named by an environment variable, never assumed.
 HH_SAMPLE = os.environ.get("HHRM_HH_SAMPLE", "")
 TEST_SPEC = dict(train_rows=800, test_rows=300)
+# Trainer settings for tests on this CPU: fp32, no checkpoints, no logging integrations, no progress bars.
+QUIET_CPU = dict(
+    use_cpu=True,
+    bf16=False,
+    activation_checkpointing=False,
+    report_to="none",
+    save_strategy="no",
+    disable_tqdm=True,
+)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from hhrm import data as hdata
 from hhrm.raft import RaftConfig, StopRequested
 from hhrm.reporting import read_jsonl
 
-from conftest import load_recipe, run_process, tensorboard_scalars, two_process_launch
+from conftest import QUIET_CPU, load_recipe, run_process, tensorboard_scalars, two_process_launch
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,16 +28,7 @@ def models(tiny, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("raft_models")
     splits = hdata.load_splits(hdata.DataArguments(dataset_name=str(tiny["data"]), test_offset=TEST_OFFSET))
     tok = AutoTokenizer.from_pretrained(tiny["base"])
-    common = dict(
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=50,
-        seed=0,
-        disable_tqdm=True,
-    )
+    common = QUIET_CPU | dict(logging_steps=50, seed=0)
     sft = SFTTrainer(
         model=str(tiny["base"]),
         train_dataset=splits.sft_texts(),

@@ -9,15 +9,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hhrm import data, rm, rm_card, rm_eval, scoring
 
-FAST = dict(
-    output_dir="unused",
-    use_cpu=True,
-    bf16=False,
-    activation_checkpointing=False,
-    report_to="none",
-    save_strategy="no",
-    disable_tqdm=True,
-)
+from conftest import QUIET_CPU
+
+FAST = QUIET_CPU | {"output_dir": "unused"}
 
 
 def config(tmp_path, **kw) -> rm.RewardConfig:

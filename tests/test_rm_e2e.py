@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hhrm import data, rm, rm_card, scoring
 
-from conftest import run_process
+from conftest import QUIET_CPU, run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,12 +107,7 @@ def test_lora_head_survives_save_reload_and_merge(tiny, tmp_path):
     )
     args = rm.RewardConfig(
         output_dir=str(tmp_path / "lora"),
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
+        **QUIET_CPU,
         max_steps=8,
         learning_rate=1e-2,
         per_device_train_batch_size=8,

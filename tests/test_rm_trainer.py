@@ -16,16 +16,11 @@ from trl.trainer.reward_trainer import DataCollatorForPreference, suppress_seqcl
 
 from hhrm import data, rm, rm_trainer
 
+from conftest import QUIET_CPU
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RM = ROOT / "recipes" / "configs" / "tiny" / "rm.yaml"
-FAST = dict(
-    use_cpu=True,
-    bf16=False,
-    activation_checkpointing=False,
-    report_to="none",
-    save_strategy="no",
-    disable_tqdm=True,
-)
+FAST = QUIET_CPU
 
 
 @pytest.fixture(scope="module")
