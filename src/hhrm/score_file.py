@@ -332,4 +332,5 @@ def run(data_args: ScoreDataArguments, args: ScoreConfig, model_path: str) -> di
         metrics |= {"input": data_args.dataset_name, "output": args.output_file, "processes": state.num_processes}
         reporting.write_json(metrics, metrics_path(args.output_file))
     state.wait_for_everyone()
+    state.destroy_process_group()  # leave the gloo/NCCL group together: a rank exiting inside it can abort the rest
     return metrics
