@@ -11,7 +11,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCEL) --num_cpu_
 TINY := outputs/tiny
 ARGS ?=
 
-.PHONY: install embedded sft rm eval-rm score serve-rm raft demo test test-fast bench style quality clean
+.PHONY: install embedded sft rm eval-rm score serve-rm raft overopt demo test test-fast bench style quality clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -52,6 +52,17 @@ serve-rm: install
 raft: CONFIG ?= recipes/configs/tiny/raft.yaml
 raft: embedded
 	$(LAUNCH) recipes/raft.py --config $(CONFIG) $(ARGS)
+
+# Best-of-n over-optimisation curve (proxy and gold against sqrt(KL)) of a policy and a reward model, one process:
+# make overopt [POLICY=outputs/tiny/sft] [RM=outputs/tiny/rm] [OUT=outputs/tiny/overopt] [DATA=outputs/tiny/data] [ARGS="--n_max 32 ..."]
+overopt: POLICY ?= $(TINY)/sft
+# (make's own RM is `rm -f`: the reward model defaults only when RM is not given)
+overopt: REWARD_MODEL = $(if $(filter default,$(origin RM)),$(TINY)/rm,$(RM))
+overopt: OUT ?= $(TINY)/overopt
+overopt: DATA ?= $(TINY)/data
+overopt: install
+	$(PY) recipes/overopt.py --model_name_or_path $(POLICY) --reward_model_name_or_path $(REWARD_MODEL) \
+		--dataset_name $(DATA) --test_offset 500 --output_dir $(OUT) $(ARGS)
 
 demo: install
 	$(PY) scripts/demo.py --out $(TINY)

@@ -66,6 +66,7 @@ STAGE_ORDER = {
     "hhrm.serve_rm_protocol": 2,
     "hhrm.score_file": 2,
     "hhrm.raft": 3,
+    "hhrm.overopt": 3,
 }
 
 

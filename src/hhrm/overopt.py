@@ -1,0 +1,363 @@
+"""Best-of-n over-optimisation: how the reward model's pick fares as n grows (Gao et al., 2022, best-of-n).
+
+For one policy and one reward model (the *proxy*), ``n_max`` responses are sampled once per held-out prompt
+and scored. For each n = 1, 2, 4, ..., n_max the curve reports, averaged over prompts with a 95% confidence
+interval from the prompts (mean +- 1.96 * std / sqrt(prompts)):
+
+* ``proxy``: the proxy reward of the proxy's best-of-n pick;
+* ``gold``: the gold accuracy (:func:`hhrm.synthetic.gold_reward`) of that same pick;
+* ``gold_ceiling``: the gold accuracy of the gold reward's own best-of-n pick (at least one of n correct);
+* ``kl_bound``: the analytic bound KL(best-of-n || policy) <= log n - (n - 1) / n, and its square root, the
+  x axis of Gao et al.'s figures.
+
+The estimator is unbiased and exact: for each n it averages over all C(n_max, n) subsets of a prompt's
+samples analytically. With the samples sorted by proxy reward (ascending, rank i = 1..n_max), the sample of
+rank i is the maximum of a uniformly drawn n-subset with probability C(i - 1, n - 1) / C(n_max, n); with c
+gold-correct samples, the probability that an n-subset holds one is 1 - C(n_max - c, n) / C(n_max, n).
+Ties in proxy reward go to the earlier-drawn sample (lower sample index), as ``numpy.argmax`` over a subset
+in draw order picks it; the samples are i.i.d., so draw order is a random order.
+
+Gold numbers need prompts of the embedded data set (:func:`hhrm.synthetic.is_gold_checkable`); on any other
+data the curve has the proxy only, and the files say so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hhrm import data, generation, modeling, outputs, reporting, runtime, scoring, synthetic
+
+logger = logging.getLogger(__name__)
+
+JSON_FILE, TABLE_FILE, PLOT_FILE, SAMPLES_FILE = "overopt.json", "overopt.md", "overopt.png", "samples.jsonl"
+RESULT_FILES = (JSON_FILE, TABLE_FILE, PLOT_FILE, SAMPLES_FILE)
+TIE_BREAK = "ties in proxy reward go to the earlier-drawn sample (lower sample index)"
+Z95 = 1.96
+
+
+@dataclass
+class OverOptConfig:
+    """The curve's settings. The policy is ``model_name_or_path`` (TRL's ModelConfig); prompts: DataArguments."""
+
+    reward_model_name_or_path: str = field(
+        default=None, metadata={"help": "The reward model (proxy) that picks the best of n: a folder or hub id."}
+    )
+    output_dir: str = field(
+        default=None,
+        metadata={"help": "Folder for overopt.json, overopt.md, overopt.png and samples.jsonl."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace the results of an earlier curve in output_dir (refused otherwise)."}
+    )
+    n_max: int = field(
+        default=16,
+        metadata={"help": "Responses sampled per prompt: a power of 2, >= 2; the curve has n = 1, 2, 4, ..., n_max."},
+    )
+    heldout_prompts: int = field(
+        default=200, metadata={"help": "The first N distinct RM-test prompts (as RAFT's held-out set)."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the policy."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the policy (1.0: off)."})
+    max_new_tokens: int = field(default=32, metadata={"help": "New tokens per response, at most."})
+    generation_batch_size: int = field(
+        default=32, metadata={"help": "Prompts per generate call (each expanded to n_max sequences)."}
+    )
+    reward_batch_size: int = field(default=64, metadata={"help": "Texts per reward-model forward, at most."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sampling (the same settings give the same samples)."})
+    bf16: bool | None = field(default=None, metadata={"help": "None: bf16 on a bf16-capable GPU, fp32 elsewhere."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self) -> None:
+        if not self.reward_model_name_or_path:
+            raise ValueError(
+                "reward_model_name_or_path is required: the reward model that picks (make overopt RM=...)"
+            )
+        if not self.output_dir:
+            raise ValueError("output_dir is required: the folder for the curve's files")
+        check_n_max(self.n_max)
+        for name in ("heldout_prompts", "generation_batch_size", "reward_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        generation.SamplingArguments(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p
+        )
+        out = Path(self.output_dir)
+        found = [n for n in RESULT_FILES if (out / n).is_file()]
+        if found and not self.overwrite_output_dir:
+            raise ValueError(
+                f"output_dir={self.output_dir!r} already holds a curve ({', '.join(found)}): choose another "
+                f"output_dir, or pass --overwrite_output_dir true to replace it"
+            )
+
+    def sampling(self) -> generation.SamplingArguments:
+        return generation.SamplingArguments(
+            max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature, top_p=self.top_p
+        )
+
+
+def check_n_max(n_max: int) -> None:
+    """Refuse an ``n_max`` that is not a power of 2 of at least 2 (n = 1 alone is no curve)."""
+    if n_max < 2 or n_max & (n_max - 1):
+        raise ValueError(f"n_max={n_max}: must be a power of 2 and >= 2 (the curve has n = 1, 2, 4, ..., n_max)")
+
+
+def ns(n_max: int) -> list[int]:
+    """1, 2, 4, ..., n_max."""
+    check_n_max(n_max)
+    return [2**j for j in range(int(math.log2(n_max)) + 1)]
+
+
+def kl_bound(n: int) -> float:
+    """The analytic bound on KL(best-of-n || policy): log n - (n - 1) / n (0 for n = 1)."""
+    if n < 1:
+        raise ValueError(f"n={n}: must be >= 1")
+    return math.log(n) - (n - 1) / n
+
+
+# --------------------------------------------------------------------------------------------
+# The estimator
+
+
+def pick_weights(n_max: int, n: int) -> np.ndarray:
+    """``w[i]``: probability that the sample of ascending rank ``i + 1`` is the max of a random n-subset."""
+    if not 1 <= n <= n_max:
+        raise ValueError(f"n={n}: must be within [1, n_max={n_max}]")
+    total = math.comb(n_max, n)
+    return np.array([math.comb(i, n - 1) / total for i in range(n_max)], dtype=np.float64)
+
+
+def rank_order(proxy: np.ndarray) -> np.ndarray:
+    """Per row, the sample indices in ascending proxy order; among ties the lower index ranks higher."""
+    proxy = np.asarray(proxy, dtype=np.float64)
+    index = np.broadcast_to(np.arange(proxy.shape[-1]), proxy.shape)
+    return np.lexsort((-index, proxy), axis=-1)
+
+
+def best_of_n(proxy: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Per prompt (row), the expected ``values`` of the proxy's best-of-n pick over all n-subsets of the samples.
+
+    ``proxy`` and ``values``: ``[prompts, n_max]``. ``values = proxy`` gives the pick's proxy reward.
+    """
+    proxy, values = np.asarray(proxy, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    order = rank_order(proxy)
+    ranked = np.take_along_axis(values, order, axis=-1)
+    return ranked @ pick_weights(proxy.shape[-1], n)
+
+
+def gold_ceiling(gold: np.ndarray, n: int) -> np.ndarray:
+    """Per prompt, the gold accuracy of the gold reward's own best-of-n pick: P(at least one of n is correct)."""
+    gold = np.asarray(gold, dtype=np.float64)
+    n_max = gold.shape[-1]
+    correct = (gold > 0).sum(axis=-1)
+    total = math.comb(n_max, n)
+    return np.array([1.0 - math.comb(n_max - int(c), n) / total for c in correct])
+
+
+def mean_ci(values: np.ndarray) -> tuple[float, float | None]:
+    """Mean over prompts and the 95% half-width 1.96 * std / sqrt(prompts) (None for one prompt)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), None
+    return float(values.mean()), float(Z95 * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def _interval(name: str, values: np.ndarray) -> dict[str, Any]:
+    mean, half = mean_ci(values)
+    ci = None if half is None else [mean - half, mean + half]
+    return {f"{name}_mean": mean, f"{name}_ci_half": half, f"{name}_ci": ci}
+
+
+def curve(proxy: np.ndarray, gold: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """One row per n = 1, 2, ..., n_max (see the module docstring); gold columns only when ``gold`` is given."""
+    proxy = np.asarray(proxy, dtype=np.float64)
+    if proxy.ndim != 2 or not len(proxy):
+        raise ValueError(f"proxy rewards must be [prompts, n_max] with at least one prompt, got shape {proxy.shape}")
+    rows = []
+    for n in ns(proxy.shape[1]):
+        kl = kl_bound(n)
+        row: dict[str, Any] = {"n": n, "kl_bound": kl, "sqrt_kl": math.sqrt(kl)}
+        row |= _interval("proxy", best_of_n(proxy, proxy, n))
+        if gold is not None:
+            row |= _interval("gold", best_of_n(proxy, gold, n))
+            row |= _interval("gold_ceiling", gold_ceiling(gold, n))
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling and scoring
+
+
+def sample_and_score(args: OverOptConfig, data_args: data.DataArguments, model_args) -> dict[str, Any]:
+    """Held-out prompts, ``n_max`` responses each from the policy, their proxy (and gold) rewards."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device, dtype = runtime.default_device(), runtime.torch_dtype(args.bf16)
+    scorer = scoring.RewardScorer.from_pretrained(
+        args.reward_model_name_or_path, device=device, dtype=dtype, batch_size=args.reward_batch_size
+    )
+    tokenizer = modeling.load_tokenizer(model_args, padding_side="left")
+    splits = data.load_splits(data_args, tokenizer)
+    prompts = data.heldout_prompts(splits, args.heldout_prompts)
+    if not prompts:
+        raise ValueError(f"dataset_name={data_args.dataset_name!r}: the RM-test split has no prompt to sample from")
+    policy = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        dtype=dtype,
+        trust_remote_code=modeling.trust_remote_code(model_args),
+    )
+    modeling.match_vocab(policy, tokenizer)
+    policy.to(device)
+    stats: dict[str, Any] = {}
+    responses = generation.generate_responses(
+        policy, tokenizer, prompts, args.n_max, args.sampling(), args.generation_batch_size,
+        progress=args.progress, seed=args.seed, stats=stats,
+    )  # fmt: skip
+    del policy
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    flat = scorer.score_pairs([p for p in prompts for _ in range(args.n_max)], [r for rs in responses for r in rs])
+    proxy = np.array(flat, dtype=np.float64).reshape(len(prompts), args.n_max)
+    checkable = synthetic.is_gold_checkable(prompts)
+    gold = None
+    if checkable:
+        gold = np.array([[synthetic.gold_reward(p, r) for r in rs] for p, rs in zip(prompts, responses)])
+    else:
+        logger.warning("the prompts are not the embedded data set's: no gold reward, the curve has the proxy only")
+    return {"prompts": prompts, "responses": responses, "proxy": proxy, "gold": gold, "generation": stats}
+
+
+def sample_rows(sampled: dict[str, Any]) -> list[dict[str, Any]]:
+    """``samples.jsonl``: one row per prompt, its responses in draw order with their proxy and gold rewards."""
+    gold = sampled["gold"]
+    return [
+        {
+            "prompt_index": i,
+            "prompt": p,
+            "responses": rs,
+            "proxy": sampled["proxy"][i].tolist(),
+            "gold": None if gold is None else gold[i].tolist(),
+        }
+        for i, (p, rs) in enumerate(zip(sampled["prompts"], sampled["responses"]))
+    ]
+
+
+def curve_from_samples(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The curve recomputed from a ``samples.jsonl``."""
+    rows = reporting.read_jsonl(path)
+    proxy = np.array([r["proxy"] for r in rows], dtype=np.float64)
+    has_gold = all(r.get("gold") is not None for r in rows)
+    return curve(proxy, np.array([r["gold"] for r in rows], dtype=np.float64) if has_gold else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """``overopt.md``: what was measured, then one table row per n (mean +- 95% half-width)."""
+
+    def pm(row: dict[str, Any], name: str) -> str:
+        mean, half = row.get(f"{name}_mean"), row.get(f"{name}_ci_half")
+        if mean is None:
+            return ""
+        return reporting.fmt(mean) + ("" if half is None else f" ± {reporting.fmt(half, 2)}")
+
+    gold = result["gold"]
+    cols = ["n", "kl_bound", "sqrt_kl", "proxy"] + (["gold", "gold_ceiling"] if gold else [])
+    headers = ["n", "KL bound", "sqrt(KL)", "proxy reward (RM pick)"]
+    headers += ["gold accuracy (RM pick)", "gold accuracy (gold pick: ceiling)"] if gold else []
+    table = [{c: pm(r, c) if c in ("proxy", "gold", "gold_ceiling") else r[c] for c in cols} for r in result["curve"]]
+    lines = [
+        "# Best-of-n over-optimisation",
+        "",
+        f"Policy `{result['policy']}`, reward model `{result['reward_model']}`: {result['prompts']} held-out "
+        f"prompts, {result['n_max']} samples each (temperature {result['config']['temperature']}, "
+        f"max_new_tokens {result['config']['max_new_tokens']}). Best-of-n averaged exactly over all n-subsets of "
+        f"the samples; {TIE_BREAK}. ± is the 95% interval from the prompts (1.96 std / sqrt(prompts)); "
+        "KL bound: log n - (n-1)/n.",
+        "",
+    ]
+    if not gold:
+        lines += ["No gold reward: the prompts are not the embedded data set's, so the curve has the proxy only.", ""]
+    return "\n".join(lines) + "\n" + reporting.markdown_table(table, cols, headers)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """``overopt.png``: proxy (left) and gold accuracy with its ceiling (right) against sqrt(KL bound)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, gold = result["curve"], result["gold"]
+    x = [r["sqrt_kl"] for r in rows]
+    fig, axes = plt.subplots(1, 2 if gold else 1, figsize=(11 if gold else 6, 4), squeeze=False)
+    panels = [(axes[0][0], [("proxy", "RM's best-of-n pick", "o-")], "proxy reward")]
+    if gold:
+        series = [("gold", "RM's best-of-n pick", "o-"), ("gold_ceiling", "gold's own pick (ceiling)", "s--")]
+        panels.append((axes[0][1], series, "gold accuracy"))
+    for ax, series, label in panels:
+        for key, name, style in series:
+            mean = np.array([r[f"{key}_mean"] for r in rows])
+            half = np.array([r[f"{key}_ci_half"] or 0.0 for r in rows])
+            ax.plot(x, mean, style, label=name)
+            ax.fill_between(x, mean - half, mean + half, alpha=0.2)
+        for r in rows:
+            ax.annotate(f"n={r['n']}", (r["sqrt_kl"], r[f"{series[0][0]}_mean"]), fontsize=7, xytext=(2, 4),
+                        textcoords="offset points")  # fmt: skip
+        ax.set_xlabel("sqrt(KL bound)  [KL(best-of-n || policy) <= log n - (n-1)/n]")
+        ax.set_ylabel(label)
+        if key != "proxy":
+            ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8)
+    axes[0][0].set_title(f"best-of-n, {result['prompts']} prompts x {result['n_max']} samples", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run(args: OverOptConfig, data_args: data.DataArguments, model_args) -> dict[str, Any]:
+    """Sample, score, compute the curve and write its four files into ``output_dir``; returns the JSON."""
+    start = time.perf_counter()
+    out = Path(args.output_dir)
+    if outputs.holds_model(out):
+        raise ValueError(f"output_dir={args.output_dir!r} holds a model: choose a folder of its own for the curve")
+    outputs.check_output_dir(out, "overopt")
+    for name in RESULT_FILES:  # never leave an earlier curve's files beside this one's
+        (out / name).unlink(missing_ok=True)
+    sampled = sample_and_score(args, data_args, model_args)
+    gold = sampled["gold"] is not None
+    result = {
+        "policy": str(model_args.model_name_or_path),
+        "reward_model": str(args.reward_model_name_or_path),
+        "dataset_name": data_args.dataset_name,
+        "prompts": len(sampled["prompts"]),
+        "n_max": args.n_max,
+        "gold": gold,
+        "gold_note": None if gold else "prompts not gold-checkable (not the embedded data set): proxy only",
+        "tie_break": TIE_BREAK,
+        "ci": "95%: mean +- 1.96 * std / sqrt(prompts), over prompts",
+        "curve": curve(sampled["proxy"], sampled["gold"]),
+        "generation": sampled["generation"],
+        "config": reporting.config_dict(args),
+        "data": reporting.config_dict(data_args),
+    }
+    reporting.write_jsonl(sample_rows(sampled), out / SAMPLES_FILE)
+    result["seconds"] = time.perf_counter() - start
+    reporting.write_json(result, out / JSON_FILE)
+    (out / TABLE_FILE).write_text(markdown(result))
+    plot(result, out / PLOT_FILE)
+    return result

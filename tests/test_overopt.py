@@ -1,0 +1,142 @@
+"""Best-of-n over-optimisation: the exact estimator against brute force, the KL bound, the ceiling, the recipe."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hhrm import data as hdata
+from hhrm import overopt, reporting
+
+from conftest import QUIET_CPU, load_recipe
+
+TEST_OFFSET = 150  # of the fixture's 300 test rows
+
+
+def brute_force(proxy: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Per row, the mean of ``values`` at the proxy's pick over every n-subset (argmax: first max in draw order)."""
+    out = []
+    for p, v in zip(proxy, values):
+        picks = [s[int(np.argmax(p[list(s)]))] for s in itertools.combinations(range(len(p)), n)]
+        out.append(np.mean([v[i] for i in picks]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("n_max", [2, 4, 8])
+def test_best_of_n_matches_brute_force_with_ties(n_max):
+    rng = np.random.default_rng(n_max)
+    proxy = rng.integers(0, 3, size=(20, n_max)).astype(float)  # few values: many ties
+    proxy[0] = 1.0  # a row that is all ties
+    gold = rng.integers(0, 2, size=(20, n_max)).astype(float)
+    for n in overopt.ns(n_max):
+        np.testing.assert_allclose(overopt.best_of_n(proxy, gold, n), brute_force(proxy, gold, n), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(
+            overopt.best_of_n(proxy, proxy, n), brute_force(proxy, proxy, n), rtol=0, atol=1e-12
+        )
+        np.testing.assert_allclose(overopt.gold_ceiling(gold, n), brute_force(gold, gold, n), rtol=0, atol=1e-12)
+
+
+def test_best_of_n_continuous_rewards_and_weights_sum_to_one():
+    rng = np.random.default_rng(0)
+    proxy, gold = rng.normal(size=(10, 8)), rng.normal(size=(10, 8))
+    for n in (1, 2, 4, 8, 3, 5):
+        assert overopt.pick_weights(8, n).sum() == pytest.approx(1.0, abs=1e-12)
+        np.testing.assert_allclose(overopt.best_of_n(proxy, gold, n), brute_force(proxy, gold, n), atol=1e-12)
+    np.testing.assert_allclose(overopt.best_of_n(proxy, gold, 1), gold.mean(axis=1))
+    np.testing.assert_allclose(overopt.best_of_n(proxy, proxy, 8), proxy.max(axis=1))
+
+
+def test_kl_bound_values():
+    assert overopt.kl_bound(1) == 0.0
+    assert overopt.kl_bound(2) == pytest.approx(math.log(2) - 0.5)
+    assert overopt.kl_bound(16) == pytest.approx(math.log(16) - 15 / 16)
+    assert overopt.ns(16) == [1, 2, 4, 8, 16]
+    rows = overopt.curve(np.zeros((3, 4)))
+    assert [r["n"] for r in rows] == [1, 2, 4] and rows[0]["sqrt_kl"] == 0.0
+    assert all(r["sqrt_kl"] == pytest.approx(math.sqrt(overopt.kl_bound(r["n"]))) for r in rows)
+
+
+def test_gold_pick_is_the_ceiling():
+    rng = np.random.default_rng(1)
+    proxy = rng.normal(size=(50, 16))
+    gold = (rng.random(size=(50, 16)) < 0.4).astype(float)
+    rows = overopt.curve(proxy, gold)
+    assert rows[0]["gold_ceiling_mean"] == pytest.approx(rows[0]["gold_mean"], abs=1e-12)
+    assert rows[0]["gold_mean"] == pytest.approx(gold.mean())
+    for n in overopt.ns(16):
+        assert np.all(overopt.gold_ceiling(gold, n) >= overopt.best_of_n(proxy, gold, n) - 1e-12)
+    lo, hi = rows[0]["proxy_ci"]
+    assert lo < rows[0]["proxy_mean"] < hi
+    assert hi - rows[0]["proxy_mean"] == pytest.approx(1.96 * proxy.mean(axis=1).std(ddof=1) / math.sqrt(50))
+
+
+@pytest.mark.parametrize("n_max", [1, 0, 6])
+def test_n_max_refused(n_max, tmp_path):
+    with pytest.raises(ValueError, match=f"^n_max={n_max}: must be a power of 2") as err:
+        overopt.OverOptConfig(reward_model_name_or_path="rm", output_dir=str(tmp_path), n_max=n_max)
+    assert "\n" not in str(err.value)
+
+
+def test_existing_curve_refused(tmp_path):
+    (tmp_path / overopt.JSON_FILE).write_text("{}")
+    with pytest.raises(ValueError, match="overwrite_output_dir"):
+        overopt.OverOptConfig(reward_model_name_or_path="rm", output_dir=str(tmp_path))
+    overopt.OverOptConfig(reward_model_name_or_path="rm", output_dir=str(tmp_path), overwrite_output_dir=True)
+
+
+@pytest.fixture(scope="module")
+def quick_models(tiny, tmp_path_factory) -> dict[str, Path]:
+    """The tiny base as the policy and a reward model trained from it for a few steps (seconds on CPU)."""
+    from transformers import AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    out = tmp_path_factory.mktemp("overopt_models")
+    splits = hdata.load_splits(hdata.DataArguments(dataset_name=str(tiny["data"]), test_offset=TEST_OFFSET))
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    pairs = splits.train.select(range(160)).map(
+        lambda r: {"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]},
+        remove_columns=["prompt"],
+    )
+    args = RewardConfig(
+        output_dir=str(out / "rm"), max_steps=10, per_device_train_batch_size=16, learning_rate=1e-3, max_length=256,
+        logging_steps=50, seed=0, **QUIET_CPU,
+    )  # fmt: skip
+    rm = RewardTrainer(model=str(tiny["base"]), train_dataset=pairs, processing_class=tok, args=args)
+    rm.train()
+    rm.save_model(str(out / "rm"))
+    tok.save_pretrained(out / "rm")
+    return {"policy": tiny["base"], "rm": out / "rm", "data": tiny["data"]}
+
+
+@pytest.mark.slow
+def test_recipe_end_to_end(quick_models, tmp_path):
+    from trl import ModelConfig
+
+    out = tmp_path / "curve"
+    args = overopt.OverOptConfig(
+        reward_model_name_or_path=str(quick_models["rm"]), output_dir=str(out), n_max=4, heldout_prompts=12,
+        max_new_tokens=12, progress=False,
+    )  # fmt: skip
+    data_args = hdata.DataArguments(dataset_name=str(quick_models["data"]), test_offset=TEST_OFFSET)
+    result = load_recipe("overopt").main(data_args, args, ModelConfig(model_name_or_path=str(quick_models["policy"])))
+    for name in overopt.RESULT_FILES:
+        assert (out / name).is_file(), name
+    assert result["gold"] and result["prompts"] == 12 and [r["n"] for r in result["curve"]] == [1, 2, 4]
+    samples = reporting.read_jsonl(out / overopt.SAMPLES_FILE)
+    proxy = np.array([s["proxy"] for s in samples])
+    gold = np.array([s["gold"] for s in samples])
+    assert proxy.shape == (12, 4) and all(len(s["responses"]) == 4 for s in samples)
+    first = result["curve"][0]
+    assert first["kl_bound"] == 0.0
+    assert first["proxy_mean"] == pytest.approx(proxy.mean()) and first["gold_mean"] == pytest.approx(gold.mean())
+    assert first["gold_ceiling_mean"] == pytest.approx(gold.mean())
+    assert (
+        overopt.curve_from_samples(out / overopt.SAMPLES_FILE) == reporting.read_json(out / overopt.JSON_FILE)["curve"]
+    )
+    assert "| n | KL bound |" in (out / overopt.TABLE_FILE).read_text()
+    with pytest.raises(ValueError, match="already holds a curve"):
+        overopt.OverOptConfig(reward_model_name_or_path=str(quick_models["rm"]), output_dir=str(out))
