@@ -69,6 +69,9 @@ def heldout_pairs(rm_config: Path, overrides: list[str], path: Path) -> Path:
     data_args, args, model_args = TrlParser((data.DataArguments, rm.RewardConfig, ModelConfig)).parse_args_and_config(
         ["--config", str(rm_config), *overrides]
     )
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # the summary, not tokenizing bars, is what the demo prints
     tokenizer = modeling.load_tokenizer(ModelConfig(model_name_or_path=args.output_dir))
     pairs = rm.prepare_pairs(data.load_splits(data_args, tokenizer), tokenizer, args.max_length, args.dedup_test)
     return reporting.write_jsonl(pairs.test.select_columns(["prompt", "chosen", "rejected"]), path)
