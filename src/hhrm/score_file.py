@@ -130,6 +130,7 @@ class ScoreInput:
     rows: list[Any]  # the input rows, as read (marker rows for unreadable lines)
     kind: str  # pairs | responses
     fmt: str  # the rows' format (detected or stated)
+    rule: Any  # the text rule the rows were rendered with (hhrm.formats.TextRule); bad rows are re-checked by it
     table: Any  # datasets.Dataset: prompt + chosen/rejected or response, and ``row`` (input index)
     drops: data.DropReport
 
@@ -186,7 +187,7 @@ def read_input(args: ScoreDataArguments, tokenizer) -> ScoreInput:
         )
     if drops.dropped:
         logger.warning(drops.summary("rows not scored"))
-    return ScoreInput(rows=rows, kind=kind, fmt=fmt, table=table, drops=drops)
+    return ScoreInput(rows=rows, kind=kind, fmt=fmt, rule=rule, table=table, drops=drops)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def score_shard(
 # Output
 
 
-def output_rows(inp: ScoreInput, scored: dict[int, tuple[list[float | None], str | None]], rule) -> list[dict]:
+def output_rows(inp: ScoreInput, scored: dict[int, tuple[list[float | None], str | None]]) -> list[dict]:
     """Every input row, in order, with its reward columns (null and ``bad_row`` when it has none)."""
     columns = REWARD_COLUMNS[inp.kind]
     fmt_rows: list[dict] = []
@@ -236,16 +237,16 @@ def output_rows(inp: ScoreInput, scored: dict[int, tuple[list[float | None], str
         if i in scored:
             rewards, why = scored[i]
         else:
-            rewards, why = [None] * len(columns), _why_bad(row, inp, rule)
+            rewards, why = [None] * len(columns), _why_bad(row, inp)
         out |= dict(zip(columns, rewards)) | {"bad_row": why}
         fmt_rows.append(out)
     return fmt_rows
 
 
-def _why_bad(row: Any, inp: ScoreInput, rule) -> str:
+def _why_bad(row: Any, inp: ScoreInput) -> str:
     """The reason a row was not scored (re-derived for the few bad rows: the report keeps counts only)."""
     one = data.normalize_rows if inp.kind == "pairs" else data.normalize_completions
-    _, report = one([row], inp.fmt, "row", rule=rule)
+    _, report = one([row], inp.fmt, "row", rule=inp.rule)
     return next(iter(report.counts), "unreadable")
 
 
@@ -326,7 +327,7 @@ def run(data_args: ScoreDataArguments, args: ScoreConfig, model_path: str) -> di
         scored = {row: (rewards, why) for row, rewards, why in everything}
         if len(scored) != len(everything) or sorted(scored) != list(inp.table["row"]):
             raise RuntimeError(f"gathered {len(everything)} scored rows for {len(inp.table)} rows: a shard was lost")
-        rows = output_rows(inp, scored, formats.text_rule(data_args, scorer.tokenizer))
+        rows = output_rows(inp, scored)
         write_rows(rows, args.output_file)
         metrics = summarize(inp, rows, time.perf_counter() - start) | {"reward_model": str(model_path)}
         metrics |= {"input": data_args.dataset_name, "output": args.output_file, "processes": state.num_processes}
