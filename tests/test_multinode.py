@@ -48,7 +48,8 @@ for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_PROCID=$i SLURM_NODEID=$i "$@" ||
 """
 FAKE_SCONTROL = """#!/bin/bash
 [[ "$1 $2 $3" == "show hostnames gpu-[07-08]" ]] || { echo "unexpected: $*" >&2; exit 1; }
-printf 'gpu-07\\ngpu-08\\n'
+# the second host comes late, as from a long node list: a reader that stops after one line makes this SIGPIPE
+echo gpu-07; sleep 0.3; echo gpu-08
 """
 FAKE_ACCELERATE = f"""#!{sys.executable}
 import json, os, sys
