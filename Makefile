@@ -11,7 +11,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCEL) --num_cpu_
 TINY := outputs/tiny
 ARGS ?=
 
-.PHONY: install embedded sft rm eval-rm score serve-rm raft overopt demo test test-fast bench style quality clean
+.PHONY: install embedded sft rm eval-rm score serve-rm raft overopt compare demo test test-fast bench style quality clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -63,6 +63,11 @@ overopt: DATA ?= $(TINY)/data
 overopt: install
 	$(PY) recipes/overopt.py --model_name_or_path $(POLICY) --reward_model_name_or_path $(REWARD_MODEL) \
 		--dataset_name $(DATA) --test_offset 500 --output_dir $(OUT) $(ARGS)
+
+# RAFT (update=sft) vs iterative DPO (update=dpo) on the same prompts and budget, several seeds (after make demo):
+# make compare [ARGS="--seeds 0 1 --overrides num_iterations=2"]; finished runs are resumed, a re-run only re-measures
+compare: embedded
+	$(PY) recipes/compare.py --accelerate_config $(ACCEL) $(ARGS)
 
 demo: install
 	$(PY) scripts/demo.py --out $(TINY)

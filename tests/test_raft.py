@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from conftest import QUIET_CPU, load_recipe, run_process, tensorboard_scalars, t
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TEST_OFFSET = 100
+QUIET_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +255,131 @@ def test_two_processes_cover_every_prompt_once(models, tmp_path):
 def test_resume_with_other_settings_is_refused(models, uninterrupted):
     with pytest.raises(ValueError, match="other settings.*num_samples"):
         run(settings(models, uninterrupted, num_samples=3))
+
+
+# ----- update=dpo: iterative DPO on the same loop
+
+DPO = dict(update="dpo", learning_rate=1e-4, beta=0.1)
+
+
+@pytest.fixture(scope="module")
+def dpo_run(models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dpo_a")
+    run(settings(models, out, **DPO))
+    return out
+
+
+def test_dpo_trains_on_each_prompts_best_and_worst_sample(dpo_run):
+    """Per prompt the best and the worst scored sample; every prompt paired or counted as skipped."""
+    out = dpo_run
+    for it in (0, 1):
+        d = out / f"iter_{it:03d}"
+        scored = {r["index"]: r for r in read_jsonl(d / "scored.jsonl")}
+        pairs = read_jsonl(d / "kept.jsonl")
+        stats = json.loads((d / "select.stats.json").read_text())
+        junk = {(r["index"], r["sample"]) for r in read_jsonl(d / "filtered.jsonl")}
+        assert pairs and len(pairs) + sum(stats["skipped"].values()) == len(scored) == 32
+        for p in pairs:
+            s = scored[p["index"]]
+            assert p["prompt"] == s["prompt"]
+            assert (p["chosen"], p["reward"]) == (s["responses"][p["chosen_sample"]], s["rewards"][p["chosen_sample"]])
+            assert (p["rejected"], p["rejected_reward"]) == (
+                s["responses"][p["rejected_sample"]],
+                s["rewards"][p["rejected_sample"]],
+            )
+            valid = [r for j, r in enumerate(s["rewards"]) if (p["index"], j) not in junk]  # junk is never paired
+            assert p["reward"] == max(valid) and p["rejected_reward"] == min(valid) < p["reward"]
+        train = json.loads((d / "train.stats.json").read_text())
+        assert 0.0 <= train["dpo_reward_accuracy"] <= 1.0 and math.isfinite(train["dpo_reward_margin"])
+    rows = json.loads((out / "metrics_per_iteration.json").read_text())
+    assert [r["iteration"] for r in rows["iterations"]] == [0, 1] and "gold_accuracy" in rows["final"]
+    for name in ("README.md", "reward_curve.png", "model.safetensors", "tokenizer.json"):
+        assert (out / name).is_file(), name
+
+
+def test_dpo_moves_the_policy(models, dpo_run):
+    from safetensors.torch import load_file
+
+    start = load_file(models["policy"] / "model.safetensors")
+    trained = load_file(dpo_run / "iter_000" / "policy" / "model.safetensors")
+    assert start.keys() == trained.keys()
+    assert any(not (start[k] == trained[k]).all() for k in start)
+
+
+def test_dpo_reference_is_the_iterations_starting_policy(models, dpo_run, tmp_path):
+    """With the reference loaded from the policy's folder (precompute off) DPO trains as with the policy's own
+    log-probs before its first step: both references are the iteration's starting policy, in iteration 1 too
+    (where the resident policy was trained in iteration 0 and still names the SFT folder as its origin)."""
+    out = tmp_path / "dpo_ref"
+    run(settings(models, out, **DPO, precompute_ref_log_probs="false"))
+    for it in (0, 1):
+        a = json.loads((dpo_run / f"iter_{it:03d}" / "train.stats.json").read_text())
+        b = json.loads((out / f"iter_{it:03d}" / "train.stats.json").read_text())
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4, abs=1e-5), it
+        assert kept(out, it) == kept(dpo_run, it)
+
+
+def test_dpo_resumes_after_interruption_in_each_stage(models, dpo_run, tmp_path):
+    out = tmp_path / "dpo_b"
+    for stop in ("0:score", "0:train", "1:generate", "1:select", "1:train", "1:metrics"):
+        with pytest.raises(StopRequested):
+            run(settings(models, out, **DPO, stop_after=stop))
+        if stop == "1:select":  # a kill in the middle of training
+            (out / "iter_001" / "policy.tmp").mkdir()
+            (out / "iter_001" / "policy.tmp" / "model.safetensors").write_bytes(b"garbage")
+    run(settings(models, out, **DPO))
+    for it in (0, 1):
+        assert kept(out, it) == kept(dpo_run, it)
+    a = json.loads((dpo_run / "metrics_per_iteration.json").read_text())["final"]
+    b = json.loads((out / "metrics_per_iteration.json").read_text())["final"]
+    assert a["heldout_reward"] == b["heldout_reward"]
+
+
+def test_dpo_bad_settings_fail_when_parsed_naming_the_setting(tmp_path):
+    base = dict(output_dir=str(tmp_path), reward_model_name_or_path="rm", update="dpo")
+    for bad, match in (
+        (dict(num_samples=1), "num_samples=1 with update=dpo"),
+        (dict(beta=0.0), "beta=0.0"),
+        (dict(beta=-0.5), "beta=-0.5"),
+        (dict(dpo_loss_type="sigmoidal"), "dpo_loss_type"),
+        (dict(pair_margin=-1.0), "pair_margin"),
+        (dict(selection="top_fraction"), "selection='top_fraction' with update=dpo"),
+        (dict(update="ppo"), "update='ppo'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            RaftConfig(**(base | bad))
+    assert RaftConfig(**base, dpo_loss_type="ipo").dpo_loss_type == ["ipo"]
+
+
+def test_an_iteration_with_nothing_to_train_on_says_so_and_stops(models, tmp_path):
+    """No pair past the margin: the run stops after scoring with the counts and the settings to change, writes no
+    empty training set, and says so again when re-run; all-junk samples stop the recipe with one line, exit 2."""
+    from hhrm.raft.config import NothingToTrain
+
+    out = tmp_path / "margin"
+    values = settings(models, out, **DPO, num_iterations=1, prompts_per_iteration=8, heldout_prompts=4)
+    for _ in range(2):
+        with pytest.raises(NothingToTrain, match=r"iteration 0: nothing to train on.*within_margin': 8.*pair_margin"):
+            run(values | {"pair_margin": 1e9})
+    assert (out / "iter_000" / "scored.jsonl").is_file() and not (out / "iter_000" / "kept.jsonl").exists()
+    junk = values | {"output_dir": str(tmp_path / "junk"), "filter_patterns": "."}
+    argv = [x for k, v in junk.items() for x in (f"--{k}", str(v))]
+    proc = run_process([sys.executable, "recipes/raft.py", *argv], 60, cwd=ROOT, env=os.environ | QUIET_ENV)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("hhrm: error: iteration 0: nothing to train on") and "too_few_valid': 8" in last, last
+    assert "filter_patterns" in last
+
+
+def test_dpo_under_two_processes(models, tmp_path):
+    out = tmp_path / "dpo_ddp"
+    values = settings(models, out, **DPO, num_iterations=1, prompts_per_iteration=21, heldout_prompts=9)
+    argv = [x for k, v in values.items() for x in (f"--{k}", str(v))]
+    proc = run_process(two_process_launch("recipes/raft.py", *argv), 90, cwd=ROOT, env=os.environ | QUIET_ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    d = out / "iter_000"
+    assert {r["rank"] for r in read_jsonl(d / "samples.jsonl")} == {0, 1}
+    stats = json.loads((d / "select.stats.json").read_text())
+    assert len(read_jsonl(d / "kept.jsonl")) + sum(stats["skipped"].values()) == 21
+    assert "dpo_reward_accuracy" in json.loads((d / "train.stats.json").read_text())
+    assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()

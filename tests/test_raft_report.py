@@ -98,6 +98,96 @@ def test_run_reports_table_headline_and_curve(tmp_path):
     assert set(report.HEADLINE) <= set(head)
 
 
+def fake_dpo_iteration(folder):
+    """An update=dpo iteration: pairs as the kept set, skip counts from select, DPO's metrics from train."""
+    fake_iteration(folder)
+    right1, wrong1 = " Of 12 and 40, the larger is 40.", " Of 12 and 40, the larger is 12."
+    pair = {"index": 0, "prompt": Q1, "chosen": right1, "rejected": wrong1, "chosen_sample": 0, "rejected_sample": 1}
+    write_jsonl([pair | {"reward": 2.0, "rejected_reward": 0.0}], folder / "kept.jsonl")
+    select = read_json(folder / "select.stats.json") | {"skipped": {"too_few_valid": 0, "within_margin": 1}}
+    write_json(select | {"kept": 1}, folder / "select.stats.json")
+    train = {"train_loss": 0.6, "dpo_reward_accuracy": 0.75, "dpo_reward_margin": 0.2, "seconds": 3.0}
+    write_json(train, folder / "train.stats.json")
+
+
+def test_dpo_iterations_report_pairs_skips_and_dpo_metrics(tmp_path):
+    rows = []
+    for it in range(2):
+        folder = files.iter_dir(tmp_path, it)
+        folder.mkdir()
+        fake_dpo_iteration(folder)
+        rows.append(report.iteration_metrics(folder, it, f"p{it}", gold=True))
+    m = rows[0]
+    assert m["kept"] == 1 and m["reward_kept"] == 2.0 and m["reward_rejected"] == 0.0
+    assert m["skipped_within_margin"] == 1 and m["skipped_too_few_valid"] == 0
+    assert m["dpo_reward_accuracy"] == 0.75 and m["dpo_reward_margin"] == 0.2
+    header = report.iterations_table(rows, None).splitlines()[0]
+    assert "| kept | skipped_within_margin | reward_rejected | dpo_reward_accuracy | dpo_reward_margin |" in header
+    assert "skipped_too_few_valid" not in header  # a reason that never occurred gets no column
+    args = SimpleNamespace(
+        prompts_per_iteration=2,
+        num_samples=2,
+        selection="best_of_k",
+        update="dpo",
+        beta=0.1,
+        dpo_loss_type=["sigmoid"],
+        reward_model_name_or_path="rm",
+        reward_model_url=None,
+    )
+    head = report.run_headline(rows, {}, args, prompt_set=10, gold=True)
+    assert head["update"] == "dpo"
+    configs = {"raft": args, "model": SimpleNamespace(model_name_or_path="sft")}
+    card = report.model_card(rows, {}, head, configs, {})
+    assert "TRL `DPOTrainer` on best-vs-worst-of-K pairs" in card.summary and "SFTTrainer" not in card.summary
+    args.update = "sft"
+    assert "TRL `SFTTrainer`" in report.model_card(rows, {}, head, configs, {}).summary
+
+
+def test_sft_iterations_show_no_dpo_columns_and_headline_says_sft(tmp_path):
+    fake_iteration(tmp_path)
+    write_json(
+        read_json(tmp_path / "select.stats.json") | {"skipped": {"no_valid_sample": 0}}, tmp_path / "select.stats.json"
+    )
+    m = report.iteration_metrics(tmp_path, 0, "p0", gold=True)
+    assert m["skipped_no_valid_sample"] == 0 and "dpo_reward_accuracy" not in m and "reward_rejected" not in m
+    header = report.iterations_table([m], None).splitlines()[0]
+    assert "dpo_" not in header and "skipped" not in header and "reward_rejected" not in header
+    args = SimpleNamespace(prompts_per_iteration=2, num_samples=2, selection="best_of_k")  # a config without update
+    assert report.run_headline([m], {}, args, prompt_set=10, gold=True)["update"] == "sft"
+
+
+def test_reward_curve_has_a_proxy_vs_gold_panel_in_iteration_order(tmp_path):
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for it, right in enumerate((False, True, True)):
+        folder = files.iter_dir(tmp_path, it)
+        folder.mkdir()
+        fake_iteration(folder, gold_right=right)
+        rows.append(report.iteration_metrics(folder, it, f"p{it}", gold=True) | {"heldout_reward": 1.0 + it})
+    final = {"heldout_reward": 5.0, "gold_accuracy": 1.0, "gold_accuracy_sampled": 0.0}
+    fig = report.reward_curve_figure(rows, final, "RAFT on tiny")
+    try:
+        assert len(fig.axes) == 3
+        panel = fig.axes[2]
+        sampled = next(line for line in panel.get_lines() if line.get_label() == "sampled answer")
+        assert list(sampled.get_xdata()) == [1.0, 2.0, 3.0, 5.0]  # iterations 0, 1, 2, then the final policy
+        assert list(sampled.get_ydata()) == [0.0, 1.0, 1.0, 0.0]
+        assert [t.get_text() for t in panel.texts][:4] == ["0", "1", "2", "3"]
+        assert "proxy" in panel.get_xlabel() and "gold" in panel.get_ylabel()
+    finally:
+        plt.close(fig)
+    no_gold = [{k: v for k, v in r.items() if not k.startswith("gold")} for r in rows]
+    fig = report.reward_curve_figure(no_gold, {"heldout_reward": 5.0}, "no gold")
+    assert len(fig.axes) == 1
+    plt.close(fig)
+    report.plot_reward_curve(rows, final, tmp_path / "reward_curve.png", "RAFT on tiny")
+    from PIL import Image
+
+    with Image.open(tmp_path / "reward_curve.png") as png:
+        assert png.size[0] > 2.5 * png.size[1]  # three panels side by side
+
+
 def test_mean_leaves_out_missing_values():
     assert report.mean([1.0, None, float("nan"), 3.0]) == 2.0
     assert math.isnan(report.mean([]))

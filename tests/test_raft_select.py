@@ -90,3 +90,54 @@ def test_filter_counts_and_distinct():
     assert distinct_n(["a b", "a b"], 2) == 0.5
     assert distinct_n([""], 2) == 0.0
     assert math.isclose(raft_select.repeat_fraction("x y z x y z"), 1 - 3 / 4)
+
+
+# ----- DPO pairs: the best and the worst of each prompt's K samples
+
+
+def test_pairs_are_each_prompts_best_and_worst_and_skips_are_counted_by_reason():
+    nan = float("nan")
+    rewards = [
+        [0.1, 0.9, 0.5, -2.0],  # best 1, worst 3
+        [1.0, 1.0, 1.0, 1.0],  # all tied: no pair at any margin
+        [5.0, 6.0, 7.0, 8.0],  # all junk
+        [3.0, nan, 9.0, 2.0],  # 9.0 is junk, NaN is never used: best 0, worst 3
+        [4.0, 4.0, 4.5, 4.0],  # one sample left after the filters
+    ]
+    reasons = [
+        [OK] * 4,
+        [OK] * 4,
+        ["empty", "too_short", "repetitive", "pattern"],
+        [OK, OK, "repetitive", OK],
+        ["empty", OK, "empty", "empty"],
+    ]
+    pairs, skipped = raft_select.select_pairs(rewards, reasons)
+    assert pairs == [(0, 1, 3), (3, 0, 3)]
+    assert skipped == {"too_few_valid": 2, "within_margin": 1}
+    assert len(pairs) + sum(skipped.values()) == len(rewards)  # every prompt accounted for
+
+
+def test_pair_margin_and_ties():
+    rewards = [[0.0, 0.5, 0.5, 0.0], [0.0, 2.0, 1.0, 1.0]]
+    pairs, skipped = raft_select.select_pairs(rewards, [[OK] * 4] * 2, margin=1.0)
+    assert pairs == [(1, 1, 0)] and skipped == {"too_few_valid": 0, "within_margin": 1}  # 0.5 apart is within 1.0
+    # ties go to the lowest sample index, for the best and for the worst alike
+    assert raft_select.select_pairs(rewards, [[OK] * 4] * 2)[0] == [(0, 1, 0), (1, 1, 0)]
+    # one sample per prompt (K=1) never makes a pair
+    assert raft_select.select_pairs([[1.0], [2.0]], [[OK], [OK]]) == ([], {"too_few_valid": 2, "within_margin": 0})
+    with pytest.raises(ValueError, match="pair_margin"):
+        raft_select.select_pairs(rewards, [[OK] * 4] * 2, margin=-0.1)
+
+
+def test_the_dpo_loss_types_checked_at_parse_time_are_trls():
+    """hhrm refuses an unknown dpo_loss_type when parsed (TRL only at the first step): the same names as TRL's."""
+    import dataclasses
+    import re
+
+    import trl
+
+    from hhrm.raft.config import DPO_LOSS_TYPES
+
+    help_text = {f.name: f for f in dataclasses.fields(trl.DPOConfig)}["loss_type"].metadata["help"]
+    listed = re.findall(r"`'([a-z_]+)'`", help_text.split("If multiple")[0])
+    assert sorted(listed) == sorted(DPO_LOSS_TYPES)

@@ -30,7 +30,8 @@ def test_yaml_config_and_cli_overrides():
 
 
 def _stage_config(stage: str):
-    return {"sft": sft.SFTConfig, "rm": rm.RewardConfig, "raft": RaftConfig}[stage]
+    # <stage>.yaml or <stage>_<variant>.yaml (raft_dpo.yaml: the RAFT recipe with update: dpo)
+    return {"sft": sft.SFTConfig, "rm": rm.RewardConfig, "raft": RaftConfig}[stage.split("_")[0]]
 
 
 @pytest.mark.parametrize(
@@ -67,6 +68,7 @@ STAGE_ORDER = {
     "hhrm.score_file": 2,
     "hhrm.raft": 3,
     "hhrm.overopt": 3,
+    "hhrm.compare": 3,
 }
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import trl
 
 from hhrm import generation
 from hhrm.generation import SamplingArguments
-from hhrm.raft.select import SELECTIONS, JunkFilter
+from hhrm.raft.select import SELECTIONS, UPDATES, JunkFilter
 from hhrm.runtime import StageConfigMixin
 
 # The stages of one iteration, in order; each writes one main output (see hhrm.raft).
@@ -17,8 +17,23 @@ BACKENDS = ("hf", "vllm")
 VLLM_MODES = ("colocate", "server")
 
 
+# DPO's settings have their home in TRL's DPOConfig: RaftConfig takes their defaults and help from there.
+_DPO = {f.name: f for f in fields(trl.DPOConfig)}
+# TRL 1.16 checks loss_type at the first training step (after a whole generate stage); hhrm checks it when parsed.
+# tests/test_raft_select.py checks this list against DPOConfig's help.
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+
+
 class StopRequested(Exception):
     """Raised after the stage named by ``stop_after`` (tests and staged runs stop there on purpose)."""
+
+
+class NothingToTrain(ValueError):
+    """An iteration's select stage kept nothing (every sample filtered, or no pair past the margin): the run stops
+    there, saying why and which settings to change (a ValueError: recipes print it as one line, exit code 2)."""
 
 
 @dataclass
@@ -60,6 +75,40 @@ class RaftConfig(StageConfigMixin, trl.SFTConfig):
     )
     top_fraction: float = field(
         default=0.125, metadata={"help": "top_fraction: share of all K*N samples kept (1/K keeps N)."}
+    )
+    update: str = field(
+        default="sft",
+        metadata={
+            "help": "How each iteration updates the policy: sft (RAFT: fine-tune on the kept samples, SFTTrainer) | "
+            "dpo (iterative DPO: per prompt the best and the worst of the K samples as a preference pair, trained "
+            "with DPOTrainer against the iteration's starting policy as reference).",
+            "choices": list(UPDATES),
+        },
+    )
+    beta: float = field(
+        default=_DPO["beta"].default, metadata={"help": "update=dpo: " + _DPO["beta"].metadata["help"]}
+    )
+    dpo_loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={
+            "help": "update=dpo: DPOConfig's loss_type (named apart from SFTConfig's). "
+            + _DPO["loss_type"].metadata["help"]
+        },
+    )
+    pair_margin: float = field(
+        default=0.0,
+        metadata={
+            "help": "update=dpo: a prompt makes a pair only when its best reward exceeds its worst by more than this "
+            "(0: any strict difference; tied prompts are skipped and counted)."
+        },
+    )
+    precompute_ref_log_probs: bool = field(
+        default=True,
+        metadata={
+            "help": "update=dpo: compute the reference log-probs before training, with the policy itself (it is the "
+            "reference: the iteration's starting policy), so no second model is held. false: DPOTrainer loads a "
+            "reference copy from the policy's folder."
+        },
     )
     max_new_tokens: int = field(default=128, metadata={"help": "Sampling: max new tokens per response."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
@@ -125,6 +174,9 @@ class RaftConfig(StageConfigMixin, trl.SFTConfig):
             (self.num_samples >= 1, f"num_samples={self.num_samples}: must be >= 1"),
             (self.selection in SELECTIONS, f"selection={self.selection!r}: expected one of {SELECTIONS}"),
             (0.0 < self.top_fraction <= 1.0, f"top_fraction={self.top_fraction}: must be in (0, 1]"),
+            (self.update in UPDATES, f"update={self.update!r}: expected one of {UPDATES}"),
+            (self.beta > 0, f"beta={self.beta}: DPO's beta must be > 0 (it scales the log-ratios; TRL's default 0.1)"),
+            (self.pair_margin >= 0, f"pair_margin={self.pair_margin}: must be >= 0"),
             (self.max_prompt_tokens >= 1, f"max_prompt_tokens={self.max_prompt_tokens}: must be >= 1"),
             (self.generation_batch_size >= 1, f"generation_batch_size={self.generation_batch_size}: must be >= 1"),
             (self.reward_batch_size >= 1, f"reward_batch_size={self.reward_batch_size}: must be >= 1"),
@@ -145,6 +197,7 @@ class RaftConfig(StageConfigMixin, trl.SFTConfig):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self.check_update()
         self.check_generation_backend()
         # Built (and so validated) now, not after the first model load.
         self.sampling = SamplingArguments(
@@ -161,6 +214,26 @@ class RaftConfig(StageConfigMixin, trl.SFTConfig):
             patterns=list(self.filter_patterns or []),
         )
         self.stop_point = self.parse_stop_after()
+
+    def check_update(self) -> None:
+        """update=dpo needs pairs: K >= 2 samples per prompt, a per-prompt selection and a loss TRL knows."""
+        if isinstance(self.dpo_loss_type, str):
+            self.dpo_loss_type = [self.dpo_loss_type]
+        unknown = [t for t in self.dpo_loss_type if t not in DPO_LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"dpo_loss_type={unknown}: not a DPO loss type; expected among {DPO_LOSS_TYPES}")
+        if self.update != "dpo":
+            return
+        if self.num_samples < 2:
+            raise ValueError(
+                f"num_samples={self.num_samples} with update=dpo: a preference pair needs at least 2 samples per "
+                "prompt; set num_samples >= 2 (the card's K is 8)"
+            )
+        if self.selection != "best_of_k":
+            raise ValueError(
+                f"selection={self.selection!r} with update=dpo: DPO pairs the best and the worst sample of a prompt; "
+                "selection applies to update=sft only (leave it at best_of_k)"
+            )
 
     def check_generation_backend(self) -> None:
         """Refuse now what cannot work with the generation settings (not after the data and the first model load)."""

@@ -6,20 +6,18 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import trl
 from accelerate.utils import broadcast_object_list, gather_object
-from datasets import Dataset
-from trl import get_peft_config
 
+import hhrm.raft.update as update
 from hhrm import data as hdata
 from hhrm import modeling, reporting, runtime, synthetic
 from hhrm.outputs import check_output_dir
-from hhrm.raft.config import RaftConfig, StopRequested
+from hhrm.raft.config import NothingToTrain, RaftConfig, StopRequested
 from hhrm.raft.files import (
     check_resume,
     gather_rows,
@@ -41,10 +39,11 @@ from hhrm.raft.report import (
     run_headline,
     write_run_reports,
 )
-from hhrm.raft.select import filter_counts, select
+from hhrm.raft.select import filter_counts, select, select_pairs
 from hhrm.reporting import read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
+JUNK_FIX = "loosen the junk filter (filter_min_tokens / filter_max_repeat_fraction / filter_patterns)"
 
 
 class RaftRunner:
@@ -170,21 +169,20 @@ class RaftRunner:
             for r in scored
         ]
         rewards = [r["rewards"] for r in scored]
-        picks = select(rewards, reasons, self.args.selection, self.args.top_fraction)
-        kept = [
-            {
-                "index": scored[i]["index"],
-                "sample": j,
-                "prompt": scored[i]["prompt"],
-                "completion": scored[i]["responses"][j],
-                "reward": rewards[i][j],
-            }
-            for i, j in picks
-        ]
+        if self.args.update == "dpo":
+            pairs, skipped = select_pairs(rewards, reasons, self.args.pair_margin)
+            kept = update.pair_rows(scored, pairs, rewards)
+            fix = f"lower pair_margin, raise num_samples or temperature, or {JUNK_FIX}"
+        else:
+            picks = select(rewards, reasons, self.args.selection, self.args.top_fraction)
+            kept = update.kept_rows(scored, picks, rewards)
+            skipped = {"no_valid_sample": sum(all(why is not None for why in row) for row in reasons)}
+            fix = JUNK_FIX
+        counts = filter_counts(reasons)
         if not kept:
-            raise RuntimeError(
-                f"iteration {it}: every sample was filtered out ({filter_counts(reasons)}); "
-                "loosen filter_min_tokens / filter_max_repeat_fraction / filter_patterns"
+            raise NothingToTrain(
+                f"iteration {it}: nothing to train on (update={self.args.update}): of {len(scored)} prompts, "
+                f"skipped {skipped}; samples {counts}. {fix}; the run stops here and resumes from this iteration"
             )
         filtered = [
             {"index": scored[i]["index"], "sample": j, "reason": why}
@@ -195,27 +193,18 @@ class RaftRunner:
         if self.state.is_main_process:
             reporting.write_jsonl(filtered, d / "filtered.jsonl")
         self.write_main(kept, d / "kept.jsonl")
-        return {"kept": len(kept), "filter_counts": filter_counts(reasons)}
+        return {"kept": len(kept), "filter_counts": counts, "skipped": skipped}
 
     def train(self, it: int) -> dict[str, Any]:
         d = iter_dir(self.out, it)
-        kept = read_jsonl(d / "kept.jsonl")
-        train_ds = Dataset.from_dict(
-            {"prompt": [r["prompt"] for r in kept], "completion": [r["completion"] for r in kept]}
-        )
-        policy = self.models.policy_for_training(self.policy_path(it))
+        path = self.policy_path(it)
+        policy = self.models.policy_for_training(path)
         tmp = d / "policy.tmp"
         if tmp.exists() and self.state.is_main_process:
             shutil.rmtree(tmp)  # a half-written policy from an interrupted run
         self.state.wait_for_everyone()
-        targs = replace(self.args, output_dir=str(tmp), seed=self.args.seed + it, stop_after=None)
-        trainer = trl.SFTTrainer(
-            model=policy.model,
-            args=targs,
-            train_dataset=train_ds,
-            processing_class=self.tokenizer,
-            peft_config=get_peft_config(self.model_args),
-        )
+        rows = read_jsonl(d / "kept.jsonl")
+        trainer = update.build_trainer(self.args, self.model_args, policy.model, path, self.tokenizer, rows, tmp, it)
         reporting.set_tensorboard_dir(trainer, self.out / "runs" / d.name)  # not inside the policy folder
         result = trainer.train()
         modeling.save_merged(trainer, tmp, self.tokenizer)
@@ -223,7 +212,7 @@ class RaftRunner:
             publish_policy(tmp, d / "policy", it)
         self.state.wait_for_everyone()
         self.models.keep_trained(trainer, str(d / "policy"))
-        return {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        return update.train_stats(trainer, result.metrics)
 
     def metrics(self, it: int) -> dict[str, Any]:
         if self.state.is_main_process:

@@ -55,12 +55,17 @@ TABLE_COLUMNS = (
     "response_tokens_mean",
     "distinct_2",
     "kept",
+    "reward_rejected",
+    "dpo_reward_accuracy",
+    "dpo_reward_margin",
     "generated_tokens_per_second",
     "seconds_generate",
     "seconds_score",
     "seconds_train",
 )
 TIMED_STAGES = STAGES[:-1]  # the metrics stage reports the others' times
+# update=dpo's training metrics (train.stats.json), averaged over the fine-tune's logged steps.
+DPO_METRICS = ("dpo_reward_accuracy", "dpo_reward_margin")
 
 
 def mean(values: list[float]) -> float:
@@ -110,10 +115,15 @@ def iteration_metrics(folder: Path, iteration: int, policy: str, gold: bool) -> 
     if gold:
         m["gold_accuracy_first_sample"] = mean([synthetic.gold_reward(r["prompt"], r["responses"][0]) for r in scored])
     m |= {f"filtered_{k}": v for k, v in stats["select"].get("filter_counts", {}).items()}
+    # Prompts that gave nothing to train on, by reason (sft: no valid sample; dpo: too few valid, within margin).
+    m |= {f"skipped_{k}": v for k, v in stats["select"].get("skipped", {}).items()}
+    if any("rejected_reward" in r for r in kept):  # update=dpo: kept rows are pairs, "reward" is the chosen's
+        m["reward_rejected"] = mean([r.get("rejected_reward") for r in kept])
     m |= {f"seconds_{s}": stats[s].get("seconds") for s in TIMED_STAGES}
     generated = stats["generate"].get("generated_tokens", 0)
     m["generated_tokens_per_second"] = generated / gen_seconds if gen_seconds else None
     m["train_loss"] = stats["train"].get("train_loss")
+    m |= {k: stats["train"][k] for k in DPO_METRICS if k in stats["train"]}
     return m
 
 
@@ -128,6 +138,7 @@ def run_headline(rows: list[dict[str, Any]], final: dict[str, Any], args: Any, p
     first, last = rows[0], rows[-1]
     out: dict[str, Any] = {
         "iterations": len(rows),
+        "update": getattr(args, "update", "sft"),
         "prompts_per_iteration": args.prompts_per_iteration,
         "num_samples": args.num_samples,
         "selection": args.selection,
@@ -160,6 +171,10 @@ def run_headline(rows: list[dict[str, Any]], final: dict[str, Any], args: Any, p
 def iterations_table(rows: list[dict[str, Any]], final: dict[str, Any] | None) -> str:
     """The per-iteration Markdown table (the final policy's held-out figures as the last row)."""
     columns = [c for c in TABLE_COLUMNS if any(c in r for r in rows)]
+    # Skip counts vary by update kind and are mostly zero: a column only for a reason that occurred.
+    skipped = sorted({k for r in rows for k, v in r.items() if k.startswith("skipped_") and v})
+    at = columns.index("kept") + 1 if "kept" in columns else len(columns)
+    columns[at:at] = skipped
     return reporting.markdown_table(rows + ([{"iteration": "final"} | final] if final else []), columns)
 
 
@@ -189,15 +204,24 @@ def model_card(
     data: dict[str, Any],
 ) -> reporting.ModelCard:
     args = configs["raft"]
+    dpo = getattr(args, "update", "sft") == "dpo"
+    scorer = args.reward_model_name_or_path or args.reward_model_url
+    loop = f"{len(rows)} iterations of {args.prompts_per_iteration} prompts, K={args.num_samples} samples each"
+    if dpo:
+        loss = ", ".join(getattr(args, "dpo_loss_type", None) or ["sigmoid"])
+        summary = (
+            f"Iterative DPO on the RAFT loop: {loop}, scored by `{scorer}`, trained with TRL `DPOTrainer` on "
+            f"best-vs-worst-of-K pairs (beta={getattr(args, 'beta', None)}, loss {loss}; reference: each "
+            "iteration's starting policy)."
+        )
+    else:
+        summary = (
+            f"Reward-ranked fine-tuning: {loop}, `{args.selection}` selection, scored by `{scorer}`, fine-tuned "
+            "with TRL `SFTTrainer` (completion-only loss)."
+        )
     return reporting.ModelCard(
-        title=f"RAFT policy from {configs['model'].model_name_or_path} (hhrm)",
-        summary=(
-            f"Reward-ranked fine-tuning: {len(rows)} iterations of {args.prompts_per_iteration} prompts, "
-            f"K={args.num_samples} samples each, `{args.selection}` selection, scored by "
-            f"`{args.reward_model_name_or_path or args.reward_model_url}`, fine-tuned with TRL `SFTTrainer` "
-            "(completion-only loss).\n\n"
-            "![reward curve](reward_curve.png)\n\n" + iterations_table(rows, final)
-        ),
+        title=f"{'Iterative-DPO' if dpo else 'RAFT'} policy from {configs['model'].model_name_or_path} (hhrm)",
+        summary=summary + "\n\n![reward curve](reward_curve.png)\n\n" + iterations_table(rows, final),
         metrics=headline,
         configs=configs,
         data=data,
@@ -205,7 +229,18 @@ def model_card(
 
 
 def plot_reward_curve(rows: list[dict[str, Any]], final: dict[str, Any] | None, path: Path, title: str) -> None:
-    """Reward per iteration (the card's figure), and gold accuracy beside it when there is one."""
+    """``reward_curve.png``: the figure of :func:`reward_curve_figure`, written atomically."""
+    fig = reward_curve_figure(rows, final, title)  # first: it picks matplotlib's file-only backend
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def reward_curve_figure(rows: list[dict[str, Any]], final: dict[str, Any] | None, title: str):
+    """Reward per iteration (the card's figure); with gold, gold accuracy per iteration and proxy against gold."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,7 +250,7 @@ def plot_reward_curve(rows: list[dict[str, Any]], final: dict[str, Any] | None, 
         return [r.get(key) for r in rows] + ([final.get(key)] if final else [])
 
     gold = any("gold_accuracy" in r for r in rows)
-    fig, axes = plt.subplots(1, 2 if gold else 1, figsize=(11 if gold else 6, 4), squeeze=False)
+    fig, axes = plt.subplots(1, 3 if gold else 1, figsize=(16 if gold else 6, 4), squeeze=False)
     ax = axes[0][0]
     its = [r["iteration"] for r in rows]
     held_x = its + ([len(rows)] if final else [])
@@ -233,8 +268,27 @@ def plot_reward_curve(rows: list[dict[str, Any]], final: dict[str, Any] | None, 
         ax2.set_xlabel("RAFT iteration")
         ax2.set_ylabel("gold accuracy")
         ax2.legend(fontsize=8)
+        proxy_vs_gold(axes[0][2], held_x, series)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return fig
+
+
+def proxy_vs_gold(ax, iterations: list[int], series) -> None:
+    """The over-optimisation view: held-out proxy reward (x) against held-out gold accuracy (y) of the same answers,
+    one point per policy joined in iteration order and labelled with its iteration. A proxy that keeps rising
+    while gold stalls or falls is the reward model being exploited."""
+    answers = (
+        ("heldout_reward", "gold_accuracy_sampled", "o-", "sampled answer"),
+        ("heldout_greedy_reward", "gold_accuracy", "s--", "greedy answer"),
+    )
+    for proxy_key, gold_key, style, label in answers:
+        points = [(i, x, y) for i, x, y in zip(iterations, series(proxy_key), series(gold_key)) if None not in (x, y)]
+        if not points:
+            continue
+        ax.plot([x for _, x, _ in points], [y for _, _, y in points], style, label=label)
+        for i, x, y in points:
+            ax.annotate(str(i), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("held-out proxy reward (RM) of those answers")
+    ax.set_ylabel("held-out gold accuracy")
+    ax.set_title("proxy vs gold (point label: iteration; last: final policy)", fontsize=9)
+    ax.legend(fontsize=8)

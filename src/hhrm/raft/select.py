@@ -1,4 +1,4 @@
-"""RAFT's pure parts: junk filters, the kept-set selection rules, and text diversity statistics.
+"""RAFT's pure parts: junk filters, the kept-set selection rules, DPO's pairs, and text diversity statistics.
 
 No models here, so every rule is testable on hand-made rewards. Conventions:
 
@@ -17,7 +17,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 SELECTIONS = ("best_of_k", "top_fraction")
+UPDATES = ("sft", "dpo")
 FILTER_REASONS = ("empty", "too_short", "repetitive", "pattern")
+# Why a prompt gives no DPO pair: fewer than two samples passed the filters (all junk, or K=1), or its best and
+# worst rewards are within pair_margin (all K tied, say).
+PAIR_SKIP_REASONS = ("too_few_valid", "within_margin")
 
 
 @dataclass
@@ -133,6 +137,33 @@ def select(
     if strategy == "top_fraction":
         return select_top_fraction(rewards, reasons, fraction)
     raise ValueError(f"selection={strategy!r}: expected one of {SELECTIONS}")
+
+
+def select_pairs(
+    rewards: list[list[float]], reasons: list[list[str | None]], margin: float = 0.0
+) -> tuple[list[tuple[int, int, int]], dict[str, int]]:
+    """Per prompt, its best and its worst unfiltered sample as ``(prompt, chosen, rejected)``, and the skipped
+    prompts counted by reason (:data:`PAIR_SKIP_REASONS`).
+
+    A pair needs best - worst > ``margin`` (so tied rewards never make a pair). Both samples must pass the junk
+    filters: a pair says which of two real answers the reward model prefers. Ties go to the lowest sample index.
+    """
+    if margin < 0:
+        raise ValueError(f"pair_margin={margin}: must be >= 0")
+    _check_shapes(rewards, reasons)
+    pairs, skipped = [], dict.fromkeys(PAIR_SKIP_REASONS, 0)
+    for i, (row, why) in enumerate(zip(rewards, reasons)):
+        valid = [j for j, (r, reason) in enumerate(zip(row, why)) if reason is None and not math.isnan(r)]
+        if len(valid) < 2:
+            skipped["too_few_valid"] += 1
+            continue
+        best = max(valid, key=lambda j: (row[j], -j))
+        worst = min(valid, key=lambda j: (row[j], j))
+        if not row[best] - row[worst] > margin:
+            skipped["within_margin"] += 1
+            continue
+        pairs.append((i, best, worst))
+    return pairs, skipped
 
 
 def distinct_n(texts: list[str], n: int) -> float:
