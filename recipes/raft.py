@@ -25,8 +25,10 @@ def main(data_args: data.DataArguments, args: RaftConfig, model_args: ModelConfi
     ################
     try:
         metrics = runner.run()
-    finally:
-        runner.close()
+    except BaseException:
+        runner.close(failed=True)
+        raise
+    runner.close()
     runner.state.print(f"RAFT policy saved to {args.output_dir}: " + reporting.headline(metrics, HEADLINE))
     return metrics
 

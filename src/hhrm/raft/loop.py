@@ -199,17 +199,19 @@ class RaftRunner:
         d = iter_dir(self.out, it)
         path = self.policy_path(it)
         policy = self.models.policy_for_training(path)
-        tmp = d / "policy.tmp"
-        if tmp.exists() and self.state.is_main_process:
-            shutil.rmtree(tmp)  # a half-written policy from an interrupted run
+        tmp, cache = d / "policy.tmp", update.cache_dir(d / "policy.tmp")
+        if self.state.is_main_process:  # a half-written policy and its datasets' cache from an interrupted run
+            for folder in (tmp, cache):
+                shutil.rmtree(folder, ignore_errors=True)
         self.state.wait_for_everyone()
-        rows = read_jsonl(d / "kept.jsonl")
-        trainer = update.build_trainer(self.args, self.model_args, policy.model, path, self.tokenizer, rows, tmp, it)
+        kept = d / "kept.jsonl"
+        trainer = update.build_trainer(self.args, self.model_args, policy.model, path, self.tokenizer, kept, tmp, it)
         reporting.set_tensorboard_dir(trainer, self.out / "runs" / d.name)  # not inside the policy folder
         result = trainer.train()
         modeling.save_merged(trainer, tmp, self.tokenizer)
         if self.state.is_main_process:
             publish_policy(tmp, d / "policy", it)
+            shutil.rmtree(cache, ignore_errors=True)
         self.state.wait_for_everyone()
         self.models.keep_trained(trainer, str(d / "policy"))
         return update.train_stats(trainer, result.metrics)
@@ -327,9 +329,11 @@ class RaftRunner:
         """Free the policy and the reward model (a later stage loads what it needs again)."""
         self.models.release()
 
-    def close(self) -> None:
-        """Free the models and leave the process group (a gloo rank can abort at exit otherwise)."""
+    def close(self, failed: bool = False) -> None:
+        """Free the models and leave the process group (a gloo rank can abort at exit otherwise). After a failure
+        no barrier: the other ranks may never reach it, and this rank's error must be printed, not wait forever."""
         self.release_models()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.state.wait_for_everyone()
+            if not failed:
+                self.state.wait_for_everyone()
             torch.distributed.destroy_process_group()

@@ -15,10 +15,12 @@ from typing import Any
 
 import transformers
 import trl
+from accelerate import PartialState
 from datasets import Dataset
 from trl import get_peft_config
 
 from hhrm.raft.config import RaftConfig
+from hhrm.reporting import read_jsonl
 
 # Per-step DPO metrics (TRL's names) averaged over the logged steps into train.stats.json.
 DPO_STATS = {"rewards/accuracies": "dpo_reward_accuracy", "rewards/margins": "dpo_reward_margin"}
@@ -75,14 +77,16 @@ def build_trainer(
     model: Any,
     policy_path: str,
     tokenizer: Any,
-    rows: list[dict[str, Any]],
+    kept: Path,
     output_dir: Path,
     iteration: int,
 ) -> transformers.Trainer:
-    """The trainer of iteration ``iteration``'s update of ``model`` (the policy saved at ``policy_path``)."""
+    """The trainer of iteration ``iteration``'s update of ``model`` (the policy saved at ``policy_path``) on the
+    select stage's rows in ``kept``."""
     seed = args.seed + iteration
     peft_config = get_peft_config(model_args)
     if args.update == "sft":
+        rows = read_jsonl(kept)
         train = Dataset.from_dict(
             {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}
         )
@@ -90,7 +94,7 @@ def build_trainer(
         return trl.SFTTrainer(
             model=model, args=targs, train_dataset=train, processing_class=tokenizer, peft_config=peft_config
         )
-    train = Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")})
+    train = pair_dataset(kept, cache_dir(output_dir))
     # The reference is the iteration's starting policy. With precompute_ref_log_probs that is the model itself before
     # its first step; otherwise (and under FSDP) DPOTrainer loads a copy from the config's name: point it at the
     # folder this policy was saved to (a policy kept resident from the last fine-tune still names its own start).
@@ -102,6 +106,20 @@ def build_trainer(
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+
+
+def cache_dir(output_dir: Path) -> Path:
+    """Where an update's datasets keep their cache files: beside the policy folder being written, in the run folder."""
+    return output_dir.with_name(output_dir.name + ".cache")
+
+
+def pair_dataset(kept: Path, cache: Path) -> Dataset:
+    """DPO's pairs as a dataset with its cache files in ``cache``, a folder every process sees: with
+    precompute_ref_log_probs the main process writes the reference log-probs beside the dataset's cache files and
+    the others read them there (an in-memory dataset's cache is a temporary folder of each process's own)."""
+    with PartialState().main_process_first():
+        pairs = Dataset.from_json(str(kept), cache_dir=str(cache))
+    return pairs.select_columns(["prompt", "chosen", "rejected"])
 
 
 def train_stats(trainer: transformers.Trainer, metrics: dict[str, Any]) -> dict[str, Any]:
