@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The real HH-RLHF sample (Anthropic's raw jsonl[.gz]) is named by an environment variable, never assumed.
 HH_SAMPLE = os.environ.get("HHRM_HH_SAMPLE", "")
 TEST_SPEC = dict(train_rows=800, test_rows=300)
+QUICK_TEST_OFFSET = 150  # of TEST_SPEC's 300 test rows
 # Trainer settings for tests on this CPU: fp32, no checkpoints, no logging integrations, no progress bars.
 QUIET_CPU = dict(
     use_cpu=True,
@@ -102,3 +103,30 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
         for tag in acc.Tags()["scalars"]:
             scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     return scalars
+
+
+@pytest.fixture(scope="session")
+def quick_models(tiny, tmp_path_factory) -> dict[str, Path]:
+    """The tiny base as the policy and a reward model trained from it for a few steps (seconds on CPU), on the
+    splits with test_offset=QUICK_TEST_OFFSET (tests/test_overopt.py and tests/test_compare.py)."""
+    from transformers import AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from hhrm import data as hdata
+
+    out = tmp_path_factory.mktemp("overopt_models")
+    splits = hdata.load_splits(hdata.DataArguments(dataset_name=str(tiny["data"]), test_offset=QUICK_TEST_OFFSET))
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    pairs = splits.train.select(range(160)).map(
+        lambda r: {"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]},
+        remove_columns=["prompt"],
+    )
+    args = RewardConfig(
+        output_dir=str(out / "rm"), max_steps=10, per_device_train_batch_size=16, learning_rate=1e-3, max_length=256,
+        logging_steps=50, seed=0, **QUIET_CPU,
+    )  # fmt: skip
+    rm = RewardTrainer(model=str(tiny["base"]), train_dataset=pairs, processing_class=tok, args=args)
+    rm.train()
+    rm.save_model(str(out / "rm"))
+    tok.save_pretrained(out / "rm")
+    return {"policy": tiny["base"], "rm": out / "rm", "data": tiny["data"]}

@@ -14,13 +14,12 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hhrm import compare, logprobs
-from hhrm import data as hdata
 from hhrm.generation import SamplingArguments, generate_responses
 from hhrm.reporting import read_json
 
-from conftest import QUIET_CPU, ROOT
+from conftest import QUICK_TEST_OFFSET, ROOT
 
-TEST_OFFSET = 150  # of the fixture's 300 test rows
+TEST_OFFSET = QUICK_TEST_OFFSET
 PROMPTS = [
     "###Human: What is 3 plus 4? ###Assistant:",
     "###Human: Hi there! ###Assistant: Hello! How can I help you today? "
@@ -182,26 +181,8 @@ def test_summary_is_mean_and_sample_std_over_seeds():
 
 
 @pytest.fixture(scope="module")
-def models(tiny, tmp_path_factory) -> dict[str, Path]:
-    """The tiny base as the starting policy and a reward model trained from it for a few steps (seconds on CPU)."""
-    from trl import RewardConfig, RewardTrainer
-
-    out = tmp_path_factory.mktemp("compare_models")
-    splits = hdata.load_splits(hdata.DataArguments(dataset_name=str(tiny["data"]), test_offset=TEST_OFFSET))
-    tok = AutoTokenizer.from_pretrained(tiny["base"])
-    pairs = splits.train.select(range(160)).map(
-        lambda r: {"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]},
-        remove_columns=["prompt"],
-    )
-    args = RewardConfig(
-        output_dir=str(out / "rm"), max_steps=10, per_device_train_batch_size=16, learning_rate=1e-3, max_length=256,
-        logging_steps=50, seed=0, **QUIET_CPU,
-    )  # fmt: skip
-    rm = RewardTrainer(model=str(tiny["base"]), train_dataset=pairs, processing_class=tok, args=args)
-    rm.train()
-    rm.save_model(str(out / "rm"))
-    tok.save_pretrained(out / "rm")
-    return {"policy": tiny["base"], "rm": out / "rm", "data": tiny["data"]}
+def models(quick_models) -> dict[str, Path]:
+    return quick_models
 
 
 @pytest.mark.slow

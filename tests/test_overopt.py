@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +11,9 @@ import pytest
 from hhrm import data as hdata
 from hhrm import overopt, reporting
 
-from conftest import QUIET_CPU, load_recipe
+from conftest import QUICK_TEST_OFFSET, load_recipe
 
-TEST_OFFSET = 150  # of the fixture's 300 test rows
+TEST_OFFSET = QUICK_TEST_OFFSET
 
 
 def brute_force(proxy: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
@@ -86,30 +85,6 @@ def test_existing_curve_refused(tmp_path):
     with pytest.raises(ValueError, match="overwrite_output_dir"):
         overopt.OverOptConfig(reward_model_name_or_path="rm", output_dir=str(tmp_path))
     overopt.OverOptConfig(reward_model_name_or_path="rm", output_dir=str(tmp_path), overwrite_output_dir=True)
-
-
-@pytest.fixture(scope="module")
-def quick_models(tiny, tmp_path_factory) -> dict[str, Path]:
-    """The tiny base as the policy and a reward model trained from it for a few steps (seconds on CPU)."""
-    from transformers import AutoTokenizer
-    from trl import RewardConfig, RewardTrainer
-
-    out = tmp_path_factory.mktemp("overopt_models")
-    splits = hdata.load_splits(hdata.DataArguments(dataset_name=str(tiny["data"]), test_offset=TEST_OFFSET))
-    tok = AutoTokenizer.from_pretrained(tiny["base"])
-    pairs = splits.train.select(range(160)).map(
-        lambda r: {"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]},
-        remove_columns=["prompt"],
-    )
-    args = RewardConfig(
-        output_dir=str(out / "rm"), max_steps=10, per_device_train_batch_size=16, learning_rate=1e-3, max_length=256,
-        logging_steps=50, seed=0, **QUIET_CPU,
-    )  # fmt: skip
-    rm = RewardTrainer(model=str(tiny["base"]), train_dataset=pairs, processing_class=tok, args=args)
-    rm.train()
-    rm.save_model(str(out / "rm"))
-    tok.save_pretrained(out / "rm")
-    return {"policy": tiny["base"], "rm": out / "rm", "data": tiny["data"]}
 
 
 @pytest.mark.slow

@@ -61,7 +61,8 @@ class RaftRunner:
         self.heldout = hdata.heldout_prompts(self.splits, args.heldout_prompts)
         self.gold = synthetic.is_gold_checkable(self.heldout)
         self.models = ModelResidency(args, model_args, self.tokenizer, self.state, self.splits.source["text_rule"])
-        self.title = f"RAFT on {model_args.model_name_or_path}"
+        kind = "RAFT" if args.update == "sft" else "Iterative DPO"
+        self.title = f"{kind} on {model_args.model_name_or_path}"
 
     # ----- the algorithm -----------------------------------------------------------------
 
