@@ -15,7 +15,7 @@ from huggingface_hub import constants
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from trl import ModelConfig, SFTTrainer
 
-from hhrm import modeling, rm, sft
+from hhrm import model_checks, modeling, rm, sft
 from hhrm.embedded import llama_config
 
 # --------------------------------------------------------------------------------------------
@@ -43,8 +43,8 @@ NOT_HUB_IDS = ["models/nope", "./nope", "/nope/model", "~/nope", "outputs/tiny/s
 @pytest.mark.parametrize("path", NOT_HUB_IDS)
 def test_missing_paths_that_are_no_hub_id_are_refused_at_once(in_tmp, monkeypatch, path):
     online(monkeypatch)  # refused without any hub request, even when the hub may be contacted
-    with pytest.raises(modeling.ModelPathError, match=f"model_name_or_path={path!r}: no such folder"):
-        modeling.check_model_path(path)
+    with pytest.raises(model_checks.ModelPathError, match=f"model_name_or_path={path!r}: no such folder"):
+        model_checks.check_model_path(path)
 
 
 def test_the_rm_stage_names_the_missing_sft_stage(in_tmp, monkeypatch):
@@ -54,17 +54,17 @@ def test_the_rm_stage_names_the_missing_sft_stage(in_tmp, monkeypatch):
 
 
 def test_local_folders_hub_ids_and_offline(in_tmp, tiny, monkeypatch):
-    assert modeling.check_model_path(str(tiny["base"])) == "local"
-    assert modeling.check_model_path("models") == "local"
+    assert model_checks.check_model_path(str(tiny["base"])) == "local"
+    assert model_checks.check_model_path("models") == "local"
     with pytest.raises(ValueError, match="model_name_or_path='a_file' is a file"):
-        modeling.check_model_path("a_file")
+        model_checks.check_model_path("a_file")
     with pytest.raises(ValueError, match="model_name_or_path is not set"):
-        modeling.check_model_path("")
+        model_checks.check_model_path("")
     online(monkeypatch)
-    assert modeling.check_model_path("EleutherAI/gpt-neo-2.7B") == "hub"
+    assert model_checks.check_model_path("EleutherAI/gpt-neo-2.7B") == "hub"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"reward_model_name_or_path='EleutherAI/gpt-neo-2\.7B'.*HF_HUB_OFFLINE=1"):
-        modeling.check_model_path("EleutherAI/gpt-neo-2.7B", "reward_model_name_or_path")
+        model_checks.check_model_path("EleutherAI/gpt-neo-2.7B", "reward_model_name_or_path")
 
 
 def test_load_tokenizer_checks_the_path_first(in_tmp, monkeypatch):

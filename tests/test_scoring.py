@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hhrm import modeling, scoring
+from hhrm import model_checks, scoring
 
 TEXTS = [
     "###Human: What is 2 plus 3? ###Assistant: 2 plus 3 is 5.",
@@ -114,7 +114,7 @@ def rm_folder(tiny, tmp_path_factory):
 
 
 def test_a_one_label_classifier_folder_is_accepted(rm_folder):
-    tok = modeling.check_reward_model(rm_folder)
+    tok = model_checks.check_reward_model(rm_folder)
     assert tok.pad_token_id != tok.eos_token_id
     scorer = scoring.RewardScorer.from_pretrained(rm_folder, device="cpu")
     assert scorer.tokenizer.pad_token_id == tok.pad_token_id and len(scorer.score(TEXTS)) == len(TEXTS)
@@ -122,7 +122,7 @@ def test_a_one_label_classifier_folder_is_accepted(rm_folder):
 
 def test_a_causal_lm_folder_is_refused_as_reward_model(tiny):
     with pytest.raises(ValueError, match=r"reward_model_name_or_path='.*' is a LlamaForCausalLM, not a reward model"):
-        modeling.check_reward_model(tiny["base"])
+        model_checks.check_reward_model(tiny["base"])
     with pytest.raises(ValueError, match=r"reward_model='.*' is a LlamaForCausalLM"):
         scoring.RewardScorer.from_pretrained(tiny["base"], setting="reward_model")
 
@@ -144,19 +144,19 @@ def test_bad_reward_folders_are_refused(tiny, tmp_path, kind, match):
         drop_head=kind == "no_head",
     )
     with pytest.raises(ValueError, match=f"reward_model_name_or_path={str(path)!r}: .*{match}"):
-        modeling.check_reward_model(path)
+        model_checks.check_reward_model(path)
     with pytest.raises(ValueError, match=match):
         scoring.RewardScorer.from_pretrained(path, device="cpu")
 
 
 def test_missing_folders_are_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match="reward_model_name_or_path='.*nope': no such folder"):
-        modeling.check_reward_model(tmp_path / "nope")
+        model_checks.check_reward_model(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="reward_model_name_or_path='.*empty': no config.json"):
-        modeling.check_reward_model(tmp_path / "empty")
+        model_checks.check_reward_model(tmp_path / "empty")
     with pytest.raises(ValueError, match="reward_model_name_or_path is not set"):
-        modeling.check_reward_model(None)
+        model_checks.check_reward_model(None)
 
 
 def test_raft_refuses_a_causal_lm_reward_model_before_any_generation(tiny, tmp_path):

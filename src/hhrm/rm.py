@@ -21,7 +21,7 @@ from datasets import Dataset, Sequence, Value
 from trl import ModelConfig, get_peft_config
 
 from hhrm import data as hdata
-from hhrm import modeling, reporting, rm_card, rm_eval, rm_trainer, runtime, scoring
+from hhrm import model_checks, modeling, reporting, rm_card, rm_eval, rm_trainer, runtime, scoring
 from hhrm.runtime import StageConfigMixin
 
 logger = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ def check_precision(model_args: ModelConfig, args: RewardConfig) -> None:
 
 def check_model_path(model_args: ModelConfig) -> None:
     """A missing local starting point is a missing stage, not a hub id: say which stage to run."""
-    modeling.check_model_path(
+    model_checks.check_model_path(
         model_args.model_name_or_path,
         hint="the RM starts from the SFT output: run `make sft` (or the SFT recipe with the matching config) "
         "first, or point model_name_or_path at a model folder",

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
-from hhrm import modeling, runtime
+from hhrm import model_checks, modeling, runtime
 
 
 def with_eos(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[str]:
@@ -78,10 +78,10 @@ class RewardScorer:
         """Load a reward model folder. ``dtype``: the caller's precision (``runtime.torch_dtype(args.bf16)``);
         unset, the device decides by the same rule.
 
-        The folder is checked first (:func:`hhrm.modeling.check_reward_model`: a one-label sequence classifier
+        The folder is checked first (:func:`hhrm.model_checks.check_reward_model`: a one-label sequence classifier
         whose checkpoint holds its head, pad != EOS); ``setting`` names the option it came from in the error.
         """
-        tokenizer = modeling.check_reward_model(path, setting)
+        tokenizer = model_checks.check_reward_model(path, setting)
         device = device or runtime.default_device()
         dtype = runtime.torch_dtype() if dtype is None else dtype
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype).to(device).eval()

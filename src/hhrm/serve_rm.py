@@ -41,7 +41,7 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from hhrm import modeling, runtime, scoring
+from hhrm import model_checks, runtime, scoring
 from hhrm.serve_rm_protocol import (
     STATS,
     TEXT_RULE,
@@ -278,7 +278,7 @@ def model_positions(path: str) -> int | None:
 def build_server(config: ServeConfig) -> ls.LitServer:
     """The LitServer, after the checks that refuse to start: not a reward model, a length over the model's
     positions, a port in use. Nothing is loaded here but the tokenizer; the model process loads the model."""
-    tokenizer = modeling.check_reward_model(config.model_name_or_path, "model_name_or_path")
+    tokenizer = model_checks.check_reward_model(config.model_name_or_path, "model_name_or_path")
     positions = model_positions(config.model_name_or_path)
     max_length = config.max_length or positions
     if max_length is None:
@@ -295,7 +295,7 @@ def build_server(config: ServeConfig) -> ls.LitServer:
     }
     metadata = {
         "model_name_or_path": str(config.model_name_or_path),
-        "weights": modeling.weights_identity(str(config.model_name_or_path)),  # a client's resume check reads it
+        "weights": model_checks.weights_identity(str(config.model_name_or_path)),  # a client's resume check reads it
         "text_rule": TEXT_RULE,
         "eos_token": tokenizer.eos_token,
         "pad_token": tokenizer.pad_token,

@@ -14,7 +14,7 @@ from typing import Any
 
 from accelerate.utils import gather_object
 
-from hhrm.modeling import weights_identity
+from hhrm.model_checks import weights_identity
 from hhrm.reporting import config_dict, read_json
 
 POLICY_DONE = "raft_done"

@@ -18,7 +18,7 @@ import trl
 from accelerate import PartialState
 from trl import get_peft_config
 
-from hhrm import generation, modeling, runtime
+from hhrm import generation, model_checks, modeling, runtime
 from hhrm.raft.config import RaftConfig
 from hhrm.reward_client import RemoteRewardScorer
 from hhrm.scoring import RewardScorer
@@ -28,9 +28,9 @@ OFFLOAD_AUTO_BYTES = 4 * 1024**3
 
 
 def check_reward_model(args: RaftConfig, model_args: trl.ModelConfig, tokenizer, text_rule: str) -> None:
-    """A reward model folder (:func:`hhrm.modeling.check_reward_model`) that reads the policy's text: under a chat
+    """A reward model folder (:func:`hhrm.model_checks.check_reward_model`) that reads the policy's text: under a chat
     template the RM scores the policy's rendering, so one trained on another template's text is refused."""
-    rm_tokenizer = modeling.check_reward_model(args.reward_model_name_or_path)
+    rm_tokenizer = model_checks.check_reward_model(args.reward_model_name_or_path)
     if text_rule == "chat_template" and rm_tokenizer.chat_template != tokenizer.chat_template:
         raise ValueError(
             f"use_chat_template=true, but the reward model {args.reward_model_name_or_path!r} has another "
