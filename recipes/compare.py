@@ -31,9 +31,11 @@ def main(args: compare.CompareConfig) -> dict:
 
 
 if __name__ == "__main__":
+    from hhrm.lifetime import exit_with_parent
     from hhrm.runtime import refusals_in_one_line
 
     with refusals_in_one_line():  # a refusal: one line `hhrm: error: ...`, exit code 2
+        exit_with_parent()  # started by a supervisor (hhrm.lifetime.supervise): die with it
         (args,) = TrlParser((compare.CompareConfig,)).parse_args_and_config()
         setup_logging()
         main(args)

@@ -64,7 +64,10 @@ def main(
 
 
 if __name__ == "__main__":
+    from hhrm.lifetime import exit_with_parent
+
     with runtime.refusals_in_one_line():  # a refusal: one line `hhrm: error: ...`, exit code 2
+        exit_with_parent()  # started by a supervisor (hhrm.lifetime.supervise): die with it
         parser = TrlParser((data.DataArguments, rm.RewardConfig, ModelConfig, EvalArguments))
         data_args, args, model_args, eval_args = parser.parse_args_and_config()
         setup_logging()

@@ -6,7 +6,7 @@ make rm [CONFIG=...] [ARGS="--field value ..."]
 
 from trl import ModelConfig, TrlParser
 
-from hhrm import data, modeling, outputs, reporting, rm, rm_eval, scoring
+from hhrm import data, finite, modeling, outputs, reporting, rm, rm_eval, scoring
 from hhrm.runtime import setup_logging
 
 
@@ -23,6 +23,7 @@ def main(data_args: data.DataArguments, args: rm.RewardConfig, model_args: Model
     # Model: a sequence classifier with one label, its head freshly initialised
     ################
     model = rm.load_reward_model(model_args, args, tokenizer)
+    outputs.check_free_space(args.output_dir, outputs.model_bytes(model))  # the new model must fit beside the old
     metrics: dict = {}
     if args.eval_before_training and len(pairs.test):
         scorer = scoring.RewardScorer(model, tokenizer, batch_size=args.scorer_batch_size)
@@ -34,24 +35,29 @@ def main(data_args: data.DataArguments, args: rm.RewardConfig, model_args: Model
     # hhrm's RewardTrainer: length-grouped batches (default), padding-free rows when args.padding_free
     trainer = rm.make_trainer(model, args, pairs, tokenizer, model_args)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    finite.check_trained(trainer, result, "reward-model training", {"learning_rate": args.learning_rate})
 
     ################
-    # Export a plain folder, evaluate it, write metrics, eval_rm.json, data report and model card
+    # Export a plain folder, evaluate it, write metrics, eval_rm.json, data report and model card, all into a staging
+    # folder that replaces the old model's files only once complete: a failure (a full disk) leaves the old model whole
     ################
-    if trainer.accelerator.is_main_process:
-        outputs.clear_results(args.output_dir)  # no old card or metrics beside the new weights, even after a crash
-    rm.export(trainer, args.output_dir, tokenizer, model_args)
     metrics = reporting.train_metrics(result.metrics, args.resume_from_checkpoint) | metrics
-    metrics = rm.finish(trainer, pairs, {"data": data_args, "training": args, "model": model_args}, metrics)
+    configs = {"data": data_args, "training": args, "model": model_args}
+    with outputs.staged(args.output_dir, trainer.accelerator, outputs.model_bytes(model)) as folder:
+        rm.export(trainer, folder, tokenizer, model_args)
+        metrics = rm.finish(trainer, pairs, configs, metrics, folder)
+    outputs.release_output_dir(args.output_dir)  # the next run into it may start (an in-process caller's too)
     trainer.accelerator.print(f"reward model saved to {args.output_dir}: " + reporting.headline(metrics, rm.HEADLINE))
     trainer.end()
     return metrics
 
 
 if __name__ == "__main__":
+    from hhrm.lifetime import exit_with_parent
     from hhrm.runtime import refusals_in_one_line
 
     with refusals_in_one_line():  # a refusal: one line `hhrm: error: ...`, exit code 2
+        exit_with_parent()  # started by a supervisor (hhrm.lifetime.supervise): die with it
         parser = TrlParser((data.DataArguments, rm.RewardConfig, ModelConfig))
         data_args, args, model_args = parser.parse_args_and_config()
         setup_logging()

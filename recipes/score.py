@@ -6,7 +6,7 @@
 
 Input: any preference format (raw HH, dahoas, TRL conversational or standard) or prompt/response rows;
 output: the same rows in the same order with chosen_reward/rejected_reward (or reward) columns, .jsonl or
-.parquet, and <name>.metrics.json (accuracy for pairs). A config file works too: --config scoring.yaml.
+.parquet, and <output_file>.metrics.json (accuracy for pairs). A config file works too: --config scoring.yaml.
 """
 
 from trl import ModelConfig, TrlParser
@@ -27,9 +27,11 @@ def main(data_args: score_file.ScoreDataArguments, args: score_file.ScoreConfig,
 
 
 if __name__ == "__main__":
+    from hhrm.lifetime import exit_with_parent
     from hhrm.runtime import refusals_in_one_line
 
     with refusals_in_one_line():  # a refusal: one line `hhrm: error: ...`, exit code 2
+        exit_with_parent()  # started by a supervisor (hhrm.lifetime.supervise): die with it
         parser = TrlParser((score_file.ScoreDataArguments, score_file.ScoreConfig, ModelConfig))
         data_args, args, model_args = parser.parse_args_and_config()
         setup_logging()

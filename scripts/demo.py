@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
             # iterations made with other models (`make raft` is the way to resume a run).
             shutil.rmtree(stage_out)
         stats = run_stage(name, recipe, config, overrides, out / f"{name}.log", args.threads)
-        metrics = stage_out / ("scores.metrics.json" if name == "score" else "metrics.json")
+        metrics = stage_out / ("scores.jsonl.metrics.json" if name == "score" else "metrics.json")
         summary["stages"][name] = {**stats, "output_dir": str(stage_out), "metrics": reporting.read_json(metrics)}
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     summary_path = out / "demo_summary.json"

@@ -119,9 +119,10 @@ def arm(models: dict[str, Path], **overrides) -> dict:
 PLACES = {"policy": "outputs/tiny/sft", "rm": "outputs/tiny/rm", "data": "outputs/tiny/data"}  # parsed, never loaded
 
 
-def test_configs_that_differ_in_the_budget_are_refused_naming_the_settings(tmp_path):
-    sft = write_yaml(tmp_path / "sft.yaml", **arm(PLACES))
-    dpo = write_yaml(tmp_path / "dpo.yaml", **arm(PLACES, update="dpo", num_samples=8, learning_rate=1e-5))
+def test_configs_that_differ_in_the_budget_are_refused_naming_the_settings(tiny, tmp_path):
+    places = PLACES | {"policy": tiny["base"]}  # parse_arm checks the start policy: a causal LM folder
+    sft = write_yaml(tmp_path / "sft.yaml", **arm(places))
+    dpo = write_yaml(tmp_path / "dpo.yaml", **arm(places, update="dpo", num_samples=8, learning_rate=1e-5))
     args = compare.CompareConfig(sft_config=sft, dpo_config=dpo, output_dir=str(tmp_path / "out"))
     parsed = {u: compare.parse_arm(args, u) for u in compare.UPDATES}
     with pytest.raises(ValueError, match=r"differ in num_samples \(4 vs 8\): a fair comparison"):

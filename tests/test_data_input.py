@@ -156,3 +156,27 @@ def test_hub_id_while_offline_fails_at_once(tmp_path, monkeypatch, var):
     monkeypatch.setenv(var, "1")
     with pytest.raises(ConnectionError, match=rf"dataset_name='hhrm-nobody/no-such-set'.*offline \({var}=1\)"):
         data.load_splits(data.DataArguments(dataset_name="hhrm-nobody/no-such-set", test_offset=0))
+
+
+def test_missing_path_shaped_like_a_hub_id_is_refused_at_once_where_the_hub_cannot_be_reached(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)  # no out/ here: out/no_such_dir has the owner/name shape of a hub id
+    for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    with socket.socket() as probe:  # a port where nothing listens: the hub is unreachable, as on a machine offline
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError) as err:
+        data.load_splits(data.DataArguments(dataset_name="out/no_such_dir", test_offset=0))
+    assert time.perf_counter() - start < 10  # no retries
+    missing = tmp_path.resolve() / "out" / "no_such_dir"
+    assert str(err.value).startswith(
+        f"dataset_name='out/no_such_dir': no such local file or folder ({missing}), and not a reachable hub id: "
+        f"the hub ({endpoint}) cannot be reached"
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -119,6 +120,77 @@ def test_accelerate_launch_quiet_as_make_runs_it(tiny, tmp_path):
     proc = run_process(cmd, 15, cwd=ROOT, env=_env())
     _assert_refused(proc, f"output_dir={str(out)!r}", code=1)
     assert _files(out) == before
+
+
+def _hub_unreachable_env() -> dict[str, str]:
+    """No offline setting, and a hub endpoint on a 127.0.0.1 port where nothing listens: the hub cannot be reached
+    (as on a machine without network, deterministically, wherever the tests run)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = _env() | {"HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.mark.parametrize("setting", ["model_name_or_path", "dataset_name"])
+def test_a_missing_relative_path_while_the_hub_cannot_be_reached(tiny, tmp_path, setting):
+    """`models/nope` and `out/no_such_dir` look like hub ids: without the hub they were tried there (a minute of
+    retries, then a traceback). Now: at once, one line saying there is no such path and no reachable hub id."""
+    out = tmp_path / "rm"
+    model, dataset = str(tiny["base"]), str(tiny["data"])
+    if setting == "model_name_or_path":
+        model = "models/nope"
+    else:
+        dataset = "out/no_such_dir"
+    cmd = _recipe("rm", "--config", str(CONFIGS / "rm.yaml"), "--model_name_or_path", model)
+    cmd += ["--dataset_name", dataset, "--output_dir", str(out)]
+    proc = run_process(cmd, 10, cwd=ROOT, env=_hub_unreachable_env())
+    missing = ROOT / (model if setting == "model_name_or_path" else dataset)
+    _assert_refused(proc, f"{setting}={str(missing.relative_to(ROOT))!r}: no such local")
+    assert f"({missing}), and not a reachable hub id: the hub (http://127.0.0.1:" in proc.stderr
+    assert not _files(out)
+
+
+def test_a_truncated_weight_file_is_one_line(tiny, tmp_path):
+    folder = tmp_path / "base"
+    shutil.copytree(tiny["base"], folder)
+    weights = folder / "model.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 3])  # an interrupted copy
+    out = tmp_path / "sft"
+    cmd = _recipe("sft", "--config", str(CONFIGS / "sft.yaml"), "--model_name_or_path", str(folder))
+    cmd += ["--dataset_name", str(tiny["data"]), "--output_dir", str(out)]
+    proc = run_process(cmd, 10, cwd=ROOT, env=_env())
+    sizes = f"({len(blob) // 3 / 1e6:.1f} MB of {len(blob) / 1e6:.1f} MB)"
+    _assert_refused(proc, f"model_name_or_path={str(folder)!r}: model.safetensors is truncated {sizes}")
+    assert "copy it again or retrain" in proc.stderr and not _files(out)
+
+
+def test_compare_overrides_are_settings_of_the_raft_recipe_with_valid_values(tmp_path):
+    """An unknown key or a value its parser cannot convert: one line when the comparison is parsed, not a
+    traceback from the RAFT config's parser once it runs."""
+    from hhrm.compare import CompareConfig
+
+    out = tmp_path / "compare"
+    cmd = _recipe("compare", "--overrides", "num_iterations=1", "foo=1", "--output_dir", str(out))
+    proc = run_process(cmd, 10, cwd=ROOT, env=_env())
+    _assert_refused(proc, "overrides: 'foo' is not a setting of the RAFT recipe")
+    assert not out.exists()
+    configs = dict(sft_config=str(CONFIGS / "raft.yaml"), dpo_config=str(CONFIGS / "raft_dpo.yaml"), launcher="python")
+    for override, expected in [
+        ("num_iteration=1", r"'num_iteration' is not a setting .*; did you mean 'num_iterations'"),
+        ("num_iterations=abc", r"num_iterations='abc' is not a valid value \(invalid literal for int\(\)"),
+        ("update=ppo", r"update='ppo': expected one of \['sft', 'dpo'\]"),
+        ("bf16=maybe", r"bf16='maybe' is not a valid value \(Truthy value expected"),
+    ]:
+        with pytest.raises(ValueError, match=expected):
+            CompareConfig(overrides=[override], **configs)
+    ok = CompareConfig(overrides=["max-new-tokens=8", "--learning_rate=1e-5", "bf16=false"], **configs)
+    assert ok.override_args() == ["--max_new_tokens", "8", "--learning_rate", "1e-5", "--bf16", "false"]
 
 
 def test_makefile_launches_quietly():

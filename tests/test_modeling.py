@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import stat
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,10 +64,49 @@ def test_local_folders_hub_ids_and_offline(in_tmp, tiny, monkeypatch):
     with pytest.raises(ValueError, match="model_name_or_path is not set"):
         model_checks.check_model_path("")
     online(monkeypatch)
-    assert model_checks.check_model_path("EleutherAI/gpt-neo-2.7B") == "hub"
+    with listening() as port:  # a hub id is taken as one where the hub can be reached...
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert model_checks.check_model_path("EleutherAI/gpt-neo-2.7B") == "hub"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"reward_model_name_or_path='EleutherAI/gpt-neo-2\.7B'.*HF_HUB_OFFLINE=1"):
         model_checks.check_model_path("EleutherAI/gpt-neo-2.7B", "reward_model_name_or_path")
+
+
+def test_a_hub_id_is_refused_at_once_where_the_hub_cannot_be_reached(in_tmp, monkeypatch):
+    online(monkeypatch)  # no offline setting: only the unreachable hub says that nothing can be fetched
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(in_tmp / "hub_cache"))
+    for path in ("models_x/nope", "EleutherAI/gpt-neo-2.7B"):
+        with pytest.raises(model_checks.ModelPathError) as err:
+            model_checks.check_model_path(path)
+        assert f"model_name_or_path={path!r}: no such local folder ({Path.cwd() / path})" in str(err.value)
+        assert f"not a reachable hub id: the hub ({endpoint}) cannot be reached" in str(err.value)
+    # ...or where it is in the local hub cache, which loads offline.
+    snapshot = in_tmp / "hub_cache" / "models--EleutherAI--gpt-neo-2.7B" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    assert model_checks.check_model_path("EleutherAI/gpt-neo-2.7B") == "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert model_checks.check_model_path("EleutherAI/gpt-neo-2.7B") == "hub"
+
+
+@contextmanager
+def listening():
+    """A port on 127.0.0.1 that takes connections (a reachable endpoint; nothing is ever answered)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        yield server.getsockname()[1]
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens: a connection to it is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def test_load_tokenizer_checks_the_path_first(in_tmp, monkeypatch):
@@ -73,6 +115,39 @@ def test_load_tokenizer_checks_the_path_first(in_tmp, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
         modeling.load_tokenizer(ModelConfig(model_name_or_path="nobody-hhrm/no-such-model"))
+
+
+# --------------------------------------------------------------------------------------------
+# Weight files: a truncated safetensors file or a missing shard is refused by its size, before any load
+
+
+def test_truncated_weight_files_and_missing_shards_are_refused_by_size(tiny, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny["base"], folder)
+    model_checks.check_model_path(str(folder))  # whole: accepted
+    weights = folder / "model.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 2])
+    size, need = f"{len(blob) // 2 / 1e6:.1f} MB", f"{len(blob) / 1e6:.1f} MB"
+    with pytest.raises(ValueError) as err:
+        model_checks.check_model_path(str(folder), "reward_model_name_or_path")
+    assert str(err.value) == (
+        f"reward_model_name_or_path={str(folder)!r}: model.safetensors is truncated ({size} of {need}): "
+        "copy it again or retrain"
+    )
+    header = int.from_bytes(blob[:8], "little")
+    weights.write_bytes(blob[: 8 + header // 2])  # cut inside the header
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated \([\d,]+ bytes of at least [\d,]+ bytes"):
+        model_checks.check_model_path(str(folder))
+    weights.write_bytes(blob[:5])  # not even the header's length
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated \(5 bytes: its header is incomplete\)"):
+        model_checks.check_model_path(str(folder))
+    weights.write_bytes(blob)
+    keys = json.loads(blob[8 : 8 + header])
+    index = {"weight_map": {k: "model-00001-of-00002.safetensors" for k in keys if k != "__metadata__"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"index\.json names 1 of 1 weight shards not in the folder \(model-00001"):
+        model_checks.check_model_path(str(folder))
 
 
 # --------------------------------------------------------------------------------------------

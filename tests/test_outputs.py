@@ -1,11 +1,16 @@
-"""Output folders: a finished model is never replaced unasked, an unusable folder fails before training."""
+"""Output folders: a finished model is never replaced unasked nor half-replaced, an unusable folder fails before
+training, and one run at a time writes a folder."""
 
 from __future__ import annotations
+
+import errno
+import subprocess
+import sys
 
 import pytest
 from trl import ModelConfig
 
-from hhrm import data, outputs, sft
+from hhrm import data, lifetime, outputs, sft
 
 from conftest import load_recipe
 
@@ -42,12 +47,78 @@ def test_unusable_folders_fail_naming_output_dir(tmp_path):
         outputs.check_output_dir(a_file / "below", "sft")
 
 
-def test_old_results_are_removed_before_new_weights(tmp_path):
-    out = finished_model(tmp_path / "rm")
-    (out / "README.md").write_text("old card")
-    (out / "eval_rm.json").write_text("{}")
-    outputs.clear_results(out)
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+def old_model(folder):
+    """A finished model folder as SFT/RM leave it, with what a new model must not touch (checkpoints, curves)."""
+    files = {
+        "model-00001-of-00002.safetensors": b"old shard 1",
+        "model-00002-of-00002.safetensors": b"old shard 2",
+        "model.safetensors.index.json": b"{}",
+        "config.json": b"old config",
+        "tokenizer.json": b"old tokenizer",
+        "README.md": b"old card",
+        "metrics.json": b"{}",
+        "data_report.json": b"{}",
+        "eval_rm.json": b"{}",
+        "adapter/adapter_model.safetensors": b"old adapter",
+        "adapter/adapter_config.json": b"old adapter config",
+        "checkpoint-1/model.safetensors": b"a checkpoint",
+        "runs/events.out.tfevents.1": b"curves",
+        "notes.txt": b"the user's",
+    }
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    return files
+
+
+def contents(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_staged_model_replaces_the_old_one_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "sft"
+    old = old_model(out)
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        with outputs.staged(out) as folder:
+            assert folder == out / outputs.STAGING
+            (folder / "model.safetensors").write_bytes(b"new weights")
+            (folder / "config.json").write_bytes(b"new config")
+            raise RuntimeError("the evaluation failed")
+    assert contents(out) == old  # untouched, and no staging folder left
+    with pytest.raises(ValueError) as full:
+        with outputs.staged(out, need=7 * 10**9) as folder:
+            (folder / "model.safetensors").write_bytes(b"new weights")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(full.value).startswith(f"output_dir={str(out)!r}: no space left on device while writing the model")
+    assert "it needs about 7.0 GB free" in str(full.value) and contents(out) == old
+
+    new = {"model.safetensors": b"new weights", "config.json": b"new config", "tokenizer.json": b"new tokenizer"}
+    new |= {"README.md": b"new card", "metrics.json": b'{"new": 1}', "adapter/adapter_model.safetensors": b"new"}
+    with outputs.staged(out) as folder:
+        for name, content in new.items():
+            (folder / name).parent.mkdir(exist_ok=True)
+            (folder / name).write_bytes(content)
+    kept = {k: v for k, v in old.items() if k.startswith(("checkpoint-1/", "runs/")) or k == "notes.txt"}
+    assert contents(out) == new | kept  # the old shards, index, adapter config, data report, eval_rm.json: stale
+
+
+def test_a_folder_is_locked_while_a_stage_writes_it(tmp_path):
+    out = tmp_path / "rm"
+    assert outputs.check_output_dir(out, "rm") == out
+    assert (out / lifetime.LOCK_FILE).is_file()
+    assert outputs.check_output_dir(out, "rm") == out  # the same process (an in-process re-run): no refusal
+    other = subprocess.run(
+        [sys.executable, "-c", f"from hhrm import outputs; outputs.check_output_dir({str(out)!r}, 'rm')"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert other.returncode != 0 and f"output_dir={str(out)!r} is being written by another run (pid " in other.stderr
+    outputs.release_output_dir(out)
+    assert not (out / lifetime.LOCK_FILE).exists()  # released: the file goes, a later run locks a new one
+    again = subprocess.run(other.args, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert not (out / lifetime.LOCK_FILE).exists()  # and removes it when it ends
 
 
 def test_sft_recipe_refuses_a_finished_model_before_loading_anything(tiny, tmp_path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -77,7 +79,7 @@ def test_scoring_the_held_out_pairs_reproduces_the_rm_accuracy(trained, tmp_path
     assert [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows] == trained["test"]  # order, content
     expected = trained["scorer"].score([r["prompt"] + r["chosen"] for r in trained["test"][:20]])
     assert [r["chosen_reward"] for r in rows[:20]] == pytest.approx(expected, abs=1e-5)
-    written = json.loads((tmp_path / "scores.metrics.json").read_text())
+    written = json.loads((tmp_path / "scores.jsonl.metrics.json").read_text())
     assert written["accuracy"] == metrics["accuracy"]
 
 
@@ -131,8 +133,8 @@ def test_two_processes_score_each_row_once(trained, tmp_path):
         r["prompt"] + r["chosen"] for r in one
     ]
     assert [r["chosen_reward"] for r in two] == pytest.approx([r["chosen_reward"] for r in one], abs=1e-5)
-    assert json.loads((tmp_path / "two.metrics.json").read_text())["processes"] == 2
-    assert json.loads((tmp_path / "two.metrics.json").read_text())["accuracy"] == single["accuracy"]
+    assert json.loads((tmp_path / "two.jsonl.metrics.json").read_text())["processes"] == 2
+    assert json.loads((tmp_path / "two.jsonl.metrics.json").read_text())["accuracy"] == single["accuracy"]
 
 
 def test_refusals_name_the_setting(trained, tiny, tmp_path):
@@ -160,3 +162,89 @@ def test_refusals_name_the_setting(trained, tiny, tmp_path):
     assert "no rows" in refused(
         *common[:2], "--dataset_name", str(tmp_path / "empty.jsonl.gz"), "--output_file", "o.jsonl"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# What would fail only at the end is refused before any model is loaded; a failed write leaves nothing half-done
+
+
+@contextmanager
+def tmpfs(folder: Path, options: str):
+    """A tmpfs mounted on ``folder`` (a small or read-only disk); skipped where mounting is not permitted."""
+    folder.mkdir()
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command here: the full or read-only disk cannot be made")
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip() or proc.returncode})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def refused_before_the_model(tiny, *args: str) -> str:
+    """The last stderr line of recipes/score.py refused (exit 2, one line). The model is the tiny causal LM, which
+    the reward-model check refuses: a refusal about anything else came before the model was loaded."""
+    cmd = [sys.executable, str(ROOT / "recipes" / "score.py"), "--model_name_or_path", str(tiny["base"]), *args]
+    proc = run_process(cmd, 15, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("hhrm: error:") == 1, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_model(tiny, tmp_path):
+    data_arg = ("--dataset_name", str(tiny["data"] / "test.jsonl"))
+    (tmp_path / "a_file").write_text("")
+    line = refused_before_the_model(tiny, *data_arg, "--output_file", str(tmp_path / "a_file" / "s.jsonl"))
+    assert f"output_file={str(tmp_path / 'a_file' / 's.jsonl')!r}" in line and "is a file" in line
+    for name in (".jsonl", ".parquet", "scores"):  # a dotfile has no suffix: it was written as Parquet, exit 0
+        with pytest.raises(ValueError, match=rf"output_file='.*{name}': the file name must be <name>\.jsonl"):
+            score_file.ScoreConfig(output_file=str(tmp_path / name))
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        line = refused_before_the_model(tiny, *data_arg, "--output_file", str(ro / "sub" / "s.jsonl"))
+        assert f"output_file={str(ro / 'sub' / 's.jsonl')!r}: cannot write in {ro}" in line
+        assert "Read-only file system" in line
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".hhrm-write-probe-*"))
+
+
+def test_rows_that_do_not_fit_one_parquet_schema_are_refused_before_the_model(tiny, tmp_path):
+    rows = read_jsonl(tiny["data"] / "test.jsonl")[:6]
+    for i, row in enumerate(rows):
+        row["meta"] = i if i != 4 else "four"  # int64 in rows 0-3, a string in row 4
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "s.parquet"
+    line = refused_before_the_model(tiny, "--dataset_name", str(pairs), "--output_file", str(out))
+    assert f"output_file={str(out)!r}: the rows do not fit one Parquet schema: column 'meta', first at row 4" in line
+    assert "int64" in line and "write .jsonl instead" in line and not out.exists()
+    # A type Parquet cannot hold at all (a struct with no field) is one line too, not Arrow's exception.
+    with pytest.raises(ValueError, match=r"column 'extra', first at row 0 .*no child field"):
+        score_file.write_rows([{"extra": {}}], tmp_path / "e.parquet")
+    assert not list(tmp_path.glob("e.parquet*"))
+
+
+def test_outputs_with_the_same_stem_keep_their_own_metrics(trained, tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", trained["test"][:6])
+    score(trained, tmp_path, pairs, "a.jsonl")
+    score(trained, tmp_path, pairs, "a.parquet")
+    for name in ("a.jsonl", "a.parquet"):
+        metrics = json.loads((tmp_path / f"{name}.metrics.json").read_text())
+        assert metrics["output"] == str(tmp_path / name) and metrics["rows"] == 6
+
+
+def test_a_full_disk_leaves_the_old_output_whole_and_no_tmp(trained, tmp_path):
+    # Rows of ~200 kB each (scored on their short texts): the 6 of them do not fit in what the disk has left.
+    rows = [r | {"blob": "x" * 200_000} for r in trained["test"][:6]]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with tmpfs(tmp_path / "disk", "size=2m") as disk:
+        (disk / "filler").write_bytes(b"\0" * 1_200_000)
+        old = disk / "scores.jsonl"
+        old.write_text('{"old": 1}\n')
+        data_args = score_file.ScoreDataArguments(dataset_name=str(pairs))
+        args = score_file.ScoreConfig(output_file=str(old), overwrite_output=True, progress=False)
+        model = ModelConfig(model_name_or_path=str(trained["rm"]))
+        with pytest.raises(ValueError, match=rf"output_file: no space left on device writing {old} \(.* MB free"):
+            load_recipe("score").main(data_args, args, model)
+        assert old.read_text() == '{"old": 1}\n'
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "scores.jsonl"]

@@ -1,20 +1,25 @@
 """The reward-model server (recipes/serve_rm.py on LitServe): both protocols give RewardScorer's rewards whatever the
-batching, bad requests are refused alone in one line, and a folder that is not a reward model never starts."""
+batching, bad requests are refused alone in one line, a folder that is not a reward model never starts, hostile
+bodies are refused fast in bounded memory, only the documented routes answer, and the server never outlives its
+supervisor nor a dead model process."""
 
 from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hhrm import scoring, serve_rm
-from hhrm.serve_rm_protocol import request_json, strip_special
+from hhrm.serve_rm_protocol import free_port, request_json, strip_special
 
 from conftest import ROOT, run_process
 
@@ -97,6 +102,10 @@ def test_both_protocols_give_reward_scorer_rewards(server, scorer):
 def test_strip_special_removes_whole_tokens_only():
     assert strip_special("<pad>a pad<|endoftext|><pad>", ("<pad>", "<|endoftext|>")) == "a pad"
     assert strip_special("pad>", ("<pad>",)) == "pad>"  # OpenRLHF's str.strip would eat the characters
+    assert strip_special("<pad>", ("<pad>",)) == ""
+    start = time.perf_counter()  # linear: a copy per stripped token would move 25 GB here
+    assert strip_special("<pad>" * 100_000 + "x" + "<pad>" * 100_000, ("<pad>", "</s>")) == "x"
+    assert time.perf_counter() - start < 2
 
 
 def wave(server: str, requests: list[tuple[str, object]]) -> list[tuple[int, object]]:
@@ -209,3 +218,200 @@ def test_limits_over_the_model_and_a_busy_port_are_refused(rm_folder):
         config = serve_rm.ServeConfig(model_name_or_path=str(rm_folder), device="cpu", port=busy.getsockname()[1])
         with pytest.raises(ConnectionError, match="choose another --port"):
             serve_rm.build_server(config)
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded requests, routes, and a server that never outlives its supervisor nor its model process
+
+
+def test_only_the_documented_routes_answer(server):
+    for path in ("/", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect", "/predict", "/shutdown"):
+        status, body = request_json(f"{server}{path}", timeout=10)
+        assert status == 404 and list(body) == ["error"] and "POST /score" in body["error"], (path, status, body)
+    status, body = post(f"{server}/health", {})
+    assert status == 405 and "\n" not in body["error"], body
+    for path in ("/health", "/info", "/stats"):
+        assert request_json(f"{server}{path}", timeout=10)[0] == 200
+
+
+def test_the_character_cap_never_refuses_a_text_that_fits(server, scorer):
+    """The cap is max_length x the longest token: 512 copies of the longest token (EOS, 13 characters) are exactly
+    512 tokens and exactly the cap, so they are scored; one character more is refused before tokenizing."""
+    status, info = request_json(f"{server}/info")
+    limits = info["model"]["limits"]
+    eos = scorer.tokenizer.eos_token
+    assert limits["token_chars"] == max(map(len, scorer.tokenizer.get_vocab())) == len(eos)
+    assert limits["max_text_chars"] == 512 * len(eos)
+    status, body = post(f"{server}/score", {"prompts": [eos * 256], "responses": [eos * 256]})
+    assert status == 200, body
+    check_rewards(body["rewards"], scorer.score([eos * 512]))
+    status, body = post(f"{server}/score", {"prompts": ["x" + eos * 256], "responses": [eos * 256]})
+    assert status == 413 and "6657 characters, over max_length=512 tokens x 13" in body["error"], body
+
+
+def test_the_default_body_limit_is_what_the_texts_need(rm_folder):
+    def limits(**kwargs) -> dict:
+        config = serve_rm.ServeConfig(model_name_or_path=str(rm_folder), device="cpu", port=free_port(), **kwargs)
+        return serve_rm.build_server(config).model_metadata["limits"]
+
+    derived = limits(max_texts_per_request=8)
+    assert derived["max_text_chars"] == 512 * 13
+    assert derived["max_request_bytes"] == 8 * 512 * 13 * 6 + 2**16  # each character JSON-escaped (\\uXXXX)
+    assert limits(max_texts_per_request=8, max_request_bytes=12_345)["max_request_bytes"] == 12_345
+    assert limits(max_texts_per_request=10**6)["max_request_bytes"] == 32 * 2**20  # never over the former default
+
+
+def server_tree(port: int) -> list[psutil.Process]:
+    """The processes of the server listening on ``port``: the recipe's supervisor and server (``--port`` in their
+    command line), LitServe's processes under them."""
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if str(serve_rm.RECIPE) in cmd and str(port) in cmd:
+            roots.append(proc)
+    tree = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)]}
+    return list(tree.values())
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except psutil.Error:
+            pass
+    return out
+
+
+def tree_rss(procs: list[psutil.Process]) -> int:
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def test_hostile_bodies_are_refused_fast_in_bounded_memory(server, scorer):
+    """Bodies just under max_request_bytes (1 MiB here), each one long text or thousands of empty lists, 6 at once, 3
+    times: each is refused (413, one line) in seconds, and the server's processes together never grow by more than
+    a few times the bodies in flight (tokenizing each text whole took ~0.5 GB and ~1 s a megabyte)."""
+    procs = server_tree(int(server.rsplit(":", 1)[1]))
+    assert len(procs) >= 5, procs  # supervisor, server, queue manager, model and HTTP processes
+    long_text = "x" * (2**20 - 100)
+    bodies = [
+        ("/score", {"prompts": [long_text], "responses": ["b"]}, "over max_length=512 tokens"),
+        ("/get_reward", {"query": ["<pad>" + long_text]}, "over max_length=512 tokens"),
+        ("/score", b'{"prompts": [' + b"[]," * 300_000 + b'[]], "responses": ["b"]}', "outside strings"),
+    ]
+    peak, baseline, done = [0], tree_rss(procs), threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_rss(procs))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        for _ in range(3):
+            start = time.monotonic()
+            results = wave(server, [bodies[i % len(bodies)][:2] for i in range(6)])
+            seconds = time.monotonic() - start
+            for i, (status, body) in enumerate(results):
+                fragment = bodies[i % len(bodies)][2]
+                assert status == 413 and fragment in body["error"] and "\n" not in body["error"], body
+            assert seconds < 20, seconds  # the whole wave; each is refused in milliseconds on an idle machine
+    finally:
+        done.set()
+        sampler.join()
+    assert peak[0] - baseline < 150 * 2**20, (baseline / 2**20, peak[0] / 2**20)
+    prompts, responses = pairs(2)  # and it still serves
+    status, body = post(f"{server}/score", {"prompts": prompts, "responses": responses})
+    assert status == 200
+    check_rewards(body["rewards"], scorer.score_pairs(prompts, responses))
+
+
+def free_again(port: int, within: float) -> bool:
+    """Whether ``port`` can be listened on again (as the server binds it) within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                if time.monotonic() > deadline:
+                    return False
+        time.sleep(0.1)
+
+
+def test_kill_9_of_the_recipe_leaves_nothing_running(rm_folder, tmp_path):
+    """kill -9 of the process `make serve-rm` starts: LitServe's manager, model and HTTP processes and the resource
+    tracker are gone within seconds, and the port is free again."""
+    port = free_port()
+    cmd = [sys.executable, str(serve_rm.RECIPE), "--model_name_or_path", str(rm_folder), "--port", str(port)]
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen([*cmd, *SERVER_ARGS], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    procs = []
+    try:
+        deadline = time.monotonic() + 600
+        while request_json_or_none(f"http://127.0.0.1:{port}/health") != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.2)
+        procs = server_tree(port)
+        assert len(procs) >= 5 and procs[0].pid == proc.pid, procs
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while alive(procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(procs), [p.cmdline() for p in alive(procs)]
+        assert free_again(port, within=5)
+    finally:
+        for p in alive(procs):
+            p.kill()
+
+
+def request_json_or_none(url: str, payload=None, timeout: float = 10):
+    try:
+        return request_json(url, payload, timeout=timeout)[0]
+    except OSError:
+        return None
+
+
+def test_a_dead_model_process_is_answered_503_and_ends_the_server(rm_folder, tmp_path):
+    """A stuck model process: 504 at request_timeout. Killed: the request waiting on it is answered 503 (one line),
+    /health is no longer 200, and the server exits with one line, leaving nothing running; nothing hangs."""
+    log = tmp_path / "server.log"
+    args = (*SERVER_ARGS, "--request_timeout", "5")
+    with serve_rm.launch(rm_folder, *args, ready_timeout=600, log=log) as url:
+        port = int(url.rsplit(":", 1)[1])
+        procs = server_tree(port)
+        model = [p for p in procs if "spawn_main" in " ".join(p.cmdline())]
+        assert len(model) == 1, [p.cmdline() for p in procs]
+        model[0].suspend()
+        start = time.monotonic()
+        status, body = post(f"{url}/score", {"prompts": ["a"], "responses": ["b"]}, timeout=60)
+        assert status == 504 and "request_timeout=5.0" in body["error"], body
+        assert 4 < time.monotonic() - start < 30
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(post, f"{url}/score", {"prompts": ["a"], "responses": ["b"]}, 60)
+            time.sleep(1)
+            model[0].kill()
+            start = time.monotonic()
+            status, body = waiting.result(timeout=60)
+        assert status == 503 and "the model process" in body["error"] and "\n" not in body["error"], body
+        assert time.monotonic() - start < 10
+        assert request_json_or_none(f"{url}/health") != 200
+        deadline = time.monotonic() + 10
+        while alive(procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(procs), [p.cmdline() for p in alive(procs)]
+        assert request_json_or_none(f"{url}/score", {"prompts": ["a"], "responses": ["b"]}) is None
+        assert free_again(port, within=5)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("hhrm: error:")]
+    assert len(lines) == 1 and "the model process" in lines[0], log.read_text()[-3000:]

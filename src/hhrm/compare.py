@@ -22,6 +22,9 @@ What is reported per run, all from its folder (and, for the KL, its final policy
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import functools
 import logging
 import math
 import os
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hhrm import data, logprobs, modeling, reporting
+from hhrm import data, finite, lifetime, logprobs, model_checks, modeling, reporting
 from hhrm.raft.config import RaftConfig
 from hhrm.raft.report import TIMED_STAGES
 from hhrm.raft.select import UPDATES, distinct_n
@@ -122,6 +125,7 @@ class CompareConfig:
     kl_batch_size: int = field(default=16, metadata={"help": "Answers per forward when estimating the KL."})
 
     def __post_init__(self) -> None:
+        finite.check_finite_settings(self)
         if isinstance(self.seeds, (int, str)):
             self.seeds = [int(self.seeds)]
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -138,20 +142,46 @@ class CompareConfig:
         self.override_args()  # refuse a malformed override now
 
     def override_args(self) -> list[str]:
-        """``overrides`` as command-line arguments (``--key value`` pairs)."""
+        """``overrides`` as ``--key value`` pairs: each key a RAFT recipe setting, each value converted as its parser
+        converts it (refused in one line here, not by a parser's traceback once the runs have started)."""
+        options = _raft_options()
         out = []
         for item in self.overrides:
             key, sep, value = item.partition("=")
-            key = key.strip().removeprefix("--")
+            key = key.strip().removeprefix("--").replace("-", "_")
             if not sep or not key:
                 raise ValueError(f"overrides: {item!r} is not key=value (e.g. num_iterations=1)")
             if key in OWN_SETTINGS:
                 raise ValueError(f"overrides: {key} is set by the comparison; use --seeds / --output_dir instead")
+            if key not in options:
+                close = " or ".join(map(repr, difflib.get_close_matches(key, options, n=3)))
+                raise ValueError(
+                    f"overrides: {key!r} is not a setting of the RAFT recipe (DataArguments, RaftConfig, ModelConfig; "
+                    f"`python recipes/raft.py --help` lists them){f'; did you mean {close}?' if close else ''}"
+                )
+            try:
+                converted = (options[key].type or str)(value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+                raise ValueError(f"overrides: {key}={value!r} is not a valid value ({err})") from None
+            if options[key].choices and converted not in options[key].choices:
+                raise ValueError(f"overrides: {key}={value!r}: expected one of {list(options[key].choices)}")
             out += [f"--{key}", value]
         return out
 
     def config(self, update: str) -> str:
         return {"sft": self.sft_config, "dpo": self.dpo_config}[update]
+
+
+@functools.cache
+def _raft_options() -> dict[str, argparse.Action]:
+    """The RAFT recipe's settings (its three configs' fields), each with the parser action that converts it."""
+    from dataclasses import fields
+
+    from trl import ModelConfig, TrlParser
+
+    configs = (data.DataArguments, RaftConfig, ModelConfig)
+    actions = TrlParser(configs)._option_string_actions
+    return {f.name: actions[f"--{f.name}"] for c in configs for f in fields(c) if f"--{f.name}" in actions}
 
 
 def parse_arm(args: CompareConfig, update: str) -> dict[str, Any]:
@@ -160,6 +190,9 @@ def parse_arm(args: CompareConfig, update: str) -> dict[str, Any]:
 
     parser = TrlParser((data.DataArguments, RaftConfig, ModelConfig))
     parsed = parser.parse_args_and_config(["--config", args.config(update), *args.override_args()])
+    # The start policy: a causal LM whose weights all load (a reward model would be loaded with a random lm_head).
+    trust = modeling.trust_remote_code(parsed[2], parsed[1])
+    model_checks.check_policy(parsed[2], trust, f"{update}_config's model_name_or_path")
     return dict(zip(("data", "raft", "model"), parsed))
 
 
@@ -205,14 +238,17 @@ def launch_command(args: CompareConfig, script: str | os.PathLike, update: str, 
 
 
 def launch(cmd: list[str], log: Path, name: str) -> None:
-    """Run one RAFT command, its output appended to ``log``; a refusal comes back as a one-line ValueError."""
+    """Run one RAFT command, its output appended to ``log``; a refusal comes back as a one-line ValueError.
+
+    The run is supervised (:func:`hhrm.lifetime.supervise`): if the comparison dies, ``kill -9`` included, the run
+    and every process it started die with it instead of racing a re-run in the same folder."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:  # appended: a resumed run's log keeps the first attempt's above it
         start = f.tell()
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    if code.returncode == 0:
+        code = lifetime.supervise(cmd, env=os.environ | {"PYTHONUNBUFFERED": "1"}, stdout=f, stderr=subprocess.STDOUT)
+    if code == 0:
         return
     with open(log, errors="replace") as f:
         f.seek(start)
@@ -221,7 +257,7 @@ def launch(cmd: list[str], log: Path, name: str) -> None:
     if refusal:
         raise ValueError(f"run {name}: {refusal.removeprefix('hhrm: error:').strip()} (log: {log})")
     tail = "\n".join(lines[-15:])
-    raise RuntimeError(f"run {name} failed with exit code {code.returncode}; its log is {log}:\n{tail}")
+    raise RuntimeError(f"run {name} failed with exit code {code}; its log is {log}:\n{tail}")
 
 
 def run_metrics(run_dir: Path) -> dict[str, Any]:
@@ -330,6 +366,7 @@ def run(args: CompareConfig, script: str | os.PathLike) -> dict[str, Any]:
     parsed = {u: parse_arm(args, u) for u in UPDATES}
     shared = check_same_budget(args, parsed)
     out = Path(args.output_dir)
+    lifetime.lock_folder(out, "output_dir")  # one comparison per folder (its runs lock their own folders)
     runs, folders = [], {}
     for seed in args.seeds:
         for update in UPDATES:
@@ -354,5 +391,5 @@ def run(args: CompareConfig, script: str | os.PathLike) -> dict[str, Any]:
         "summary": summarise(runs),
     }
     reporting.write_json(result, out / JSON_FILE)
-    (out / TABLE_FILE).write_text(markdown(result) + "\n")
+    reporting.write_text(markdown(result) + "\n", out / TABLE_FILE)
     return result

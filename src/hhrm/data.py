@@ -34,6 +34,7 @@ from datasets import Dataset, Features, Value, concatenate_datasets
 
 from hhrm import formats
 from hhrm.data_io import UNDECODABLE, UNPARSABLE, detect_completion_format, detect_format, read_rows, split_file
+from hhrm.finite import check_finite_settings
 from hhrm.formats import BadRow, DropReport, TextRule, text_rule
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        check_finite_settings(self)
         if self.dataset_format not in FORMATS:
             raise ValueError(f"dataset_format={self.dataset_format!r}: expected one of {FORMATS}")
         if self.test_offset < 0:

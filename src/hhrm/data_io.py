@@ -6,7 +6,9 @@ damaged file (a corrupt gzip stream, a truncated ``.json`` array) ends the run a
 file's name, the line where it is known, and what to do. A UTF-8 byte order mark is skipped.
 
 ``dataset_name`` is a hub id only when it looks like one (see :func:`is_hub_id`); any other name is
-a local path, so a mistyped path fails at once instead of after minutes of network retries.
+a local path, so a mistyped path fails at once instead of after minutes of network retries. A name shaped
+like a hub id that is not in the local cache is refused at once too when the hub is offline or cannot be
+reached (:func:`hhrm.hub.hub_reachable`): it is then neither a local path nor a reachable hub id.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import IO, Any
 from datasets import Dataset
 
 from hhrm.formatting import has_turn_markers
+from hhrm.hub import hub_reachable
 
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 # A name ending like a data file is a path, never a hub id.
@@ -96,17 +99,27 @@ def _in_local_cache(source: str) -> bool:
     return any(p.is_dir() for p in candidates)
 
 
-def _offline_message(source: str, offline: str) -> str:
+def _unreachable_message(source: str, why: str) -> str:
     return (
-        f"dataset_name={source!r} is a hub id, but the hub is offline ({offline}=1) and the dataset cannot be loaded "
-        f"from the local cache: unset {offline} to download it once, or set dataset_name to a local folder or file"
+        f"dataset_name={source!r}: no such local file or folder ({Path(source).expanduser().absolute()}), and not a "
+        f"reachable hub id: {why}, and the dataset is not in the local cache; set dataset_name to a local folder "
+        f"holding <split>.jsonl (or .jsonl.gz/.json/.parquet), to one such file, or to a hub id the hub can serve"
     )
+
+
+def _offline_message(source: str, offline: str) -> str:
+    return _unreachable_message(source, f"the hub is offline ({offline}=1), unset it to download the dataset once")
 
 
 def _read_hub(source: str, split: str) -> list[Any]:
     offline = _offline_var()
-    if offline and not _in_local_cache(source):
-        raise ConnectionError(_offline_message(source, offline))  # at once: nothing to try without the network
+    if not _in_local_cache(source):  # at once: nothing to try without the network
+        if offline:
+            raise ConnectionError(_offline_message(source, offline))
+        if not hub_reachable():
+            from huggingface_hub import constants
+
+            raise ConnectionError(_unreachable_message(source, f"the hub ({constants.ENDPOINT}) cannot be reached"))
     from datasets import load_dataset  # hub path only: local runs never touch the network
 
     try:

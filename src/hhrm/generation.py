@@ -27,6 +27,7 @@ import torch
 from transformers import GenerationConfig
 
 from hhrm import formatting, modeling
+from hhrm.finite import check_finite_settings
 
 
 @dataclass
@@ -41,6 +42,7 @@ class SamplingArguments:
     stop_at_turn_marker: bool = True
 
     def __post_init__(self) -> None:
+        check_finite_settings(self)
         # The one place sampling settings are checked; the messages use the config fields' names.
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be > 0")

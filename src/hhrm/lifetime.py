@@ -8,11 +8,13 @@ writes at a time.
   LitServe's manager, model and HTTP processes, the resource tracker) is left running or holding a port.
 * :func:`lock_folder` holds an exclusive ``flock`` on ``<folder>/.hhrm.lock`` for the life of the process, so a
   second run into the same folder is refused in one line instead of racing the first. The kernel drops the lock
-  when the process dies, however it dies: a stale lock file never blocks a later run.
+  when the process dies, however it dies: a stale lock file never blocks a later run (and a process that ends
+  normally, or releases the folder, removes the file).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import logging
@@ -157,16 +159,20 @@ def lock_folder(folder: str | os.PathLike, setting: str = "output_dir") -> Path 
         return path / LOCK_FILE
     path.mkdir(parents=True, exist_ok=True)
     lock = path / LOCK_FILE
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise ValueError(
-            f"{setting}={str(folder)!r} is being written by another run ({holder}); wait for it to finish, stop it, "
-            f"or choose another {setting}"
-        ) from None
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(
+                f"{setting}={str(folder)!r} is being written by another run ({holder}); wait for it to finish, "
+                f"stop it, or choose another {setting}"
+            ) from None
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # its holder released it and removed the file between our open and flock: take the new one
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     _held[path] = fd
@@ -174,7 +180,33 @@ def lock_folder(folder: str | os.PathLike, setting: str = "output_dir") -> Path 
 
 
 def unlock_folder(folder: str | os.PathLike) -> None:
-    """Release a lock taken by :func:`lock_folder` (tests; a process's locks are released when it ends anyway)."""
-    fd = _held.pop(Path(folder).resolve(), None)
+    """Release a lock taken by :func:`lock_folder` and remove its file (a process's locks are released when it
+    ends anyway; at a normal exit their files are removed too, so a refused run leaves no file behind).
+
+    The file is removed while still locked; :func:`lock_folder` re-checks after locking that its file is still the
+    one at the path, so a run that opened the removed file retries on a new one instead of sharing the folder."""
+    path = Path(folder).resolve()
+    fd = _held.pop(path, None)
     if fd is not None:
+        with contextlib.suppress(OSError):
+            if _same_file(fd, path / LOCK_FILE):
+                os.unlink(path / LOCK_FILE)
         os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+@atexit.register
+def _unlock_all() -> None:
+    for folder in list(_held):
+        unlock_folder(folder)
+
+
+# A forked child (a data-loader worker) shares the lock but must not release it nor remove its file at its exit.
+os.register_at_fork(after_in_child=_held.clear)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from hhrm.hub import hub_reachable, offline_variable
+from hhrm.weight_files import check_weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +21,6 @@ logger = logging.getLogger(__name__)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # This project's output root (every recipe's output_dir): a path under it is a missing stage, never a hub id.
 OUTPUT_ROOT = "outputs"
-TRUTHY = {"1", "on", "yes", "true"}
 
 
 class ModelPathError(FileNotFoundError, ValueError):
@@ -29,10 +30,7 @@ class ModelPathError(FileNotFoundError, ValueError):
 
 def hub_offline() -> bool:
     """Whether the hub must not be contacted (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
-    from huggingface_hub import constants
-
-    env = (os.environ.get(name, "").strip().lower() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return bool(constants.HF_HUB_OFFLINE) or any(value in TRUTHY for value in env)
+    return offline_variable() is not None
 
 
 def check_model_path(
@@ -43,10 +41,11 @@ def check_model_path(
 ) -> str:
     """``"local"`` or ``"hub"``; raises :class:`ModelPathError` (naming ``setting``) for anything else.
 
-    Local when the path exists (it must be a folder). A hub id only when it has the ``owner/name`` shape, does
+    Local when the path exists (it must be a folder, and its weight files must be whole: a ``ValueError`` from
+    :func:`hhrm.weight_files.check_weight_files` otherwise). A hub id only when it has the ``owner/name`` shape, does
     not start with ``.``, ``/`` or ``~``, and its first component is neither an existing local folder nor
     ``outputs`` (then it is a missing folder, not a hub id, and ``from_pretrained`` would spend a minute in
-    hub retries). With ``HF_HUB_OFFLINE=1`` a hub id must already be in the local hub cache.
+    hub retries); and only when it is in the local hub cache or the hub can be contacted (not offline, reachable).
     """
     if not path:
         raise ModelPathError(f"{setting} is not set: {hint}")
@@ -55,6 +54,7 @@ def check_model_path(
     if local.exists():
         if not local.is_dir():
             raise ModelPathError(f"{setting}={text!r} is a file, not a model folder: {hint}")
+        check_weight_files(local, f"{setting}={text!r}")
         return "local"
     first = text.split("/")[0]
     if (
@@ -64,10 +64,16 @@ def check_model_path(
         or Path(first).expanduser().is_dir()
     ):
         raise ModelPathError(f"{setting}={text!r}: no such folder (and not a hub id of the form owner/name); {hint}")
-    if hub_offline() and not _in_hub_cache(text, revision):
+    if _in_hub_cache(text, revision):
+        return "hub"
+    offline = offline_variable()
+    if offline or not hub_reachable():
+        from huggingface_hub import constants
+
+        why = f"{offline}=1 forbids downloading it" if offline else f"the hub ({constants.ENDPOINT}) cannot be reached"
         raise ModelPathError(
-            f"{setting}={text!r}: no such local folder, and HF_HUB_OFFLINE=1 forbids downloading it from the hub "
-            f"(it is not in the local hub cache); {hint}, or unset HF_HUB_OFFLINE"
+            f"{setting}={text!r}: no such local folder ({local.absolute()}), and not a reachable hub id: {why}, and "
+            f"it is not in the local hub cache; {hint}{f', or unset {offline}' if offline else ''}"
         )
     return "hub"
 
@@ -191,6 +197,122 @@ def check_reward_model(
             "so pad == eos would skip the EOS the model was trained to score; re-export it with a distinct pad token"
         )
     return tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# Policy folders: a causal LM whose every weight is in its checkpoint, checked before anything is loaded
+
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+POLICY_FIX = "point it at a causal LM folder (a *ForCausalLM, such as recipes/sft.py's output) or a hub id of one"
+
+
+def is_causal_lm(architectures: list[str]) -> bool:
+    """Whether one of ``architectures`` is what ``AutoModelForCausalLM`` builds (``*ForCausalLM``, GPT-2's
+    ``GPT2LMHeadModel``, and every other class of its mapping)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    known = {
+        n
+        for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        for n in ([names] if isinstance(names, str) else names)
+    }
+    return any(a in known or a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures)
+
+
+def check_causal_lm(
+    path: str | Path | None,
+    setting: str = "model_name_or_path",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> None:
+    """Refuse, with a ``ValueError`` naming ``setting``, a policy that is not a causal LM whose weights all load.
+
+    ``AutoModelForCausalLM.from_pretrained`` loads a reward model (or a checkpoint lacking a weight) with randomly
+    initialised weights, and only its load report says so: the "policy" would generate noise, be fine-tuned and
+    exported. The config's ``architectures`` must name a causal LM; where the checkpoint's parameter names can be
+    read (safetensors headers, no tensor loaded) each parameter of that causal LM must be there
+    (:func:`missing_parameters`). A hub id whose metadata cannot be read gets the architecture check only.
+    """
+    from transformers import AutoConfig
+
+    where = f"{setting}={str(path)!r}"
+    if check_model_path(path, setting, POLICY_FIX, revision) == "local":
+        path = Path(path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelPathError(f"{where}: no config.json there, so not a model folder; {POLICY_FIX}")
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{where}: cannot read its config ({err}); {POLICY_FIX}") from err
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and not is_causal_lm(architectures):
+        reward = any(a.endswith("ForSequenceClassification") for a in architectures)
+        raise ValueError(
+            f"{where} is a {'/'.join(architectures)}{' (a reward model)' if reward else ''}, not a causal LM: loaded "
+            f"as the policy, its lm_head would be initialised randomly and it would generate noise; {POLICY_FIX}"
+        )
+    keys = checkpoint_keys(path, revision)
+    if keys is not None and not keys:
+        raise ValueError(f"{where}: no weights (model.safetensors or a shard index) in the folder; {POLICY_FIX}")
+    missing = missing_parameters(config, keys, trust_remote_code) if keys else []
+    if missing:
+        raise ValueError(
+            f"{where}: the checkpoint lacks {len(missing)} of the causal LM's parameters ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}), which would be initialised randomly; {POLICY_FIX}"
+        )
+
+
+def check_policy(model_args: Any, trust_remote_code: bool = False, setting: str = "model_name_or_path") -> None:
+    """:func:`check_causal_lm` of a TRL ``ModelConfig``'s model: ``model_name_or_path`` at ``model_revision``."""
+    check_causal_lm(model_args.model_name_or_path, setting, model_args.model_revision, trust_remote_code)
+
+
+def missing_parameters(config, keys: set[str], trust_remote_code: bool = False) -> list[str]:
+    """The parameters of ``config``'s causal LM (built on the meta device: nothing is allocated) that ``keys`` lacks.
+
+    A tied ``lm_head`` (``tie_word_embeddings``) is the embeddings' tensor, stored once under either name; names are
+    matched with and without the base model's prefix, as ``from_pretrained`` does; buffers are not weights. Nothing
+    is reported where the names cannot be compared: quantized checkpoints, models whose loading renames or fuses
+    weights (transformers' conversion mappings), a checkpoint with none of the model's names, a model that cannot
+    be built on the meta device.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if getattr(config, "quantization_config", None):
+        return []
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as err:  # custom code, an unknown architecture: the weights are not checked
+        logger.warning(
+            "cannot build %s on the meta device (%s): its weights are not checked", type(config).__name__, err
+        )
+        return []
+    if _renames_weights(model):
+        return []
+    prefix = f"{model.base_model_prefix}."
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]
+    tied: dict[int, list[str]] = {}  # one tensor, all its names
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    missing, found = [], 0
+    for names in tied.values():
+        if any(n in keys or n.removeprefix(prefix) in keys for n in names):
+            found += 1
+        elif not any(p.search(n) for p in ignored for n in names):
+            missing.append(names[0])
+    return missing if found else []
+
+
+def _renames_weights(model) -> bool:
+    """Whether transformers renames or fuses this model's checkpoint weights when loading (e.g. MoE experts)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        return bool(get_model_conversion_mapping(model, add_legacy=False))
+    except (ImportError, TypeError):  # a transformers without conversion mappings loads names as stored
+        return False
 
 
 def weights_identity(path: str) -> list[list[Any]] | str:

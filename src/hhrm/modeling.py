@@ -13,6 +13,7 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import ModelConfig, get_quantization_config
 
+from hhrm import outputs
 from hhrm.model_checks import check_model_path
 
 logger = logging.getLogger(__name__)
@@ -103,19 +104,21 @@ def save_merged(trainer, output_dir: str | Path, tokenizer) -> Path:
     """Save a plain model folder: LoRA adapters are merged so ``from_pretrained`` needs no peft.
 
     Full fine-tunes go through ``trainer.save_model``, which gathers ZeRO-3/FSDP shards. The folder is then
-    made for sharing (:func:`finish_export`): readable by all, no ``training_args.bin`` pickle.
+    made for sharing (:func:`finish_export`): readable by all, no ``training_args.bin`` pickle. A full disk is one
+    line naming the folder and the model's size (:func:`hhrm.outputs.space_errors`).
     """
     output_dir = Path(output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_and_unload"):
-        merged = model.merge_and_unload()
+    with outputs.space_errors(output_dir, outputs.model_bytes(model), "the model", setting=None):
+        if hasattr(model, "merge_and_unload"):
+            merged = model.merge_and_unload()
+            if trainer.accelerator.is_main_process:
+                merged.save_pretrained(output_dir, safe_serialization=True)
+        else:
+            trainer.save_model(str(output_dir))
         if trainer.accelerator.is_main_process:
-            merged.save_pretrained(output_dir, safe_serialization=True)
-    else:
-        trainer.save_model(str(output_dir))
-    if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(output_dir)
-        finish_export(output_dir)
+            tokenizer.save_pretrained(output_dir)
+            finish_export(output_dir)
     trainer.accelerator.wait_for_everyone()
     return output_dir
 

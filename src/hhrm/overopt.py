@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from hhrm import data, generation, modeling, outputs, reporting, runtime, scoring, synthetic
+from hhrm import data, finite, generation, model_checks, modeling, outputs, reporting, runtime, scoring, synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class OverOptConfig:
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
+        finite.check_finite_settings(self)
         if not self.reward_model_name_or_path:
             raise ValueError(
                 "reward_model_name_or_path is required: the reward model that picks (make overopt RM=...)"
@@ -332,6 +333,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def run(args: OverOptConfig, data_args: data.DataArguments, model_args) -> dict[str, Any]:
     """Sample, score, compute the curve and write its four files into ``output_dir``; returns the JSON."""
     start = time.perf_counter()
+    # A reward model (or a checkpoint lacking a weight) would load with random weights and sample byte soup.
+    model_checks.check_policy(model_args, modeling.trust_remote_code(model_args))
     out = Path(args.output_dir)
     if outputs.holds_model(out):
         raise ValueError(f"output_dir={args.output_dir!r} holds a model: choose a folder of its own for the curve")
@@ -358,6 +361,7 @@ def run(args: OverOptConfig, data_args: data.DataArguments, model_args) -> dict[
     reporting.write_jsonl(sample_rows(sampled), out / SAMPLES_FILE)
     result["seconds"] = time.perf_counter() - start
     reporting.write_json(result, out / JSON_FILE)
-    (out / TABLE_FILE).write_text(markdown(result))
+    reporting.write_text(markdown(result), out / TABLE_FILE)
     plot(result, out / PLOT_FILE)
+    outputs.release_output_dir(out)
     return result

@@ -5,7 +5,8 @@ produces them (``sft.HEADLINE``, ``rm.HEADLINE``, ``raft.report.HEADLINE``); the
 the tests import those tuples instead of spelling metric names again.
 
 Files are written whole to a temporary name and renamed into place, so a reader (or a resumed
-RAFT run) never sees half a file.
+RAFT run) never sees half a file; a write that fails removes its temporary file, and a full disk is one line
+naming the file and the space it needs.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
+
+from hhrm import outputs
 
 # --------------------------------------------------------------------------------------------
 # Files
@@ -24,12 +27,12 @@ from typing import Any
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
     """Write ``obj`` as indented JSON, atomically (NaN stays NaN, as Python's json writes it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n", path)
+
+
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` to ``path``, atomically."""
+    return _write_atomic(path, lambda f: f.write(text), len(text.encode()))
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -40,13 +43,33 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> Path:
     """One JSON object per line, atomically."""
+
+    def write(f) -> None:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+    return _write_atomic(path, write)
+
+
+def _write_atomic(path: str | os.PathLike, write: Callable[[Any], object], size: int | None = None) -> Path:
+    """``write(file)`` into ``<path>.tmp``, renamed to ``path`` once whole. On failure the temporary file is removed
+    (a half-written file must not keep a full disk full), and a full disk is one line naming the file and the
+    space it needs (``size``, else at least what was written before the disk filled)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        partial = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and outputs.disk_full(exc):
+            need = size or partial or None
+            message = outputs.space_message(path.parent, need, path.name, setting=None, at_least=size is None)
+            raise ValueError(message) from exc
+        raise
     return path
 
 
@@ -147,10 +170,7 @@ class ModelCard:
         return "\n".join(parts)
 
     def write(self, output_dir: str | Path) -> Path:
-        path = Path(output_dir) / "README.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.render())
-        return path
+        return write_text(self.render(), Path(output_dir) / "README.md")
 
 
 def train_metrics(trainer_metrics: dict[str, Any], resumed_from: str | bool | None = None) -> dict[str, Any]:

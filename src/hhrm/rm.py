@@ -355,19 +355,26 @@ def _merge_from_adapter(output_dir: Path, model_args: ModelConfig, tokenizer, ar
 
 
 def finish(
-    trainer: trl.RewardTrainer, pairs: RewardPairs, configs: dict[str, Any], metrics: dict[str, Any]
+    trainer: trl.RewardTrainer,
+    pairs: RewardPairs,
+    configs: dict[str, Any],
+    metrics: dict[str, Any],
+    folder: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the exported folder; write metrics.json, eval_rm.json, data_report.json and the model card.
 
-    ``metrics``: what the recipe measured so far (train metrics, the untrained head's accuracy).
+    ``metrics``: what the recipe measured so far (train metrics, the untrained head's accuracy). ``folder``: the
+    exported folder, where the files go (the recipe's staging folder, :func:`hhrm.outputs.staged`); default
+    output_dir, the path the card names either way.
     """
     args: RewardConfig = trainer.args
     output_dir = Path(args.output_dir)
+    folder = Path(folder or output_dir)
     metrics = metrics | pairs.counts
     if trainer.accelerator.is_main_process:
         # Evaluate what was exported (reloaded from disk), not the in-memory training copy.
         scorer = scoring.RewardScorer.from_pretrained(
-            output_dir, dtype=runtime.torch_dtype(args.bf16), batch_size=args.scorer_batch_size
+            folder, dtype=runtime.torch_dtype(args.bf16), batch_size=args.scorer_batch_size
         )
         result = rm_eval.evaluate(
             scorer,
@@ -377,10 +384,10 @@ def finish(
             train_prompts=set(pairs.train["prompt"]),
         )
         metrics.update(result["metrics"])
-        rm_eval.write_results(result | {"counts": pairs.counts}, output_dir / "eval_rm.json")
+        rm_eval.write_results(result | {"counts": pairs.counts}, folder / "eval_rm.json")
         report = hdata.data_report(pairs.splits, trainer.processing_class, pairs.counts, lengths=pairs.lengths)
         card = rm_card.model_card(output_dir, configs, metrics, report)
         card.sections = (rm_eval.card_section(result["metrics"], result["held_out"], str(output_dir)),)
-        reporting.write_stage_outputs(output_dir, metrics, card, report)
+        reporting.write_stage_outputs(folder, metrics, card, report)
     trainer.accelerator.wait_for_everyone()
     return metrics

@@ -314,5 +314,5 @@ def update_card(folder: Path, section: str) -> Path:
         text = head + section.rstrip("\n") + rest.split(CARD_END, 1)[1]
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + section
-    path.write_text(text)
+    reporting.write_text(text, path)
     return path

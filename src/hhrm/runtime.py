@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from hhrm.finite import check_finite_settings
+
 logger = logging.getLogger(__name__)
 
 
@@ -54,7 +56,8 @@ class StageConfigMixin:
     * on a machine without an accelerator, ``use_cpu`` (so several processes initialise gloo);
     * ``overwrite_output_dir``: a folder that holds a model is only replaced when asked (``hhrm.outputs``);
     * ``resume_from_checkpoint: true`` means the latest checkpoint in ``output_dir``, as in TRL's scripts
-      (transformers parses it as a path string).
+      (transformers parses it as a path string);
+    * a NaN or infinite numeric setting is refused (:func:`hhrm.finite.check_finite_settings`).
     """
 
     report_to: None | str | list[str] = field(
@@ -72,6 +75,7 @@ class StageConfigMixin:
     )
 
     def __post_init__(self) -> None:
+        check_finite_settings(self)  # --beta inf / --learning_rate nan pass every range check, then train to NaN
         if getattr(self, "bf16", None) is None and not getattr(self, "fp16", False):
             self.bf16 = bf16_supported()
             if not self.bf16:

@@ -8,8 +8,11 @@ evaluated with.
 
 Output: the input rows, in input order and all of them, with ``chosen_reward``/``rejected_reward`` (pairs)
 or ``reward`` (responses) added; a row that could not be read or rendered keeps null rewards and says why
-in ``bad_row``. JSON lines or Parquet (by the file's suffix), plus ``<name>.metrics.json`` with the counts,
-the reward statistics and, for pairs, the pairwise accuracy (ties count as wrong, as in :mod:`hhrm.rm_eval`).
+in ``bad_row``. JSON lines or Parquet (by the file's suffix), plus ``<output_file>.metrics.json`` (``a.jsonl`` and
+``a.parquet`` each keep their own) with the counts, the reward statistics and, for pairs, the pairwise accuracy
+(ties count as wrong, as in :mod:`hhrm.rm_eval`). What would only fail at the end is refused before the model is
+loaded: an output folder that cannot be written, rows that do not fit one Parquet schema. A failed write (a full
+disk) leaves no partial file behind, and an existing output whole.
 
 Under ``accelerate launch`` each process scores one contiguous shard of the rows; the main process gathers
 them, checks that every row came back exactly once, and writes the file.
@@ -25,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from hhrm import data, data_io, formats, reporting, runtime, scoring
+from hhrm import data, data_io, finite, formats, reporting, runtime, scoring
+from hhrm.score_output import check_writable, parquet_table, whole_or_nothing, write_rows
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,7 @@ class ScoreDataArguments:
     )
 
     def __post_init__(self) -> None:
+        finite.check_finite_settings(self)
         if not self.dataset_name:
             raise ValueError("dataset_name is required: the file (or folder) of rows to score (make score DATA=...)")
         if self.input_kind not in KINDS:
@@ -101,10 +106,16 @@ class ScoreConfig:
     ddp_timeout: int = field(default=1800, metadata={"help": "Seconds a process waits for the others to gather."})
 
     def __post_init__(self) -> None:
+        finite.check_finite_settings(self)
         if not self.output_file:
             raise ValueError("output_file is required: a .jsonl or .parquet path (make score OUT=...)")
-        if not self.output_file.endswith(OUTPUT_SUFFIXES):
-            raise ValueError(f"output_file={self.output_file!r}: must end with one of {OUTPUT_SUFFIXES}")
+        if Path(self.output_file).suffix not in OUTPUT_SUFFIXES:  # ".jsonl" alone is a dotfile with no suffix
+            raise ValueError(
+                f"output_file={self.output_file!r}: the file name must be <name>.jsonl or <name>.parquet "
+                "(e.g. scores.jsonl)"
+            )
+        if Path(self.output_file).is_dir():
+            raise ValueError(f"output_file={self.output_file!r} is a folder: name a file in it (e.g. scores.jsonl)")
         if Path(self.output_file).exists() and not self.overwrite_output:
             raise ValueError(
                 f"output_file={self.output_file!r} exists: choose another output_file, or pass --overwrite_output true"
@@ -113,12 +124,14 @@ class ScoreConfig:
             raise ValueError(
                 f"batch_size={self.batch_size}, max_tokens_per_batch={self.max_tokens_per_batch}: must be >= 1"
             )
+        check_writable(self.output_file)
 
 
 def metrics_path(output_file: str | os.PathLike) -> Path:
-    """``scores.jsonl`` -> ``scores.metrics.json``."""
+    """``scores.jsonl`` -> ``scores.jsonl.metrics.json``: the full name, so ``a.jsonl`` and ``a.parquet`` keep
+    their own metrics."""
     path = Path(output_file)
-    return path.with_name(path.name.rsplit(".", 1)[0] + ".metrics.json")
+    return path.with_name(path.name + ".metrics.json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,13 +174,19 @@ def detect_kind(rows: list[Any], kind: str) -> str:
     )
 
 
-def read_input(args: ScoreDataArguments, tokenizer) -> ScoreInput:
-    """Read and render the rows (refused early: no usable row, or too many bad rows)."""
+def load_rows(args: ScoreDataArguments) -> list[Any]:
+    """The input rows as read (up to ``max_rows``); refused when there is none."""
     rows = data_io.read_rows(args.dataset_name, args.split)
     if args.max_rows is not None:
         rows = rows[: args.max_rows]
     if not rows:
         raise ValueError(f"dataset_name={args.dataset_name!r}: no rows to score")
+    return rows
+
+
+def read_input(args: ScoreDataArguments, tokenizer, rows: list[Any] | None = None) -> ScoreInput:
+    """Render the rows (read here unless given; refused early: no usable row, or too many bad rows)."""
+    rows = load_rows(args) if rows is None else rows
     kind = detect_kind(rows, args.input_kind)
     rule = formats.text_rule(args, tokenizer)
     name = Path(args.dataset_name).name
@@ -233,7 +252,7 @@ def output_rows(inp: ScoreInput, scored: dict[int, tuple[list[float | None], str
     columns = REWARD_COLUMNS[inp.kind]
     fmt_rows: list[dict] = []
     for i, row in enumerate(inp.rows):
-        out = dict(row) if isinstance(row, dict) else {"value": row}
+        out = _as_object(row)
         if i in scored:
             rewards, why = scored[i]
         else:
@@ -250,26 +269,17 @@ def _why_bad(row: Any, inp: ScoreInput) -> str:
     return next(iter(report.counts), "unreadable")
 
 
-def write_rows(rows: list[dict], path: str | os.PathLike) -> Path:
-    """JSON lines or Parquet, written whole then renamed into place."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        return reporting.write_jsonl(rows, path)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _as_object(row: Any) -> dict:
+    """An output row: the input object, or a row that is no JSON object as ``{"value": row}``."""
+    return dict(row) if isinstance(row, dict) else {"value": row}
 
-    names = list(dict.fromkeys(k for r in rows for k in r))  # every row's columns (from_pylist reads the first's)
-    try:
-        table = pa.table({k: [r.get(k) for r in rows] for k in names})
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise ValueError(
-            f"output_file={str(path)!r}: the rows do not fit one Parquet schema ({e}); write .jsonl instead"
-        ) from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+
+def check_output_schema(rows: list[Any], kind: str, output_file: str) -> None:
+    """Refuse now, not after scoring every row, rows that Parquet cannot hold as one table: the output rows are
+    built with placeholder rewards (float) and reasons (string), the types the real ones have."""
+    if Path(output_file).suffix == ".parquet":
+        placeholder = dict.fromkeys(REWARD_COLUMNS[kind], 0.0) | {"bad_row": ""}
+        parquet_table([_as_object(row) | placeholder for row in rows], output_file)
 
 
 def summarize(inp: ScoreInput, rows: list[dict], seconds: float) -> dict[str, Any]:
@@ -310,6 +320,8 @@ def run(data_args: ScoreDataArguments, args: ScoreConfig, model_path: str) -> di
 
     start = time.perf_counter()
     state = runtime.process_state(args)
+    rows = load_rows(data_args)  # before the model: what cannot be written is refused before any work
+    check_output_schema(rows, detect_kind(rows, data_args.input_kind), args.output_file)
     scorer = scoring.RewardScorer.from_pretrained(
         model_path,
         device=str(state.device),
@@ -318,7 +330,7 @@ def run(data_args: ScoreDataArguments, args: ScoreConfig, model_path: str) -> di
         batch_size=args.batch_size,
         max_tokens_per_batch=args.max_tokens_per_batch,
     )
-    inp = read_input(data_args, scorer.tokenizer)
+    inp = read_input(data_args, scorer.tokenizer, rows)
     lo, hi = shard_bounds(len(inp.table), state.process_index, state.num_processes)
     mine = score_shard(scorer, inp, lo, hi, args.progress and state.is_main_process)
     everything = gather_object(mine) if state.num_processes > 1 else mine
@@ -331,7 +343,8 @@ def run(data_args: ScoreDataArguments, args: ScoreConfig, model_path: str) -> di
         write_rows(rows, args.output_file)
         metrics = summarize(inp, rows, time.perf_counter() - start) | {"reward_model": str(model_path)}
         metrics |= {"input": data_args.dataset_name, "output": args.output_file, "processes": state.num_processes}
-        reporting.write_json(metrics, metrics_path(args.output_file))
+        with whole_or_nothing(metrics_path(args.output_file)):
+            reporting.write_json(metrics, metrics_path(args.output_file))  # its .tmp is <name>.tmp too
     state.wait_for_everyone()
     state.destroy_process_group()  # leave the gloo/NCCL group together: a rank exiting inside it can abort the rest
     return metrics

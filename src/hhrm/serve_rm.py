@@ -8,30 +8,33 @@ Endpoints (JSON in and out; every refusal is ``{"error": "<one line>"}`` with a 
 * ``POST /get_reward``: OpenRLHF's remote reward protocol (its ``--remote_rm_url``): ``{"query": [full texts],
   "prompts": [str]}`` -> ``{"rewards": [float], "scores": [float], "extra_logs": {"dummy_scores": [float]}}``,
   what OpenRLHF's ``serve_rm`` answers; other keys (``labels``, ``metas``) are ignored.
-* ``GET /health`` (LitServe's readiness: 200 ``ok`` once the model is loaded, 503 before), ``GET /info``
-  (LitServe's; under ``model``: the model path, the text rule, max length, the limits), ``GET /stats`` (counters:
-  model calls, requests and texts per call, texts per forward, refusals by status).
+* ``GET /health`` (200 ``ok`` once the model is loaded; 503 before, and once the model process or LitServe's queue
+  is gone), ``GET /info`` (LitServe's; under ``model``: the model path, the text rule, max length, the limits),
+  ``GET /stats`` (counters: model calls, requests and texts per call, texts per forward, refusals by status).
+  Nothing else answers (404), no ``/docs`` nor ``/openapi.json`` either.
 
-Each request is checked and tokenized in the HTTP process before it is queued. LitServe's dynamic batching hands
-the model process up to ``max_batch_size`` queued requests (waiting at most ``batch_timeout``); their texts are
-flattened into one :meth:`RewardScorer.score_ids` call (which sorts them by length and cuts forwards of at most
-``batch_size`` texts and ``max_tokens_per_batch`` padded tokens), and the rewards are split back per request.
+Each request is checked and tokenized in the HTTP process before it is queued, and what it may cost is bounded
+before any work that grows with it (:mod:`hhrm.serve_rm_protocol`): the body (``max_request_bytes``, by default
+what ``max_texts_per_request`` texts at the character cap need), its JSON outside strings, then each text's
+characters (``max_length`` x the longest token, so a text that fits is never refused and a huge one is never
+tokenized). LitServe's dynamic batching hands the model process up to ``max_batch_size`` queued requests (waiting
+at most ``batch_timeout``); their texts are flattened into one :meth:`RewardScorer.score_ids` call (which sorts them
+by length and cuts forwards of at most ``batch_size`` texts and ``max_tokens_per_batch`` padded tokens), and the
+rewards are split back per request. A request gets no answer within ``request_timeout``: 504; a dead model process
+or queue: 503 within a second, and the server ends (exit 1) so that whoever runs it restarts it
+(:mod:`hhrm.serve_rm_watch`). ``recipes/serve_rm.py`` runs the server as a child that dies with it, whole.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import multiprocessing
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import litserve as ls
@@ -41,21 +44,24 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from hhrm import model_checks, runtime, scoring
+from hhrm import finite, model_checks, runtime, scoring
 from hhrm.serve_rm_protocol import (
     STATS,
     TEXT_RULE,
+    Limits,
     RequestError,
+    check_chars,
     check_port,
     encode_checked,
     free_port,
     get_reward_texts,
+    limits,
     load_object,
-    request_json,
     score_texts,
     stats_summary,
     worker_error,
 )
+from hhrm.serve_rm_watch import BackendState, GuardedServer, launch_process
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServer.run binds
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "serve_rm.py"  # hhrm is installed from src/
@@ -94,13 +100,20 @@ class ServeConfig:
         default=None,
         metadata={"help": "Tokens per text (text + EOS), at most; longer: 413. Default: the model's positions."},
     )
-    max_request_bytes: int = field(default=32 * 2**20, metadata={"help": "Request body size, at most; more: 413."})
+    max_request_bytes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Request body size in bytes, at most; more: 413. Default: what max_texts_per_request texts of "
+            "max_length x the longest token characters need, each character JSON-escaped (6 bytes), plus 64 KiB; at "
+            "most 32 MiB (GET /info shows it)."
+        },
+    )
     batch_size: int = field(default=64, metadata={"help": "Texts per reward-model forward, at most (RewardScorer)."})
     max_tokens_per_batch: int = field(
         default=32_768, metadata={"help": "Padded tokens per reward-model forward, at most (RewardScorer)."}
     )
     request_timeout: float = field(
-        default=120.0, metadata={"help": "Seconds a request may wait in LitServe's queue before it is answered 504."}
+        default=120.0, metadata={"help": "Seconds a request may wait for its rewards; then it is answered 504."}
     )
     num_threads: int | None = field(
         default=None, metadata={"help": "CPU threads of the model process (torch.set_num_threads). Default: torch's."}
@@ -111,6 +124,7 @@ class ServeConfig:
     )
 
     def __post_init__(self) -> None:
+        finite.check_finite_settings(self)
         if not self.model_name_or_path:
             raise ValueError(
                 "model_name_or_path is required: the reward model folder to serve (make serve-rm MODEL=...)"
@@ -119,9 +133,10 @@ class ServeConfig:
             raise ValueError(f"host={self.host!r}: LitServe binds one of {HOSTS} (127.0.0.1: this machine only)")
         if not 1024 <= self.port <= 65535:
             raise ValueError(f"port={self.port}: must be within 1024-65535")
-        counts = ("max_batch_size", "max_texts_per_request", "max_request_bytes", "batch_size", "max_tokens_per_batch")
+        counts = ("max_batch_size", "max_texts_per_request", "batch_size", "max_tokens_per_batch")
         bad = [f"{k}={getattr(self, k)}" for k in counts if getattr(self, k) < 1]
-        bad += [f"{k}={getattr(self, k)}" for k in ("max_length", "num_threads") if (getattr(self, k) or 1) < 1]
+        optional = ("max_length", "num_threads", "max_request_bytes")
+        bad += [f"{k}={getattr(self, k)}" for k in optional if (getattr(self, k) or 1) < 1]
         if bad:
             raise ValueError(f"{', '.join(bad)}: must be >= 1")
         if not 0 < self.batch_timeout < self.request_timeout:
@@ -146,12 +161,14 @@ class ServeConfig:
 
 
 class RewardSpec(LitSpec):
-    """``/score``, ``/get_reward`` and ``/stats`` in LitServe's HTTP process, all feeding the one model queue."""
+    """``/score``, ``/get_reward`` and ``/stats`` in LitServe's HTTP process, all feeding the one model queue; each
+    request is checked against :class:`Limits` (fixed at start) before it is queued."""
 
-    def __init__(self, tokenizer, config: ServeConfig, max_length: int, stats):
+    def __init__(self, tokenizer, config: ServeConfig, limits: Limits, stats, backend: BackendState):
         super().__init__()
         self.api_path = "/score"  # LitServe keys the model queue and the worker by this path
-        self.tokenizer, self.config, self.max_length, self.stats = tokenizer, config, max_length, stats
+        self.tokenizer, self.config, self.limits, self.stats = tokenizer, config, limits, stats
+        self.backend = backend  # the server's, in the HTTP process: set once the model process or queue is gone
         self.errors: dict[str, int] = {}
 
     def __getstate__(self) -> dict:
@@ -186,23 +203,39 @@ class RewardSpec(LitSpec):
                 body = await request.body()
             except ClientDisconnect:
                 raise RequestError(400, "the client disconnected before sending the whole body") from None
-            except Exception as err:  # LitServe's max_payload_size check raises an HTTPException (413)
-                raise RequestError(getattr(err, "status_code", 400), str(getattr(err, "detail", err))) from None
-            texts = texts_of(load_object(body), self.config.max_texts_per_request, self.tokenizer)
-            ids = await asyncio.to_thread(encode_checked, self.tokenizer, texts, self.max_length)
-            return await self.rewards(ids)
+            except Exception as err:  # LitServe's max_payload_size check raises an HTTPException (413) as it reads
+                status = getattr(err, "status_code", 400)
+                limit = f"the body is too large: over max_request_bytes={self.limits.max_request_bytes} bytes"
+                raise RequestError(status, limit if status == 413 else str(getattr(err, "detail", err))) from None
+            return await self.rewards(await asyncio.to_thread(self.checked_ids, body, texts_of))
         except RequestError as err:
             key = str(err.status)
             self.errors[key] = self.errors.get(key, 0) + 1
             return JSONResponse({"error": err.message}, status_code=err.status)
 
+    def checked_ids(self, body: bytes, texts_of) -> list[list[int]]:
+        """The token ids of the body's texts, each limit checked before the work it bounds (off the event loop)."""
+        data = load_object(body, self.limits.max_structure_bytes)
+        texts = check_chars(texts_of(data, self.limits.max_texts_per_request, self.tokenizer), self.limits)
+        return encode_checked(self.tokenizer, texts, self.limits.max_length)
+
     async def rewards(self, ids: list[list[int]]) -> list[float]:
-        """Queue one request for the model process and wait for its rewards (as LitServe's own specs do)."""
+        """Queue one request for the model process and wait for its rewards (as LitServe's own specs do), at most
+        ``request_timeout`` seconds (504); 503 once the model process or LitServe's queue is gone."""
+        if self.backend.down:
+            raise RequestError(503, self.backend.down)
         uid, event = str(uuid.uuid4()), asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(event=event)
-        self.request_queue.put_nowait((self.response_queue_id, uid, time.monotonic(), ids))
         try:
-            await event.wait()
+            self.request_queue.put_nowait((self.response_queue_id, uid, time.monotonic(), ids))
+            await asyncio.wait_for(event.wait(), self.config.request_timeout)
+        except TimeoutError:  # before OSError, of which it is a subclass
+            timeout = self.config.request_timeout
+            raise RequestError(
+                504, f"no rewards within request_timeout={timeout} s: the model process is busy or stuck"
+            )
+        except (OSError, EOFError):  # the queue manager is gone; the watch stops the server
+            raise RequestError(503, "LitServe's queue manager is gone: the server is stopping; retry once restarted")
         finally:
             item = self.response_buffer.pop(uid, None)
         response, status = item.response
@@ -222,6 +255,8 @@ class RewardAPI(ls.LitAPI):
         self.config, self.stats = config, stats
 
     def setup(self, device) -> None:
+        # Ctrl-C reaches the whole process group; the main process stops this one (SIGTERM) in its graceful shutdown
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         self.scorer = scoring.RewardScorer.from_pretrained(
@@ -275,7 +310,7 @@ def model_positions(path: str) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def build_server(config: ServeConfig) -> ls.LitServer:
+def build_server(config: ServeConfig) -> GuardedServer:
     """The LitServer, after the checks that refuse to start: not a reward model, a length over the model's
     positions, a port in use. Nothing is loaded here but the tokenizer; the model process loads the model."""
     tokenizer = model_checks.check_reward_model(config.model_name_or_path, "model_name_or_path")
@@ -286,13 +321,13 @@ def build_server(config: ServeConfig) -> ls.LitServer:
     if positions is not None and max_length > positions:
         raise ValueError(f"max_length={max_length}: over the model's {positions} positions (max_position_embeddings)")
     check_port(config.host, config.port)
+    request_limits = limits(tokenizer, max_length, config.max_texts_per_request, config.max_request_bytes)
     stats = multiprocessing.get_context("spawn").Array("d", len(STATS), lock=False)  # one writer: the model process
-    spec = RewardSpec(tokenizer, config, max_length, stats)
+    backend = BackendState()
+    spec = RewardSpec(tokenizer, config, request_limits, stats, backend)
     api = RewardAPI(config, spec, stats)
-    limits = {
-        k: getattr(config, k)
-        for k in ("max_texts_per_request", "max_request_bytes", "max_batch_size", "batch_timeout", "request_timeout")
-    }
+    batching = {k: getattr(config, k) for k in ("max_batch_size", "batch_timeout", "request_timeout")}
+    endpoints = ["POST /score", "POST /get_reward", "GET /health", "GET /info", "GET /stats"]
     metadata = {
         "model_name_or_path": str(config.model_name_or_path),
         "weights": model_checks.weights_identity(str(config.model_name_or_path)),  # a client's resume check reads it
@@ -303,89 +338,61 @@ def build_server(config: ServeConfig) -> ls.LitServer:
         "model_positions": positions,
         "device": config.device,
         "dtype": str(config.dtype).removeprefix("torch."),
-        "limits": limits | {"max_length": max_length},
+        "limits": asdict(request_limits) | batching,
         "scorer": {"batch_size": config.batch_size, "max_tokens_per_batch": config.max_tokens_per_batch},
-        "endpoints": ["POST /score", "POST /get_reward", "GET /health", "GET /info", "GET /stats"],
+        "endpoints": endpoints,
     }
-    return ls.LitServer(
+    return GuardedServer(
         api,
+        backend=backend,
+        routes=endpoints,
         accelerator="cuda" if config.device.startswith("cuda") else "cpu",
         devices=1,
         workers_per_device=1,
         timeout=config.request_timeout,
         model_metadata=metadata,
-        max_payload_size=config.max_request_bytes,
+        max_payload_size=request_limits.max_request_bytes,
     )
 
 
-def serve(server: ls.LitServer, config: ServeConfig) -> None:
+def serve(server: GuardedServer, config: ServeConfig) -> None:
     """Run until stopped by SIGINT (Ctrl-C) or SIGTERM: one HTTP process, one model process on ``config.device``.
 
     Both signals take LitServe's graceful shutdown, which stops the HTTP and model processes too (on a plain
     SIGTERM LitServe's main process would die alone and leave them holding the port); SIGINT also where the
-    server was started with it ignored (``cmd &`` in a script)."""
+    server was started with it ignored (``cmd &`` in a script). A dead model process or queue manager ends the
+    server with exit code 1 and one line instead (:class:`hhrm.serve_rm_watch.GuardedServer`)."""
     main_pid = os.getpid()
 
     def stop(signum, frame) -> None:
-        if os.getpid() == main_pid:
-            raise KeyboardInterrupt
-        signal.signal(signum, signal.SIG_DFL)  # a forked helper (LitServe's queue manager) that inherited this
-        os.kill(os.getpid(), signum)
+        if os.getpid() != main_pid:
+            return  # a forked helper (LitServe's queue manager) that inherited this: the main process stops it
+        server.stopping = True
+        raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    server.run(
-        host=config.host,
-        port=config.port,
-        num_api_servers=1,
-        log_level=config.log_level,
-        generate_client_file=False,
-    )
+    try:
+        server.run(
+            host=config.host,
+            port=config.port,
+            num_api_servers=1,
+            log_level=config.log_level,
+            generate_client_file=False,
+        )
+    except (EOFError, OSError) as err:  # LitServe's main thread waits on its queue manager, which is gone
+        if not server.stopping:
+            server.end(f"LitServe's queue manager is gone ({type(err).__name__}: {err})")
 
 
 # --------------------------------------------------------------------------------------------
 # A server in a subprocess (tests, the bench, scripts): started on a free loopback port, always stopped
 
 
-@contextlib.contextmanager
-def launch(model: str | Path, *args: str, ready_timeout: float = 600.0, log: Path | None = None) -> Iterator[str]:
-    """``recipes/serve_rm.py`` on 127.0.0.1 and a free port, as a subprocess in its own process group: yields its
-    base URL once ``/health`` answers 200 (at most ``ready_timeout`` seconds, else RuntimeError with the log's
-    tail), and stops it on exit (SIGTERM, then SIGKILL to its process group after 30 s)."""
+def launch(model: str | Path, *args: str, ready_timeout: float = 600.0, log: Path | None = None):
+    """``recipes/serve_rm.py`` on 127.0.0.1 and a free port, as a subprocess: a context manager that yields its base
+    URL once ``/health`` answers 200 (at most ``ready_timeout`` seconds, else RuntimeError with the log's tail),
+    and stops it whole on exit (SIGTERM, then SIGKILL to what is left of its tree after 30 s)."""
     port = free_port()
-    out = open(log, "w+") if log else tempfile.TemporaryFile("w+")  # closed below
     cmd = [sys.executable, str(RECIPE), "--model_name_or_path", str(model), "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while (status := _health(url)) != 200:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                out.seek(0)
-                tail = out.read()[-3000:]
-                why = (
-                    f"exited with {proc.returncode}"
-                    if proc.poll() is not None
-                    else f"not ready after {ready_timeout} s"
-                )
-                raise RuntimeError(f"reward server {why} (last /health: {status}); its output:\n{tail}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # what the server left behind (its model and HTTP processes)
-        proc.wait()
-        out.close()
-
-
-def _health(url: str) -> int | None:
-    try:
-        return request_json(f"{url}/health", timeout=5)[0]
-    except OSError:
-        return None
+    return launch_process(cmd, f"http://127.0.0.1:{port}", ready_timeout, log)

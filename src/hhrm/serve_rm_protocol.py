@@ -9,10 +9,22 @@ special tokens kept), and the model process scores those ids.
 * ``/get_reward`` (OpenRLHF's remote reward protocol): ``{"query": [str], "prompts": [str] (optional)}``; each query
   is a full prompt + response text; pad and EOS strings are stripped from its ends and one EOS appended.
 
+What a request may cost is bounded before any work that grows with it (:class:`Limits`, fixed at start):
+
+* the body: at most ``max_request_bytes`` (413; by default :func:`default_request_bytes`, what
+  ``max_texts_per_request`` texts at the character cap need), read only as far as that;
+* its JSON outside strings (brackets, commas, numbers, keys): at most :func:`structure_cap` bytes (413), checked
+  before decoding, so decoding costs a small multiple of the body (each string at most 4 bytes a character, plus a
+  bounded number of small objects) whatever the body holds;
+* each text: at most ``max_length`` x the longest token in characters (:func:`text_char_cap`; 413 naming
+  ``max_length``), checked before tokenizing: a text over it cannot fit ``max_length`` tokens, so no text that fits
+  is refused, and a megabyte text is never tokenized;
+* then ``max_texts_per_request`` texts (413) and ``max_length`` tokens a text, text + EOS (413).
+
 Statuses: 400 for a body that is not a JSON object, a missing/empty/non-string list, mismatched counts or a text
-that cannot be tokenized; 413 for a request over ``max_texts_per_request`` texts or a text over ``max_length``
-tokens (and LitServe's own 413 for a body over ``max_request_bytes``); 500 if the model process fails on a batch,
-504 if a request waited in LitServe's queue over ``request_timeout``.
+that cannot be tokenized; 413 for the limits above; 500 if the model process fails on a batch; 503 once the model
+process or LitServe's queue is gone (:mod:`hhrm.serve_rm_watch`); 504 if a request got no answer within
+``request_timeout``.
 
 Also here: the ``GET /stats`` summary, the port check, and a standard-library JSON client (``request_json``).
 """
@@ -21,9 +33,11 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import socket
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 from hhrm import scoring
@@ -35,6 +49,54 @@ TEXT_RULE = (
 )
 # What the model process counts (a shared array; GET /stats)
 STATS = ("model_calls", "requests", "texts", "forwards", "tokens", "padded_tokens", "predict_seconds", "max_requests")
+MAX_DEFAULT_REQUEST_BYTES = 32 * 2**20  # the derived default body limit never exceeds this
+ESCAPED_BYTES_PER_CHAR = 6  # JSON's \uXXXX, what json.dumps writes for each non-ASCII character by default
+STRUCTURE_BYTES_PER_TEXT = (
+    256  # JSON outside strings a text may bring: its quotes and comma in up to 4 lists, indented
+)
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # linear: its two parts never overlap
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold, fixed at start (:func:`limits`); ``/info`` shows them."""
+
+    max_texts_per_request: int
+    max_length: int
+    token_chars: int  # the longest token in characters (x 4 where the tokenizer normalizes)
+    max_text_chars: int  # max_length x token_chars
+    max_request_bytes: int
+    max_structure_bytes: int
+
+
+def text_char_cap(tokenizer, max_length: int) -> tuple[int, int]:
+    """``(max_length x c, c)``: c bounds the characters one token can stand for, so a text of more characters than
+    the cap has more than ``max_length`` tokens. c is the longest vocabulary entry (special tokens included): a
+    byte-level BPE entry has one character per byte, which is at least one text character, and a SentencePiece
+    piece one character per character. A tokenizer with a normalizer may first merge characters (Unicode
+    composition joins at most 4 into one), so c is 4 times that there."""
+    longest = max(map(len, tokenizer.get_vocab()))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    per_token = longest * (1 if backend is not None and backend.normalizer is None else 4)
+    return max_length * per_token, per_token
+
+
+def default_request_bytes(max_texts: int, max_text_chars: int) -> int:
+    """The body a request of ``max_texts`` texts of ``max_text_chars`` characters needs, every character
+    JSON-escaped, plus 64 KiB; at most 32 MiB (the bound before it was derived)."""
+    return min(max_texts * max_text_chars * ESCAPED_BYTES_PER_CHAR + 2**16, MAX_DEFAULT_REQUEST_BYTES)
+
+
+def structure_cap(max_texts: int) -> int:
+    """Bytes of JSON outside strings a body may hold: what ``max_texts`` texts' lists need, plus 64 KiB for keys."""
+    return max_texts * STRUCTURE_BYTES_PER_TEXT + 2**16
+
+
+def limits(tokenizer, max_length: int, max_texts: int, max_request_bytes: int | None) -> Limits:
+    """The request limits of a server; ``max_request_bytes`` None: :func:`default_request_bytes`."""
+    cap, per_token = text_char_cap(tokenizer, max_length)
+    body = max_request_bytes or default_request_bytes(max_texts, cap)
+    return Limits(max_texts, max_length, per_token, cap, body, structure_cap(max_texts))
 
 
 class RequestError(Exception):
@@ -43,7 +105,17 @@ class RequestError(Exception):
         self.status, self.message = status, " ".join(message.split())
 
 
-def load_object(body: bytes) -> dict:
+def load_object(body: bytes, max_structure: int | None = None) -> dict:
+    """The body's JSON object, refused first (413) if its JSON outside strings is over ``max_structure`` bytes, so
+    no body decodes into many more objects than it has bytes."""
+    if max_structure is not None:
+        structure = len(JSON_STRING.sub(b"", body))
+        if structure > max_structure:
+            raise RequestError(
+                413,
+                f"the body has {structure} bytes of JSON outside strings, over the {max_structure} that "
+                "max_texts_per_request texts need: send lists of strings",
+            )
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -85,14 +157,33 @@ def get_reward_texts(data: dict, limit: int, tokenizer) -> list[str]:
 
 
 def strip_special(text: str, tokens: tuple[str, ...]) -> str:
-    """``text`` without the given token strings at either end (repeatedly)."""
+    """``text`` without the given token strings at either end (repeatedly; in time linear in what is stripped, one
+    copy at the end: a query of a million pads costs no more than its length)."""
     tokens = tuple(t for t in tokens if t)
-    while True:
-        before = text
+    start, end, moved = 0, len(text), True
+    while moved:
+        moved = False
         for t in tokens:
-            text = text.removeprefix(t).removesuffix(t)
-        if text == before:
-            return text
+            while text.startswith(t, start, end):
+                start, moved = start + len(t), True
+            while end - start >= len(t) and text.endswith(t, start, end):
+                end, moved = end - len(t), True
+    return text[start:end]
+
+
+def check_chars(texts: list[str], limits: Limits) -> list[str]:
+    """Refuse (413) a text over ``limits.max_text_chars`` characters before it is tokenized: it cannot fit
+    ``max_length`` tokens."""
+    long = [(i, len(t)) for i, t in enumerate(texts) if len(t) > limits.max_text_chars]
+    if long:
+        i, n = long[0]
+        raise RequestError(
+            413,
+            f"text {i} is {n} characters, over max_length={limits.max_length} tokens x {limits.token_chars} "
+            f"characters a token at most = {limits.max_text_chars} ({len(long)} texts over it; refused before "
+            "tokenizing)",
+        )
+    return texts
 
 
 def encode_checked(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

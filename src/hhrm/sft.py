@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,11 +99,16 @@ def gold_eval(model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict
 
 
 def finish(
-    trainer: trl.SFTTrainer, splits: hdata.PreferenceSplits, configs: dict[str, Any], metrics: dict[str, Any]
+    trainer: trl.SFTTrainer,
+    splits: hdata.PreferenceSplits,
+    configs: dict[str, Any],
+    metrics: dict[str, Any],
+    folder: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the trained model (held-out loss, gold accuracy); write metrics, data report and model card.
 
     ``metrics``: what the recipe measured so far (train metrics, ``eval_loss_before``); returned completed.
+    ``folder``: where the files go (the recipe's staging folder, :func:`hhrm.outputs.staged`); default output_dir.
     """
     args: SFTConfig = trainer.args
     metrics = dict(metrics, world_size=trainer.accelerator.num_processes)
@@ -124,6 +130,6 @@ def finish(
             configs=configs,
             data={"source": report["source"], "bad_rows": report["bad_rows"], "train_pairs": len(splits.train)},
         )
-        reporting.write_stage_outputs(args.output_dir, metrics, card, report)
+        reporting.write_stage_outputs(folder or args.output_dir, metrics, card, report)
     trainer.accelerator.wait_for_everyone()
     return metrics

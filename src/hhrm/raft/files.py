@@ -7,13 +7,16 @@ folder is written as ``policy.tmp`` and renamed after the marker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from accelerate.utils import gather_object
 
+from hhrm import outputs
 from hhrm.model_checks import weights_identity
 from hhrm.reporting import config_dict, read_json
 
@@ -81,16 +84,41 @@ def publish_policy(tmp: Path, final: Path, iteration: int) -> None:
 
 
 def link_policy(src: Path, dst: Path) -> None:
-    """Put the final policy's files in ``dst`` (hard links where possible: no second copy of a 7B model)."""
+    """Put the final policy's files in ``dst`` (hard links where possible: no second copy of a 7B model).
+
+    Each file is linked (or copied) to a temporary name and renamed over the old one, so ``dst`` never holds half a
+    file, and a failed copy leaves no temporary file behind; a full disk is one line with the space needed."""
     for f in src.iterdir():
         if f.is_file() and f.name != POLICY_DONE:
-            target = dst / f.name
-            if target.exists():
-                target.unlink()
+            target, tmp = dst / f.name, dst / f"{f.name}.tmp"
+            tmp.unlink(missing_ok=True)
             try:
-                os.link(f, target)
-            except OSError:
-                shutil.copy2(f, target)
+                with outputs.space_errors(dst, f.stat().st_size, f"the final policy's {f.name}"):
+                    try:
+                        os.link(f, tmp)
+                    except OSError:
+                        shutil.copy2(f, tmp)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def fine_tune_space(it_dir: Path, policy: str, dtype: str | None, main: bool) -> Iterator[None]:
+    """Around an iteration's fine-tune (every rank): refuse it before training when the run folder's disk cannot
+    hold the new policy (``policy``'s weights in the ``dtype`` it is loaded and saved in, float32 unset); if it
+    fails, remove the half-written ``policy.tmp`` and its datasets' cache (a re-run starts the fine-tune afresh
+    anyway), so a full disk is not left full."""
+    if not is_done(it_dir / "policy"):
+        need = outputs.weights_bytes(policy, dtype or "float32")
+        outputs.check_free_space(it_dir.parent, need, f"the policy of {it_dir.name} (the size of {policy})")
+    try:
+        yield
+    except BaseException:
+        if main:
+            for folder in (it_dir / "policy.tmp", it_dir / "policy.tmp.cache"):  # see hhrm.raft.update.cache_dir
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def run_fingerprint(

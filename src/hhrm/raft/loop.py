@@ -15,11 +15,12 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 import hhrm.raft.update as update
 from hhrm import data as hdata
-from hhrm import modeling, reporting, runtime, synthetic
-from hhrm.outputs import check_output_dir
+from hhrm import model_checks, modeling, reporting, runtime, synthetic
+from hhrm.outputs import check_output_dir, release_output_dir
 from hhrm.raft.config import NothingToTrain, RaftConfig, StopRequested
 from hhrm.raft.files import (
     check_resume,
+    fine_tune_space,
     gather_rows,
     is_done,
     iter_dir,
@@ -51,6 +52,7 @@ class RaftRunner:
 
     def __init__(self, args: RaftConfig, data_args: hdata.DataArguments, model_args: trl.ModelConfig):
         self.args, self.data_args, self.model_args = args, data_args, model_args
+        model_checks.check_policy(model_args, modeling.trust_remote_code(model_args, args))  # before any work
         self.state = runtime.process_state(args)  # ddp_timeout also bounds RAFT's own gathers and barriers
         self.out = check_output_dir(args.output_dir, "raft")
         self.rank, self.world = self.state.process_index, self.state.num_processes
@@ -92,7 +94,8 @@ class RaftRunner:
             self.stage(it, "generate", d / "samples.jsonl", self.generate)
             self.stage(it, "score", d / "scored.jsonl", self.score)
             self.stage(it, "select", d / "kept.jsonl", self.select)
-            self.stage(it, "train", d / "policy", self.train)
+            with fine_tune_space(d, self.policy_path(it), self.model_args.dtype, self.state.is_main_process):
+                self.stage(it, "train", d / "policy", self.train)
             self.stage(it, "metrics", d / "metrics.json", self.metrics)
             if self.state.is_main_process:
                 logger.info(
@@ -209,6 +212,7 @@ class RaftRunner:
         trainer = update.build_trainer(self.args, self.model_args, policy.model, path, self.tokenizer, kept, tmp, it)
         reporting.set_tensorboard_dir(trainer, self.out / "runs" / d.name)  # not inside the policy folder
         result = trainer.train()
+        update.check_trained(trainer, result, self.args, it)  # a NaN policy is never saved nor marked done
         modeling.save_merged(trainer, tmp, self.tokenizer)
         if self.state.is_main_process:
             publish_policy(tmp, d / "policy", it)
@@ -333,6 +337,7 @@ class RaftRunner:
     def close(self, failed: bool = False) -> None:
         """Free the models and leave the process group (a gloo rank can abort at exit otherwise). After a failure
         no barrier: the other ranks may never reach it, and this rank's error must be printed, not wait forever."""
+        release_output_dir(self.out)  # the run is over: a re-run (a subprocess too) may lock the folder
         self.release_models()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if not failed:

@@ -187,7 +187,7 @@ def write_run_reports(
     policy's held-out metrics (step = the number of iterations) as scalars in ``runs/raft``.
     """
     reporting.write_json({"iterations": rows, "final": final}, out / "metrics_per_iteration.json")
-    (out / "metrics.md").write_text(iterations_table(rows, final))
+    reporting.write_text(iterations_table(rows, final), out / "metrics.md")
     plot_reward_curve(rows, final, out / "reward_curve.png", title=title)
     if reporting.TENSORBOARD in report_to and rows:
         if final is None:

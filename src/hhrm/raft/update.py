@@ -19,6 +19,7 @@ from accelerate import PartialState
 from datasets import Dataset
 from trl import get_peft_config
 
+from hhrm import finite
 from hhrm.raft.config import RaftConfig
 from hhrm.reporting import read_jsonl
 
@@ -120,6 +121,14 @@ def pair_dataset(kept: Path, cache: Path) -> Dataset:
     with PartialState().main_process_first():
         pairs = Dataset.from_json(str(kept), cache_dir=str(cache))
     return pairs.select_columns(["prompt", "chosen", "rejected"])
+
+
+def check_trained(trainer: transformers.Trainer, result: Any, args: RaftConfig, iteration: int) -> None:
+    """Stop before iteration ``iteration``'s policy is saved or marked done if its update went non-finite (loss or
+    weights), naming the likely settings: the learning rate, and for DPO beta."""
+    likely = {"learning_rate": args.learning_rate} | ({"beta": args.beta} if args.update == "dpo" else {})
+    where = f"iteration {iteration}: the {args.update} update"
+    finite.check_trained(trainer, result, where, likely, "the iteration's policy")
 
 
 def train_stats(trainer: transformers.Trainer, metrics: dict[str, Any]) -> dict[str, Any]:
