@@ -145,6 +145,24 @@ def head_parameter_names(config) -> list[str] | None:
     return [name for name, _ in model.named_parameters() if not name.startswith(prefix)]
 
 
+def model_config(
+    path: str | Path | None, setting: str, fix: str, revision: str | None = None, trust_remote_code: bool = False
+) -> tuple[str | Path, Any]:
+    """``(path, config)`` of a model folder or hub id, refused in one line naming ``setting`` and ``fix`` when the
+    path does not exist, a local folder has no config.json, or the config cannot be read."""
+    from transformers import AutoConfig
+
+    where = f"{setting}={str(path)!r}"
+    if check_model_path(path, setting, fix, revision) == "local":
+        path = Path(path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelPathError(f"{where}: no config.json there, so not a model folder; {fix}")
+    try:
+        return path, AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{where}: cannot read its config ({err}); {fix}") from err
+
+
 def check_reward_model(
     path: str | Path | None, setting: str = "reward_model_name_or_path", revision: str | None = None
 ) -> PreTrainedTokenizerBase:
@@ -155,18 +173,9 @@ def check_reward_model(
     safetensors headers, nothing is loaded), and a tokenizer whose pad token is distinct from EOS. A causal LM
     would otherwise be scored by a randomly initialised head, and RAFT would fine-tune against noise.
     """
-    from transformers import AutoConfig
-
     fix = "point it at a reward model folder (the output of recipes/rm.py, `make rm`)"
     where = f"{setting}={str(path)!r}"
-    if check_model_path(path, setting, fix, revision) == "local":
-        path = Path(path).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelPathError(f"{where}: no config.json there, so not a model folder; {fix}")
-    try:
-        config = AutoConfig.from_pretrained(path, revision=revision)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{where}: cannot read its config ({err}); {fix}") from err
+    path, config = model_config(path, setting, fix, revision)
     architectures = list(getattr(config, "architectures", None) or [])
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise ValueError(
@@ -233,17 +242,8 @@ def check_causal_lm(
     read (safetensors headers, no tensor loaded) each parameter of that causal LM must be there
     (:func:`missing_parameters`). A hub id whose metadata cannot be read gets the architecture check only.
     """
-    from transformers import AutoConfig
-
     where = f"{setting}={str(path)!r}"
-    if check_model_path(path, setting, POLICY_FIX, revision) == "local":
-        path = Path(path).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelPathError(f"{where}: no config.json there, so not a model folder; {POLICY_FIX}")
-    try:
-        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{where}: cannot read its config ({err}); {POLICY_FIX}") from err
+    path, config = model_config(path, setting, POLICY_FIX, revision, trust_remote_code)
     architectures = list(getattr(config, "architectures", None) or [])
     if architectures and not is_causal_lm(architectures):
         reward = any(a.endswith("ForSequenceClassification") for a in architectures)
