@@ -143,3 +143,32 @@ def test_modules_and_functions_stay_readable():
             if isinstance(node, ast.ClassDef) and node.name == "RaftRunner" and size > 300:
                 too_long.append(f"RaftRunner: {size} lines")
     assert not too_long, too_long
+
+
+def _trl_internals() -> set[tuple[str, str]]:
+    """``(module, name)`` of every ``from trl.<submodule> import <name>`` in hhrm and its recipes: what hhrm takes from
+    outside TRL's top-level API, which TRL moves between releases."""
+    found = set()
+    for path in [*(SRC / "hhrm").rglob("*.py"), *(ROOT / "recipes").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("trl."):
+                found |= {(node.module, alias.name) for alias in node.names}
+    return found
+
+
+def test_the_trl_internals_hhrm_uses_are_where_it_imports_them_from():
+    """A TRL upgrade that moves one of them fails here, naming it, rather than deep inside a run (vLLM generation,
+    ZeRO-3 unwrapping and the reward model's load are each only reached by some runs)."""
+    import importlib
+
+    internals = _trl_internals()
+    expected = {"VLLMGeneration", "DistributedBackend", "unwrap_model_for_generation", "suppress_seqcls_warning"}
+    assert expected <= {name for _, name in internals}, internals
+    missing = []
+    for module, name in sorted(internals):
+        try:
+            if not hasattr(importlib.import_module(module), name):
+                missing.append(f"{module}.{name}")
+        except ImportError as err:
+            missing.append(f"{module}.{name} ({err})")
+    assert not missing, f"TRL no longer has these where hhrm imports them: {missing}"
