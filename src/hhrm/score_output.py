@@ -5,7 +5,6 @@ file (``<name>.tmp`` renamed into place; removed on failure, since a half-writte
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -14,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from hhrm.outputs import disk_full
 
 
 def check_writable(output_file: str) -> None:
@@ -84,7 +85,7 @@ def whole_or_nothing(path: Path) -> Iterator[Path]:
         yield tmp
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and (err.errno == errno.ENOSPC or "No space left on device" in str(err)):
+        if isinstance(err, Exception) and disk_full(err):  # the one rule, serializers' messages included
             free = shutil.disk_usage(path.parent).free / 1e6
             raise ValueError(
                 f"output_file: no space left on device writing {path} ({free:.1f} MB free in {path.parent}); no "
