@@ -185,12 +185,14 @@ def main(argv: list[str] | None = None) -> dict:
             )
 
     rm_dir = out / "rm"
-    rm_args = ["--config", str(CONFIGS / "rm.yaml"), "--model_name_or_path", str(policy), *data, *args.rm_args]
+    # The untrained head's accuracy comes from the probe's features (real_report.baselines), not a second pass.
+    rm_args = ["--config", str(CONFIGS / "rm.yaml"), "--model_name_or_path", str(policy), *data]
+    rm_args += ["--eval_before_training", "false", *args.rm_args]
     if not (rm_dir / "eval_rm.json").is_file():
         seconds["rm"] = run_stage("rm", "recipes/rm.py", [*rm_args, "--output_dir", str(rm_dir)], out, args.threads)
 
     t = time.perf_counter()
-    baselines = real_report.baselines(rm_args + ["--output_dir", str(rm_dir)], base, out / "probe")
+    baselines = real_report.baselines(rm_args + ["--output_dir", str(rm_dir)], policy, out / "probe")
     seconds["baselines"] = time.perf_counter() - t
 
     bestofk_dir = out / "bestofk"
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         cmd += ["--max_new_tokens", str(args.max_new_tokens), "--overwrite_output_dir", "true"]
         seconds["bestofk"] = run_logged("bestofk", cmd, out)
     t = time.perf_counter()
-    bestofk = real_report.best_of_k(bestofk_dir / "samples.jsonl", base, out / "probe")
+    bestofk = real_report.best_of_k(bestofk_dir / "samples.jsonl", policy, out / "probe")
     seconds["bestofk_judge"] = time.perf_counter() - t
 
     raft_dir = out / "raft"

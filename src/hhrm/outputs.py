@@ -76,6 +76,29 @@ def holds_model(folder: Path) -> bool:
     return any((folder / name).is_file() for name in MODEL_FILES)
 
 
+def check_model_out(out: Path, overwrite: bool) -> None:
+    """An imported model's ``--out``: a folder, and one that holds no model unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder: choose another --out")
+    if holds_model(out) and not overwrite:
+        found = ", ".join(n for n in MODEL_FILES if (out / n).is_file())
+        raise ValueError(
+            f"--out {str(out)!r} already holds a model ({found}); choose a new --out, "
+            "or pass --overwrite true to replace it"
+        )
+
+
+def write_model_folder(model: Any, tokenizer: Any, card: str, out: Path, overwrite: bool) -> None:
+    """The folder every import source ends in: weights, config, generation config, tokenizer and the card."""
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # stale shards from an earlier, differently sharded model would be loaded with the new one
+        for stale in [*out.glob("model*.safetensors*"), *out.glob("pytorch_model*")]:
+            stale.unlink()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(card, encoding="utf-8")
+
+
 def check_output_dir(output_dir: str | os.PathLike, stage: str, overwrite: bool = False) -> Path:
     """Refuse an output folder that would lose a finished model, fail at save time, or that another run is
     writing; create and lock it otherwise (until :func:`release_output_dir` or the end of the process)."""
