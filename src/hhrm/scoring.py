@@ -7,6 +7,10 @@ which is that EOS. This is exactly what TRL's ``RewardTrainer`` trains on (it ap
 string, then calls ``tokenizer(text=...)``) and what the text-classification pipeline computes
 when the caller appends EOS. :func:`encode` is that tokenization; the RM recipe, the evaluation
 and this scorer all go through it.
+
+That rule is the default :class:`hhrm.conventions.Convention` (``hhrm``). A reward model trained or served under
+another tool's rule is scored by its preset (``RewardScorer(..., convention=PRESETS[name])``, via ``score_pairs``):
+how the text is built and tokenized is :mod:`hhrm.conventions`; where the score is read and its activation, here.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
-from hhrm import model_checks, modeling, runtime
+from hhrm import conventions, model_checks, modeling, runtime
 
 
 def with_eos(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[str]:
@@ -55,13 +59,23 @@ class RewardScorer:
     reward beyond float noise.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, max_tokens_per_batch: int = 32_768):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 64,
+        max_tokens_per_batch: int = 32_768,
+        convention: conventions.Convention = conventions.HHRM,
+        setting: str = "reward_convention",
+    ):
         if getattr(model.config, "num_labels", 1) != 1:
             raise ValueError(f"reward model must have num_labels=1, got {model.config.num_labels}")
-        check_pad(tokenizer)
+        if convention == conventions.HHRM:
+            check_pad(tokenizer)  # hhrm's own message, unchanged
+        conventions.check(convention, tokenizer, setting)
         if batch_size < 1 or max_tokens_per_batch < 1:
             raise ValueError(f"batch_size={batch_size}, max_tokens_per_batch={max_tokens_per_batch}: must be >= 1")
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.convention = model, tokenizer, convention
         self.batch_size, self.max_tokens_per_batch = batch_size, max_tokens_per_batch
         # The head locates the scored token through config.pad_token_id, not the attention mask.
         self.model.config.pad_token_id = tokenizer.pad_token_id
@@ -92,41 +106,73 @@ class RewardScorer:
 
     @torch.no_grad()
     def score(self, texts: list[str]) -> list[float]:
-        """Reward of each full text (EOS appended when missing), in input order."""
+        """Reward of each full text (EOS by the convention: appended when missing for hhrm's), in input order."""
         # No early return for an empty list: under ZeRO-3 every rank must join score_ids' parameter gather.
-        return self.score_ids(encode(self.tokenizer, texts) if texts else [])
+        if self.convention == conventions.HHRM:
+            return self.score_ids(encode(self.tokenizer, texts) if texts else [])
+        if self.convention.text != "concat":
+            raise ValueError(
+                f"reward convention {self.convention.name!r} (text={self.convention.text!r}) needs the prompt and "
+                "the response apart: call score_pairs"
+            )
+        return self.score_ids(conventions.encode(self.tokenizer, texts, [""] * len(texts), self.convention))
 
     @torch.no_grad()
-    def score_ids(self, ids: list[list[int]]) -> list[float]:
-        """Rewards of already-encoded texts (from :func:`encode`), in input order."""
+    def score_ids(self, ids: list[list[int]], token_type_ids: list[list[int]] | None = None) -> list[float]:
+        """Rewards of already-encoded texts (from :func:`encode` or :func:`hhrm.conventions.encode_full`), read and
+        activated by the convention, in input order."""
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         rewards = [0.0] * len(ids)
         device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id
         was_training = self.model.training
         self.model.eval()
         with modeling.full_parameters(self.model):
             for batch in self._batches(order, ids):
-                width = max(len(ids[i]) for i in batch)
-                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                attention = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):  # right padding: the head reads the last non-pad token
-                    input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                    attention[row, : len(ids[i])] = 1
-                logits = self.model(
-                    input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False
-                ).logits
-                for i, value in zip(batch, logits[:, 0].float().tolist()):
+                for i, value in zip(batch, self._forward([ids[i] for i in batch], token_type_ids, batch, device)):
                     rewards[i] = value
         if was_training:
             self.model.train()
+        if self.convention.activation == "sigmoid":
+            rewards = [float(torch.sigmoid(torch.tensor(r))) for r in rewards]
         return rewards
 
+    def _forward(self, rows: list[list[int]], types: list[list[int]] | None, batch: list[int], device) -> list[float]:
+        """One right-padded forward; the score of each row at the convention's position."""
+        config = self.model.config.get_text_config()
+        pad = self.tokenizer.pad_token_id
+        if self.convention.read_at == "last_token":
+            # The head reads the rightmost token whose id is not config.pad_token_id. Padding with an id that no row
+            # holds, and naming it the pad for this forward, makes that each row's true last token even when a row
+            # ends with an EOS equal to the tokenizer's pad. Padded positions are masked, so their id changes nothing.
+            used = {t for row in rows for t in row}
+            pad = next(t for t in range(len(used) + 1) if t not in used)
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):  # right padding: positions match the unpadded text
+            input_ids[r, : len(row)] = torch.tensor(row)
+            attention[r, : len(row)] = 1
+        inputs = dict(input_ids=input_ids.to(device), attention_mask=attention.to(device))
+        if types is not None:
+            type_ids = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(batch):
+                type_ids[r, : len(types[i])] = torch.tensor(types[i])
+            inputs["token_type_ids"] = type_ids.to(device)
+        saved = config.pad_token_id
+        config.pad_token_id = pad
+        try:
+            logits = self.model(**inputs, use_cache=False).logits
+        finally:
+            config.pad_token_id = saved
+        return logits[:, 0].float().tolist()
+
     def score_pairs(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """Reward of each ``prompt + response``."""
+        """Reward of each ``(prompt, response)`` under the convention (``prompt + response`` for hhrm's)."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        return self.score([p + r for p, r in zip(prompts, responses)])
+        if self.convention == conventions.HHRM:
+            return self.score([p + r for p, r in zip(prompts, responses)])
+        return self.score_ids(*conventions.encode_full(self.tokenizer, prompts, responses, self.convention))
 
     def _batches(self, order: list[int], ids: list[list[int]]) -> Iterator[list[int]]:
         batch: list[int] = []
