@@ -99,6 +99,18 @@ def _tee(cmd: list[str], log) -> int:
     return code
 
 
+class Timings:
+    """Seconds per stage, written as each stage ends, so a resumed run reports what each stage took when it ran."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stages: dict[str, float] = reporting.read_json(path) if path.is_file() else {}
+
+    def __setitem__(self, stage: str, seconds: float) -> None:
+        self.stages[stage] = round(seconds, 1)
+        reporting.write_json(self.stages, self.path)
+
+
 def read_rows(path: Path) -> list[bytes]:
     """The raw lines of a JSON-lines file (``.gz`` read transparently), blank lines left out."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -169,8 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.fresh:
         for name in ("data", "sft", "rm", "probe", "bestofk", "raft"):
             shutil.rmtree(out / name, ignore_errors=True)
-    start = time.perf_counter()
-    seconds: dict[str, float] = {}
+        (out / "timings.json").unlink(missing_ok=True)
+    # Each stage's own time, kept across resumed runs (a reused stage keeps the time it took when it ran).
+    seconds = Timings(out / "timings.json")
 
     base = ensure_base(args, out)
     split = write_split(Path(args.hh), out / "data", args.test_rows, args.train_rows)
@@ -191,9 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not (rm_dir / "eval_rm.json").is_file():
         seconds["rm"] = run_stage("rm", "recipes/rm.py", [*rm_args, "--output_dir", str(rm_dir)], out, args.threads)
 
-    t = time.perf_counter()
+    t, cached = time.perf_counter(), (out / "probe" / "test.npz").is_file()
     baselines = real_report.baselines(rm_args + ["--output_dir", str(rm_dir)], policy, out / "probe")
-    seconds["baselines"] = time.perf_counter() - t
+    if not cached:
+        seconds["baselines"] = time.perf_counter() - t
 
     bestofk_dir = out / "bestofk"
     if not (bestofk_dir / "overopt.json").is_file():
@@ -202,9 +216,10 @@ def main(argv: list[str] | None = None) -> dict:
         cmd += ["--n_max", str(args.k), "--heldout_prompts", str(args.prompts), "--temperature", "1.0"]
         cmd += ["--max_new_tokens", str(args.max_new_tokens), "--overwrite_output_dir", "true"]
         seconds["bestofk"] = run_logged("bestofk", cmd, out)
-    t = time.perf_counter()
+    t, cached = time.perf_counter(), (out / "probe" / "bestofk.npz").is_file()
     bestofk = real_report.best_of_k(bestofk_dir / "samples.jsonl", policy, out / "probe")
-    seconds["bestofk_judge"] = time.perf_counter() - t
+    if not cached:
+        seconds["bestofk_judge"] = time.perf_counter() - t
 
     raft_dir = out / "raft"
     if not (raft_dir / "metrics.json").is_file():
@@ -214,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         seconds["raft"] = run_stage("raft", "recipes/raft.py", raft_args, out, args.threads)
 
     result = real_report.assemble(
-        out, split, base, policy, baselines, bestofk, seconds, time.perf_counter() - start, args.threads
+        out, split, base, policy, baselines, bestofk, seconds.stages, sum(seconds.stages.values()), args.threads
     )
     paths = [out / "real"] + ([Path(args.publish)] if args.publish else [])
     for path in paths:

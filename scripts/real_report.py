@@ -154,7 +154,7 @@ def best_of_k(samples: Path, start: Path, probe_dir: Path) -> dict[str, Any]:
         "probe_reward_pick_minus_random": probe.paired_difference(judge[at, pick], judge[:, 0]),
         "probe_prefers_pick": probe.accuracy(agree) if moved.any() else None,
         "response_tokens": {"pick": float(tokens[at, pick].mean()), "random": float(tokens[:, 0].mean())},
-        "rm_pick_is_longest_rate": float(np.mean(tokens[at, pick] == tokens.max(axis=1))),
+        "pick_longer_than_random": probe.accuracy((tokens[at, pick] > tokens[:, 0])[tokens[at, pick] != tokens[:, 0]]),
         "examples": examples,
     }
 
@@ -240,7 +240,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Pairs: {b['pairs']['train']} train, {b['pairs']['test']} held out (pairs over "
         f"{b['pairs']['max_pair_tokens']} tokens dropped: {b['pairs']['pairs_dropped_long']} train, "
         f"{b['pairs']['eval_pairs_dropped_long']} held out). "
-        f"{result['machine']}; {result['total_minutes']} min in all.",
+        f"{result['machine']}; {result['total_minutes']} min in all (the stages' own times, below).",
         "",
         reporting.markdown_table(rows, list(rows[0])),
         "",
@@ -265,8 +265,8 @@ def markdown(result: dict[str, Any]) -> str:
             else "."
         ),
         f"- Length: the pick has {k['response_tokens']['pick']:.1f} tokens on average, a random sample "
-        f"{k['response_tokens']['random']:.1f}; the pick is the longest of the {k['k']} in "
-        f"{k['rm_pick_is_longest_rate']:.2f} of prompts.",
+        f"{k['response_tokens']['random']:.1f}; where their lengths differ, the pick is the longer in "
+        f"{_ci(k['pick_longer_than_random'])} of prompts.",
         f"- One RAFT iteration ({raft['prompts_per_iteration']} RM-train prompts x {raft['num_samples']}, trained on "
         f"the picks): reward of the first sample {raft['reward_first_sample_first']:.3f}, of the pick "
         f"{raft['reward_best_of_k_first']:.3f}; held-out policy reward {raft['heldout_reward_first']:.3f} before, "
