@@ -36,20 +36,16 @@ STAGES = (
 )
 
 
+def launch_command(recipe: str, args: list[str], threads: int) -> list[str]:
+    """``accelerate launch`` of one recipe with the CPU config, as a user runs it (also used by scripts/real.py)."""
+    config = str(ROOT / "accelerate_configs" / "cpu.yaml")
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
+    return [*accelerate, "--num_cpu_threads_per_process", str(threads), str(ROOT / recipe), *args]
+
+
 def run_stage(name: str, recipe: str, config: Path | None, overrides: list[str], log_path: Path, threads: int) -> dict:
     """Launch one recipe; returns wall seconds and the peak RSS of its process tree (MB)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs" / "cpu.yaml"),
-        "--num_cpu_threads_per_process",
-        str(threads),
-        str(ROOT / recipe),
-        *(["--config", str(config)] if config else []),
-        *overrides,
-    ]
+    cmd = launch_command(recipe, [*(["--config", str(config)] if config else []), *overrides], threads)
     print(f"\n=== {name}: {' '.join(cmd[2:])}\n    log: {log_path}", flush=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:

@@ -37,6 +37,7 @@ from hhrm import gguf_import, lifetime, outputs, reporting
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_report  # noqa: E402  (the baselines and the report: scripts/real_report.py)
+from demo import launch_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs" / "smollm2_135m"
@@ -48,14 +49,7 @@ def flag(text: str) -> bool:
 
 def run_stage(name: str, recipe: str, args: list[str], out: Path, threads: int) -> float:
     """Launch one recipe under accelerate, its output shown and kept in ``<out>/<name>.log``; seconds taken."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "accelerate_configs" / "cpu.yaml"),
-    ]
-    cmd += ["--num_cpu_threads_per_process", str(threads), str(ROOT / recipe), *args]
+    cmd = launch_command(recipe, args, threads)
     return run_logged(name, cmd, out)
 
 
