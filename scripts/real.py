@@ -43,10 +43,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs" / "smollm2_135m"
 
 
-def flag(text: str) -> bool:
-    return gguf_import._bool(text)
-
-
 def run_stage(name: str, recipe: str, args: list[str], out: Path, threads: int) -> float:
     """Launch one recipe under accelerate, its output shown and kept in ``<out>/<name>.log``; seconds taken."""
     cmd = launch_command(recipe, args, threads)
@@ -159,14 +155,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gguf", help="a local .gguf file to import as the base instead of the PyPI wheel")
     parser.add_argument("--test_rows", type=int, default=300, help="held-out rows: the file's last N")
     parser.add_argument("--train_rows", type=int, help="RM-train rows: at most the first N (default: all the rest)")
-    parser.add_argument("--sft", type=flag, default=False, help="SFT on the chosen dialogues first (the card's order)")
+    parser.add_argument(
+        "--sft",
+        type=gguf_import.parse_bool,
+        default=False,
+        help="SFT on the chosen dialogues first (the card's order)",
+    )
     parser.add_argument("--prompts", type=int, default=48, help="held-out prompts for best-of-K")
     parser.add_argument("--k", type=int, default=8, help="samples per prompt for best-of-K (card: 8)")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens per sampled response (card: 128)")
     parser.add_argument("--rm_args", type=shlex.split, default=[], help='extra RM recipe settings: --rm_args="--k v"')
     parser.add_argument("--raft_args", type=shlex.split, default=[], help='extra RAFT settings: --raft_args="--k v"')
     parser.add_argument("--publish", help="also write the JSON and Markdown results as <publish>.json / .md")
-    parser.add_argument("--fresh", type=flag, default=False, help="delete <out>'s stages (not the base) and rerun")
+    parser.add_argument(
+        "--fresh", type=gguf_import.parse_bool, default=False, help="delete <out>'s stages (not the base) and rerun"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads per stage")
     args = parser.parse_args(argv)
 

@@ -6,8 +6,10 @@ and samples those stages used; features of the frozen model the RM starts from a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +23,26 @@ from hhrm import data, modeling, probe, reporting, rm
 EXAMPLES = 4
 
 
-def _features(start: Path, tokenizer, texts: list[str], cache: Path, what: str) -> np.ndarray:
-    """The frozen starting model's EOS features of ``texts``, cached in ``cache`` (recomputed if the texts differ)."""
+def _features(load: Callable[[], Any], tokenizer, texts: list[str], cache: Path, what: str) -> np.ndarray:
+    """EOS features of ``texts`` from the frozen model ``load()`` gives (called only when the cache in ``cache``
+    misses: recomputed if the texts differ)."""
     key = hashlib.sha256("\0".join(texts).encode()).hexdigest()
     if cache.is_file():
         stored = np.load(cache)
         if str(stored["key"]) == key:
             return stored["features"]
-    print(f"    features of {len(texts)} {what} texts from the frozen {start.name} ...", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32).eval()
+    print(f"    features of {len(texts)} {what} texts from the frozen starting model ...", flush=True)
+    model = load()
     features = np.concatenate(
         [probe.eos_features(model, tokenizer, texts[i : i + 256]) for i in range(0, len(texts), 256)]
     )
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, features=features, key=key)
     return features
+
+
+def _causal_lm(folder: Path):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def _response_tokens(tokenizer, responses: list[str]) -> np.ndarray:
@@ -73,10 +80,14 @@ def baselines(rm_args: list[str], start: Path, probe_dir: Path) -> dict[str, Any
     def texts(ds, side):
         return [p + r for p, r in zip(ds["prompt"], ds[side])]
 
+    # The RM recipe's own untrained model (same seed, same loader), loaded once: its backbone gives the probe's
+    # features and its head, reading exactly those features, the untrained RM's rewards (tests/test_probe.py proves
+    # the read), so neither needs another pass over the test pairs.
+    untrained = functools.cache(lambda: rm.load_reward_model(model_args, args, tokenizer).eval())
     feats = {}
     for split, ds in (("train", pairs.train), ("test", pairs.test)):
         both = _features(
-            start, tokenizer, texts(ds, "chosen") + texts(ds, "rejected"), probe_dir / f"{split}.npz", split
+            untrained, tokenizer, texts(ds, "chosen") + texts(ds, "rejected"), probe_dir / f"{split}.npz", split
         )
         feats[split] = (both[: len(ds)], both[len(ds) :])
     chosen_train, rejected_train = feats["train"]
@@ -84,9 +95,7 @@ def baselines(rm_args: list[str], start: Path, probe_dir: Path) -> dict[str, Any
     linear = probe.LinearProbe(picked["l2"]).fit(chosen_train, rejected_train)
     np.savez(probe_dir / "probe.npz", weight=linear.weight, scale=linear.scale, l2=linear.l2)
     pc, pr = linear.reward(feats["test"][0]), linear.reward(feats["test"][1])
-    # The RM recipe's own untrained model (same seed, same loader): its head reads exactly these features, so the
-    # untrained RM's held-out rewards need no second pass over the test pairs (tests/test_probe.py proves the read).
-    head = rm.load_reward_model(model_args, args, tokenizer).score.weight.detach().double().numpy()[0]
+    head = untrained().score.weight.detach().double().numpy()[0]
     uc, ur = feats["test"][0] @ head, feats["test"][1] @ head
 
     len_c = _response_tokens(tokenizer, list(pairs.test["chosen"]))
@@ -125,7 +134,9 @@ def best_of_k(samples: Path, start: Path, probe_dir: Path) -> dict[str, Any]:
     saved = np.load(probe_dir / "probe.npz")
     linear = probe.LinearProbe(float(saved["l2"]))
     linear.weight, linear.scale = saved["weight"], saved["scale"]
-    judge = linear.reward(_features(start, tokenizer, texts, probe_dir / "bestofk.npz", "sampled")).reshape(-1, k)
+    judge = linear.reward(
+        _features(lambda: _causal_lm(start), tokenizer, texts, probe_dir / "bestofk.npz", "sampled")
+    ).reshape(-1, k)
     proxy = np.array([r["proxy"] for r in rows])
     tokens = _response_tokens(tokenizer, [s for r in rows for s in r["responses"]]).reshape(-1, k)
     pick = proxy.argmax(axis=1)  # ties: the earlier draw, as overopt counts them

