@@ -17,7 +17,7 @@ Sections (``--sections``, default all; one file each under bench/):
 * ``gen``:   RAFT sampling, generated tokens/s: hhrm.generation.generate_responses with many
              prompts x K per call vs one prompt x K per call (the original RAFT aligner) vs one sequence
              per call.
-* ``score``: responses/s, hhrm.scoring.RewardScorer vs the card's ``pipeline(..., batch_size=1)``.
+* ``score``: responses/s, hhrm.reward.scoring.RewardScorer vs the card's ``pipeline(..., batch_size=1)``.
 * ``serve``: the reward-model server (recipes/serve_rm.py, LitServe) on the loopback address under 8 concurrent
              clients, texts/s vs RewardScorer in-process on the same texts; requests/s, p50/p99 latency, batch fill.
 * ``mfu``:   training FLOP/s (6 N tokens/s, from the packed SFT run) over the peak matmul FLOP/s

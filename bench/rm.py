@@ -7,7 +7,7 @@ Four ways to train on the same pairs, interleaved in one run, Bradley-Terry loss
   (TRL's ``DataCollatorForPreference``);
 * the same pairs in random order, padded;
 * padding-free (``RewardConfig.padding_free``): each batch as one packed row
-  (:class:`hhrm.rm_trainer.PackedPreferenceCollator`, rewards read by :class:`hhrm.rm_trainer.PackedRewards`,
+  (:class:`hhrm.rm.trainer.PackedPreferenceCollator`, rewards read by :class:`hhrm.rm.trainer.PackedRewards`,
   the code hhrm's RewardTrainer runs) in random order, and in grouped order; the model's attention
   implementation (the bench's sdpa: a dense block-diagonal T x T mask per row).
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from hhrm import rm_trainer
+from hhrm.rm import trainer as rm_trainer
 
 from .common import Context, Side, build_model, compare, interleave, length_summary, ratio_entry
 
@@ -187,7 +187,7 @@ def run(ctx: Context) -> list[dict[str, Any]]:
         "packed_row_tokens": {k: length_summary(row_tokens(subset, o, B)) for k, o in orders.items()},
         "attn_implementation": model.config._attn_implementation,
         "note": "grouped order = transformers get_length_grouped_indices (Trainer train_sampling_strategy="
-        "'group_by_length'), hhrm's RewardConfig default (hhrm.rm_trainer adds the `length` column RewardTrainer "
+        "'group_by_length'), hhrm's RewardConfig default (hhrm.rm.trainer adds the `length` column RewardTrainer "
         "rows lack). Padding-free rows attend through a dense block-diagonal T x T mask under sdpa/eager.",
     }
     return entries(side, full, details)

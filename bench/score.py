@@ -1,6 +1,6 @@
 """Reward scoring: responses/s on the same prompt+response texts and the same reward model.
 
-A = :class:`hhrm.scoring.RewardScorer` (length-sorted batches), B = the card's
+A = :class:`hhrm.reward.scoring.RewardScorer` (length-sorted batches), B = the card's
 ``pipeline("sentiment-analysis", ..., batch_size=1)`` in its transformers 5 form, EOS appended.
 ``max_abs_reward_diff`` checks that both compute the same rewards.
 """
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import pipeline
 
-from hhrm.scoring import RewardScorer, with_eos
+from hhrm.reward.scoring import RewardScorer, with_eos
 
 from .common import Context, Side, build_model, compare, interleave, length_summary
 

@@ -1,9 +1,9 @@
 """The reward-model server under load: texts/s of ``recipes/serve_rm.py`` (LitServe) vs RewardScorer in-process.
 
-A = the server on the loopback address, started as a subprocess (``hhrm.serve_rm.launch``, its defaults:
+A = the server on the loopback address, started as a subprocess (``hhrm.reward.server.launch``, its defaults:
 ``max_batch_size`` 16, ``batch_timeout`` 5 ms; the bench's threads, device and dtype), loaded by ``CLIENTS`` client
 threads that each send their share of ``POST /score`` requests of 1, 2, 4 or 8 texts one after another; a round is
-every request once, timed from the first send to the last answer. B = :class:`hhrm.scoring.RewardScorer` in this
+every request once, timed from the first send to the last answer. B = :class:`hhrm.reward.scoring.RewardScorer` in this
 process scoring the same texts in one call (no HTTP, no JSON, one length sort over all texts: the ceiling). Both load
 the same folder: the preset's random-weight Llama reward model saved with the bench tokenizer.
 
@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from hhrm import scoring, serve_rm
-from hhrm.serve_rm_protocol import request_json
+from hhrm.reward import scoring
+from hhrm.reward import server as serve_rm
+from hhrm.reward.protocol import request_json
 
 from .common import Context, Side, build_model, compare, interleave, length_summary
 

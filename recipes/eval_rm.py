@@ -15,7 +15,10 @@ from pathlib import Path
 
 from trl import ModelConfig, TrlParser
 
-from hhrm import data, rm, rm_eval, runtime, scoring
+from hhrm import data, runtime
+from hhrm.reward import scoring
+from hhrm.rm import evaluation as rm_eval
+from hhrm.rm import stage as rm
 from hhrm.runtime import setup_logging
 
 

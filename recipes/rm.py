@@ -6,7 +6,10 @@ make rm [CONFIG=...] [ARGS="--field value ..."]
 
 from trl import ModelConfig, TrlParser
 
-from hhrm import data, finite, modeling, outputs, reporting, rm, rm_eval, scoring
+from hhrm import data, finite, modeling, outputs, reporting
+from hhrm.reward import scoring
+from hhrm.rm import evaluation as rm_eval
+from hhrm.rm import stage as rm
 from hhrm.runtime import setup_logging
 
 

@@ -11,7 +11,8 @@ output: the same rows in the same order with chosen_reward/rejected_reward (or r
 
 from trl import ModelConfig, TrlParser
 
-from hhrm import reporting, score_file
+from hhrm import reporting
+from hhrm.reward import score_file
 from hhrm.runtime import setup_logging
 
 

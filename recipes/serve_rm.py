@@ -23,7 +23,7 @@ the supervisor stops the server gracefully; if the supervisor is killed outright
 kills the whole server within a second, so nothing is left serving on the port. If the model process or LitServe's
 queue dies, waiting requests are answered 503 and the server exits 1 in about a second, for whoever runs it to
 restart it. Refusals (a folder that is not a reward model, a port in use) are one line, exit code 2.
-See hhrm.serve_rm.
+See hhrm.reward.server.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from hhrm import lifetime  # the standard library only: the supervisor starts in
 
 
 def main(args) -> None:
-    """Serve ``args`` (a :class:`hhrm.serve_rm.ServeConfig`) until interrupted, in this process."""
-    from hhrm import serve_rm
+    """Serve ``args`` (a :class:`hhrm.reward.server.ServeConfig`) until interrupted, in this process."""
+    from hhrm.reward import server as serve_rm
 
     ################
     # Refuse before anything starts: a folder that is not a reward model, a max_length over its positions, a port
@@ -65,7 +65,7 @@ if __name__ == "__main__":
 
     from trl import TrlParser
 
-    from hhrm import serve_rm
+    from hhrm.reward import server as serve_rm
     from hhrm.runtime import refusals_in_one_line, setup_logging
 
     with refusals_in_one_line():  # a refusal: one line `hhrm: error: ...`, exit code 2

@@ -3,9 +3,9 @@
     python scripts/conventions_matrix.py --model RM_FOLDER --data PAIRS_FILE [--limit 200] [--out matrix.md]
 
 Reads preference pairs in any format hhrm reads (raw, dahoas, conversational, standard), renders each as hhrm's
-``###`` (prompt, response), scores chosen and rejected under each preset (:data:`hhrm.conventions.PRESETS`) and
+``###`` (prompt, response), scores chosen and rejected under each preset (:data:`hhrm.reward.conventions.PRESETS`) and
 prints a Markdown report: per preset the pairwise accuracy and mean reward, or why it cannot apply (the one-line
-refusal of :func:`hhrm.conventions.check`); then, for every two presets, the mean |difference| of their rewards and
+refusal of :func:`conventions.check`); then, for every two presets, the mean |difference| of their rewards and
 the Spearman correlation of their rankings. A decoder RM is not scored as a text pair, nor an encoder (a tokenizer
 with CLS and SEP) as anything else.
 """
@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hhrm import conventions, data_io, formats, scoring
+from hhrm import data_io, formats
+from hhrm.reward import conventions, scoring
 
 
 def load_pairs(path: str, limit: int) -> tuple[list[str], list[str], list[str]]:

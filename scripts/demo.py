@@ -21,9 +21,11 @@ from pathlib import Path
 
 from trl import ModelConfig, TrlParser
 
-from hhrm import data, modeling, reporting, rm, score_file, sft
+from hhrm import data, modeling, reporting, sft
 from hhrm.embedded import ensure_embedded
 from hhrm.raft import report as raft_report
+from hhrm.reward import score_file
+from hhrm.rm import stage as rm
 
 ROOT = Path(__file__).resolve().parents[1]
 

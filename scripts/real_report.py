@@ -18,7 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl import ModelConfig, TrlParser
 
-from hhrm import data, modeling, probe, reporting, rm
+from hhrm import data, modeling, probe, reporting
+from hhrm.rm import stage as rm
 
 EXAMPLES = 4
 
@@ -46,7 +47,7 @@ def _causal_lm(folder: Path):
 
 
 def _response_tokens(tokenizer, responses: list[str]) -> np.ndarray:
-    """Response lengths as :func:`hhrm.rm_eval.evaluate_pairs` counts them (no special tokens)."""
+    """Response lengths as :func:`hhrm.rm.evaluation.evaluate_pairs` counts them (no special tokens)."""
     return np.array([len(x) for x in tokenizer(responses, add_special_tokens=False)["input_ids"]])
 
 

@@ -19,8 +19,8 @@ from transformers import (
     pipeline,
 )
 
-from hhrm import conventions, scoring
-from hhrm.conventions import PRESETS
+from hhrm.reward import conventions, scoring
+from hhrm.reward.conventions import PRESETS
 
 # Prompts in hhrm's ### form and responses of different lengths, so right padding matters.
 PROMPTS = [

@@ -193,7 +193,7 @@ def test_test_split_all_bad_is_refused_but_empty_by_offset_is_not(tmp_path):
 
 
 def test_chunked_normalisation_and_lengths_match_one_pass(tmp_path, tiny, monkeypatch):
-    from hhrm import scoring
+    from hhrm.reward import scoring
 
     tok = AutoTokenizer.from_pretrained(tiny["base"])
     rows = [_raw_pair(i) for i in range(23)] + [BAD_ROW, _raw_pair(3)]

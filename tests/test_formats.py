@@ -8,7 +8,8 @@ import pytest
 from tokenizers import processors
 from transformers import AutoTokenizer
 
-from hhrm import data, formats, formatting, scoring
+from hhrm import data, formats, formatting
+from hhrm.reward import scoring
 
 # A ChatML-style template that writes BOS itself (as LLaMA-family templates do).
 CHATML = (
@@ -315,7 +316,8 @@ def test_same_reward_on_all_four_paths_for_chat_template_text(chat_rm, tmp_path)
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from hhrm import rm_card, rm_eval
+    from hhrm.rm import card as rm_card
+    from hhrm.rm import evaluation as rm_eval
 
     scope: dict = {}
     exec(rm_card.pipeline_snippet(chat_rm, 2), scope)  # the card's snippet, applied to template-rendered texts

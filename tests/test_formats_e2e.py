@@ -17,9 +17,11 @@ import pytest
 from transformers import AutoTokenizer
 from trl import ModelConfig
 
-from hhrm import data, formats, rm, score_file, sft
+from hhrm import data, formats, sft
 from hhrm.data_io import read_rows
 from hhrm.reporting import read_jsonl
+from hhrm.reward import score_file
+from hhrm.rm import stage as rm
 
 from conftest import load_recipe
 

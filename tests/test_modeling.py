@@ -18,8 +18,9 @@ from huggingface_hub import constants
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from trl import ModelConfig, SFTTrainer
 
-from hhrm import model_checks, modeling, rm, sft
+from hhrm import model_checks, modeling, sft
 from hhrm.embedded import llama_config
+from hhrm.rm import stage as rm
 
 # --------------------------------------------------------------------------------------------
 # Model paths: local if it exists, a hub id only if it looks like one, refused at once offline

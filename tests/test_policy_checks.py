@@ -213,7 +213,7 @@ def test_sft_and_rm_that_train_to_nan_write_no_model(tiny, tmp_path):
 
     from trl import ModelConfig
 
-    from hhrm import rm
+    from hhrm.rm import stage as rm
 
     out = tmp_path / "rm"
     args = rm.RewardConfig(

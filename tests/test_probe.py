@@ -66,7 +66,7 @@ def test_eos_features_are_what_the_reward_head_reads(quick_models):
     """features . head weight == hhrm's scorer of the same texts: the probe sees the untrained RM's input."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from hhrm.scoring import RewardScorer
+    from hhrm.reward.scoring import RewardScorer
 
     tok = AutoTokenizer.from_pretrained(quick_models["rm"])
     model = AutoModelForSequenceClassification.from_pretrained(quick_models["rm"], num_labels=1).eval()

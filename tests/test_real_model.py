@@ -121,7 +121,9 @@ def test_scorer_on_the_real_model_equals_its_own_forward_at_the_eos(real_model, 
     from transformers import AutoTokenizer
     from trl import ModelConfig
 
-    from hhrm import modeling, rm, scoring
+    from hhrm import modeling
+    from hhrm.reward import scoring
+    from hhrm.rm import stage as rm
 
     raw = AutoTokenizer.from_pretrained(real_model["out"])
     assert raw.pad_token == raw.eos_token == EOS  # the case under test
@@ -191,7 +193,7 @@ def test_raft_iteration_with_the_real_model_keeps_the_best_of_two_by_the_rms_own
 ):
     from transformers import AutoModelForCausalLM
 
-    from hhrm import scoring
+    from hhrm.reward import scoring
 
     out = tmp_path / "raft"
     _launch(

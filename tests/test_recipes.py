@@ -9,8 +9,9 @@ import pytest
 import yaml
 from trl import ModelConfig, TrlParser
 
-from hhrm import data, rm, sft
+from hhrm import data, sft
 from hhrm.raft import RaftConfig
+from hhrm.rm import stage as rm
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SFT = ROOT / "recipes" / "configs" / "tiny" / "sft.yaml"
@@ -60,12 +61,6 @@ SRC = ROOT / "src"
 STAGE_ORDER = {
     "hhrm.sft": 1,
     "hhrm.rm": 2,
-    "hhrm.rm_eval": 2,
-    "hhrm.rm_card": 2,
-    "hhrm.rm_trainer": 2,
-    "hhrm.serve_rm": 2,
-    "hhrm.serve_rm_protocol": 2,
-    "hhrm.score_file": 2,
     "hhrm.raft": 3,
     "hhrm.overopt": 3,
     "hhrm.compare": 3,

@@ -7,7 +7,11 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hhrm import data, rm, rm_card, rm_eval, scoring
+from hhrm import data
+from hhrm.reward import scoring
+from hhrm.rm import card as rm_card
+from hhrm.rm import evaluation as rm_eval
+from hhrm.rm import stage as rm
 
 from conftest import QUIET_CPU
 
@@ -175,7 +179,7 @@ def test_card_pipeline_snippet_equals_direct_forward(saved_rm, batch_size):
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_same_reward_on_all_four_paths(saved_rm, tmp_path, padding_free):
     """Training (padded batches, or packed rows when padding_free) scores what the other three paths score."""
-    from hhrm.rm_trainer import RewardTrainer
+    from hhrm.rm.trainer import RewardTrainer
 
     texts, pipe = snippet_rewards(saved_rm, 2)
     prompts = [t.split(" ###Assistant:")[0] + " ###Assistant:" for t in texts]

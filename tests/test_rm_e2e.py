@@ -12,7 +12,10 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hhrm import data, rm, rm_card, scoring
+from hhrm import data
+from hhrm.reward import scoring
+from hhrm.rm import card as rm_card
+from hhrm.rm import stage as rm
 
 from conftest import QUIET_CPU, run_process
 

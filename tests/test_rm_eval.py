@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from hhrm import rm_eval
+from hhrm.rm import evaluation as rm_eval
 
 
 def test_ties_count_as_wrong():

@@ -14,7 +14,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import ModelConfig, TrlParser
 from trl.trainer.reward_trainer import DataCollatorForPreference, suppress_seqcls_warning
 
-from hhrm import data, rm, rm_trainer
+from hhrm import data
+from hhrm.rm import stage as rm
+from hhrm.rm import trainer as rm_trainer
 
 from conftest import QUIET_CPU
 

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from trl import ModelConfig
 
-from hhrm import data, rm, score_file, scoring
+from hhrm import data
 from hhrm.reporting import read_jsonl
+from hhrm.reward import score_file, scoring
+from hhrm.rm import stage as rm
 
 from conftest import load_recipe, run_process, two_process_launch
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hhrm import model_checks, scoring
+from hhrm import model_checks
+from hhrm.reward import scoring
 
 TEXTS = [
     "###Human: What is 2 plus 3? ###Assistant: 2 plus 3 is 5.",

@@ -18,8 +18,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hhrm import scoring, serve_rm
-from hhrm.serve_rm_protocol import free_port, request_json, strip_special
+from hhrm.reward import scoring
+from hhrm.reward import server as serve_rm
+from hhrm.reward.protocol import free_port, request_json, strip_special
 
 from conftest import ROOT, run_process
 

@@ -316,11 +316,11 @@ def _pair_keys(ds: Dataset, start: int = 0, stop: int | None = None) -> Iterable
 def pair_lengths(ds: Dataset, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """Token counts of ``prompt+chosen`` and ``prompt+rejected`` as the reward model sees them.
 
-    Counted with :func:`hhrm.scoring.encode` (text + EOS, the tokenizer's own special tokens), the
+    Counted with :func:`hhrm.reward.scoring.encode` (text + EOS, the tokenizer's own special tokens), the
     one tokenization the RM trains and scores with, so the report and the 512-token drop agree.
     Tokenized :data:`LENGTH_CHUNK` texts at a time, keeping only the counts (``int32``).
     """
-    from hhrm.scoring import encode
+    from hhrm.reward.scoring import encode
 
     lengths = {k: np.zeros(len(ds), dtype=np.int32) for k in ("chosen", "rejected")}
     for start in range(0, len(ds), LENGTH_CHUNK):

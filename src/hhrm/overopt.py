@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from hhrm import data, finite, generation, model_checks, modeling, outputs, reporting, runtime, scoring, synthetic
+from hhrm import data, finite, generation, model_checks, modeling, outputs, reporting, runtime, synthetic
+from hhrm.reward import scoring
 
 logger = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ A reward model that only tracks response length, or only re-reads what the pretr
 has not learned from the preference data. Three yardsticks, all on the same held-out pairs:
 
 * ``longer wins`` / ``shorter wins``: pick the response with more (fewer) tokens; a tie counts as wrong,
-  as :func:`hhrm.rm_eval.exact_accuracy` counts a tied reward;
+  as :func:`hhrm.rm.evaluation.exact_accuracy` counts a tied reward;
 * a logistic-regression probe: the frozen model's final hidden state at the token the reward head reads
-  (the appended EOS of ``prompt + response + EOS``, :func:`hhrm.scoring.encode`), a linear reward
+  (the appended EOS of ``prompt + response + EOS``, :func:`hhrm.reward.scoring.encode`), a linear reward
   ``w . h`` fitted with Bradley-Terry on the training pairs (``h_chosen - h_rejected``, no intercept, L2
   picked by k-fold cross-validation). Its input is exactly what the untrained RM's linear head sees, so
   fine-tuning the whole model must beat it to show that training the backbone helped.
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from hhrm import scoring
+from hhrm.reward import scoring
 
 Z95 = 1.96
 L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # per-feature-scaled features: 100 is a near-constant probe

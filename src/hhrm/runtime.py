@@ -125,14 +125,13 @@ def setup_logging(level: int = logging.INFO) -> None:
 # hhrm's own checks raise these, with a message that names the setting or file and the fix.
 REFUSALS = (ValueError, FileNotFoundError, ConnectionError)
 _PACKAGE_DIR = Path(__file__).resolve().parent
-_RECIPES_DIR = _PACKAGE_DIR.parents[1] / "recipes"  # the repository's recipes/ (hhrm is installed from src/)
 
 
 def raised_by_hhrm(exc: BaseException) -> bool:
     """Whether ``exc`` was raised in hhrm's own code (a deliberate check), not inside torch/transformers/trl.
 
-    Own code: the ``hhrm`` package, the repository's ``recipes/`` and the script being run. What counts is the
-    innermost frame of the traceback, the one that raised.
+    Own code: the ``hhrm`` package and the script being run (a recipe: every launcher runs it as ``__main__``). What
+    counts is the innermost frame of the traceback, the one that raised.
     """
     tb = exc.__traceback__
     if tb is None:
@@ -143,7 +142,7 @@ def raised_by_hhrm(exc: BaseException) -> bool:
     script = getattr(sys.modules.get("__main__"), "__file__", None)
     if script and path == Path(script).resolve():
         return True
-    return any(path.is_relative_to(folder) for folder in (_PACKAGE_DIR, _RECIPES_DIR))
+    return path.is_relative_to(_PACKAGE_DIR)
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 
 TRL 1.16 ships no best-of-N sampler and no iterative SFT trainer, so the loop is written here from
 TRL's pieces: generation through :mod:`hhrm.generation` (``unwrap_model_for_generation`` for
-DDP/ZeRO-3, optional vLLM), rewards through :class:`hhrm.scoring.RewardScorer`, and the fine-tune
+DDP/ZeRO-3, optional vLLM), rewards through :class:`hhrm.reward.scoring.RewardScorer`, and the fine-tune
 through ``SFTTrainer`` on ``{"prompt", "completion"}`` rows (loss on the completion only).
 
 Each iteration ``i`` lives in ``output_dir/iter_<i>/`` and runs six stages. A stage's main output is

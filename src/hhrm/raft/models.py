@@ -20,8 +20,8 @@ from trl import get_peft_config
 
 from hhrm import generation, model_checks, modeling, runtime
 from hhrm.raft.config import RaftConfig
-from hhrm.reward_client import RemoteRewardScorer
-from hhrm.scoring import RewardScorer
+from hhrm.reward.client import RemoteRewardScorer
+from hhrm.reward.scoring import RewardScorer
 
 # offload_models unset: a policy checkpoint above this size (≈1B fp32 / 2B bf16 params) is "big".
 OFFLOAD_AUTO_BYTES = 4 * 1024**3

@@ -5,7 +5,7 @@ EOS, TRL's GRPO does not; transformers' head reads the rightmost non-pad token, 
 renders the RM's chat template; encoder RMs take a text pair). A :class:`Convention` is one record of those choices,
 and :data:`PRESETS` name the ones that reproduce a known tool's code (each is proven equal to that code in
 ``tests/test_conventions.py``). This module is plain data plus tokenization: it imports no model code and no hhrm
-stage, so data preparation can use it; :class:`hhrm.scoring.RewardScorer` applies the model side (``read_at``,
+stage, so data preparation can use it; :class:`hhrm.reward.scoring.RewardScorer` applies the model side (``read_at``,
 ``activation``).
 
 ``python scripts/conventions_matrix.py --model FOLDER --data FILE`` prints how far the presets disagree on one RM.

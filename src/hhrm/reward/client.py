@@ -1,7 +1,7 @@
 """A client of hhrm's reward-model server (``recipes/serve_rm.py``): the rewards of prompt + response, remotely.
 
 RAFT scores through it when ``reward_model_url`` is set, with the same interface as the in-process
-:class:`hhrm.scoring.RewardScorer` (``score_pairs``), so the loop does not care where the model runs. The
+:class:`hhrm.reward.scoring.RewardScorer` (``score_pairs``), so the loop does not care where the model runs. The
 server applies the one reward rule (text + EOS, read at the EOS) with ``RewardScorer`` itself, so the rewards
 are the in-process ones.
 

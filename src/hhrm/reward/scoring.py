@@ -8,9 +8,9 @@ string, then calls ``tokenizer(text=...)``) and what the text-classification pip
 when the caller appends EOS. :func:`encode` is that tokenization; the RM recipe, the evaluation
 and this scorer all go through it.
 
-That rule is the default :class:`hhrm.conventions.Convention` (``hhrm``). A reward model trained or served under
+That rule is the default :class:`hhrm.reward.conventions.Convention` (``hhrm``). A reward model trained or served under
 another tool's rule is scored by its preset (``RewardScorer(..., convention=PRESETS[name])``, via ``score_pairs``):
-how the text is built and tokenized is :mod:`hhrm.conventions`; where the score is read and its activation, here.
+how the text is built and tokenized is :mod:`conventions`; where the score is read and its activation, here.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
-from hhrm import conventions, model_checks, modeling, runtime
+from hhrm import model_checks, modeling, runtime
+from hhrm.reward import conventions
 
 
 def with_eos(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[str]:
@@ -117,7 +118,7 @@ class RewardScorer:
 
     @torch.no_grad()
     def score_ids(self, ids: list[list[int]], token_type_ids: list[list[int]] | None = None) -> list[float]:
-        """Rewards of already-encoded texts (from :func:`encode` or :func:`hhrm.conventions.encode_full`), read and
+        """Rewards of already-encoded texts (from :func:`encode` or :func:`conventions.encode_full`), read and
         activated by the convention, in input order."""
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         rewards = [0.0] * len(ids)

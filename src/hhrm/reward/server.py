@@ -1,10 +1,10 @@
 """The reward-model server: a reward model folder behind HTTP on LitServe, scored by the one reward rule.
 
 Endpoints (JSON in and out; every refusal is ``{"error": "<one line>"}`` with a 4xx status, see
-:mod:`hhrm.serve_rm_protocol`):
+:mod:`hhrm.reward.protocol`):
 
 * ``POST /score``: ``{"prompts": [str], "responses": [str]}`` -> ``{"rewards": [float]}``, the reward of each
-  ``prompt + response`` (:class:`hhrm.scoring.RewardScorer`'s rule: text + EOS, read at the EOS).
+  ``prompt + response`` (:class:`hhrm.reward.scoring.RewardScorer`'s rule: text + EOS, read at the EOS).
 * ``POST /get_reward``: OpenRLHF's remote reward protocol (its ``--remote_rm_url``): ``{"query": [full texts],
   "prompts": [str]}`` -> ``{"rewards": [float], "scores": [float], "extra_logs": {"dummy_scores": [float]}}``,
   what OpenRLHF's ``serve_rm`` answers; other keys (``labels``, ``metas``) are ignored.
@@ -14,7 +14,7 @@ Endpoints (JSON in and out; every refusal is ``{"error": "<one line>"}`` with a 
   Nothing else answers (404), no ``/docs`` nor ``/openapi.json`` either.
 
 Each request is checked and tokenized in the HTTP process before it is queued, and what it may cost is bounded
-before any work that grows with it (:mod:`hhrm.serve_rm_protocol`): the body (``max_request_bytes``, by default
+before any work that grows with it (:mod:`hhrm.reward.protocol`): the body (``max_request_bytes``, by default
 what ``max_texts_per_request`` texts at the character cap need), its JSON outside strings, then each text's
 characters (``max_length`` x the longest token, so a text that fits is never refused and a huge one is never
 tokenized). LitServe's dynamic batching hands the model process up to ``max_batch_size`` queued requests (waiting
@@ -22,7 +22,7 @@ at most ``batch_timeout``); their texts are flattened into one :meth:`RewardScor
 by length and cuts forwards of at most ``batch_size`` texts and ``max_tokens_per_batch`` padded tokens), and the
 rewards are split back per request. A request gets no answer within ``request_timeout``: 504; a dead model process
 or queue: 503 within a second, and the server ends (exit 1) so that whoever runs it restarts it
-(:mod:`hhrm.serve_rm_watch`). ``recipes/serve_rm.py`` runs the server as a child that dies with it, whole.
+(:mod:`hhrm.reward.watch`). ``recipes/serve_rm.py`` runs the server as a child that dies with it, whole.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from hhrm import finite, model_checks, runtime, scoring
-from hhrm.serve_rm_protocol import (
+from hhrm import finite, model_checks, runtime
+from hhrm.reward import scoring
+from hhrm.reward.protocol import (
     STATS,
     TEXT_RULE,
     Limits,
@@ -61,10 +62,10 @@ from hhrm.serve_rm_protocol import (
     stats_summary,
     worker_error,
 )
-from hhrm.serve_rm_watch import BackendState, GuardedServer, launch_process
+from hhrm.reward.watch import BackendState, GuardedServer, launch_process
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServer.run binds
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "serve_rm.py"  # hhrm is installed from src/
+RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "serve_rm.py"  # hhrm is installed from src/
 
 
 @dataclass
@@ -361,7 +362,7 @@ def serve(server: GuardedServer, config: ServeConfig) -> None:
     Both signals take LitServe's graceful shutdown, which stops the HTTP and model processes too (on a plain
     SIGTERM LitServe's main process would die alone and leave them holding the port); SIGINT also where the
     server was started with it ignored (``cmd &`` in a script). A dead model process or queue manager ends the
-    server with exit code 1 and one line instead (:class:`hhrm.serve_rm_watch.GuardedServer`)."""
+    server with exit code 1 and one line instead (:class:`hhrm.reward.watch.GuardedServer`)."""
     main_pid = os.getpid()
 
     def stop(signum, frame) -> None:

@@ -44,7 +44,7 @@ rewards = [output[0]["score"] for output in pipe_outputs]
 """
 
 SCORER_SNIPPET = """\
-from hhrm.scoring import RewardScorer
+from hhrm.reward.scoring import RewardScorer
 
 scorer = RewardScorer.from_pretrained("{path}")        # batches by length, appends EOS itself
 rewards = scorer.score(test_texts)                        # full texts, or:

@@ -1,11 +1,11 @@
 """Reward-model stage: the config beside ``RewardTrainer``, its pairs, export, and what is written after training.
 
 Every text the RM sees (training, hhrm's scorer, evaluation, the pipeline snippet in the model
-card) is ``prompt + response + eos`` tokenized by :func:`hhrm.scoring.encode`. Pairs are
+card) is ``prompt + response + eos`` tokenized by :func:`hhrm.reward.scoring.encode`. Pairs are
 tokenized here, once, and handed to ``RewardTrainer`` pre-tokenized, so the 512-token filter
 counts exactly the tokens the model trains on (BOS included for LLaMA) and the trainer's own
 ``max_length`` filter has nothing left to drop. :func:`make_trainer` builds the recipe's trainer,
-:class:`hhrm.rm_trainer.RewardTrainer`: length-grouped batches by default, padding-free rows on request.
+:class:`hhrm.rm.trainer.RewardTrainer`: length-grouped batches by default, padding-free rows on request.
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ import trl
 from datasets import Dataset, Sequence, Value
 from trl import ModelConfig, get_peft_config
 
+import hhrm.rm.card as rm_card
+import hhrm.rm.evaluation as rm_eval
+import hhrm.rm.trainer as rm_trainer
 from hhrm import data as hdata
-from hhrm import model_checks, modeling, reporting, rm_card, rm_eval, rm_trainer, runtime, scoring
+from hhrm import model_checks, modeling, reporting, runtime
+from hhrm.reward import scoring
 from hhrm.runtime import StageConfigMixin
 
 logger = logging.getLogger(__name__)
@@ -158,7 +162,7 @@ class RewardPairs:
 
 
 def tokenize_pairs(ds: Dataset, tokenizer) -> Dataset:
-    """Add ``chosen_ids``/``rejected_ids`` (:func:`hhrm.scoring.encode` of prompt+chosen / prompt+rejected) and
+    """Add ``chosen_ids``/``rejected_ids`` (:func:`hhrm.reward.scoring.encode` of prompt+chosen / prompt+rejected) and
     their lengths, a batch at a time into Arrow columns: as Python lists, the ids of 161K pairs took 6 GB."""
 
     def encode_batch(batch: dict[str, list]) -> dict[str, list]:
@@ -238,7 +242,7 @@ def trainer_dataset(ds: Dataset, length_column: str = "length") -> Dataset:
 
 
 def make_trainer(model, args: RewardConfig, pairs: RewardPairs, tokenizer, model_args: ModelConfig):
-    """The RM recipe's trainer: :class:`hhrm.rm_trainer.RewardTrainer` (length-grouped batches by default,
+    """The RM recipe's trainer: :class:`hhrm.rm.trainer.RewardTrainer` (length-grouped batches by default,
     padding-free when ``args.padding_free``) on the RM-train pairs, RM-test for its periodic evaluation."""
     return rm_trainer.RewardTrainer(
         model=model,

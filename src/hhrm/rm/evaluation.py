@@ -18,12 +18,13 @@ import numpy as np
 from datasets import Dataset
 
 from hhrm import data as hdata
-from hhrm import reporting, scoring, synthetic
+from hhrm import reporting, synthetic
+from hhrm.reward import scoring
 
 logger = logging.getLogger(__name__)
 
-CARD_BEGIN = "<!-- hhrm.rm_eval: begin -->"
-CARD_END = "<!-- hhrm.rm_eval: end -->"
+CARD_BEGIN = "<!-- hhrm.rm.evaluation: begin -->"
+CARD_END = "<!-- hhrm.rm.evaluation: end -->"
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,7 +88,7 @@ def quantile_edges(values: np.ndarray, n: int) -> list[int]:
 
 
 def pair_ids(tokenizer, ds: Dataset) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of prompt+chosen and prompt+rejected (:func:`hhrm.scoring.encode`), reused if the pairs carry them."""
+    """Token ids of prompt+chosen and prompt+rejected (:func:`scoring.encode`), reused if the pairs carry them."""
     if "chosen_ids" in ds.column_names:
         return list(ds["chosen_ids"]), list(ds["rejected_ids"])
     return (

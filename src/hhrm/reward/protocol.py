@@ -2,7 +2,7 @@
 
 Pure functions of the request body and the reward tokenizer (no server, no model), so the HTTP process checks and
 tokenizes each request alone before it is queued: a bad request is answered 4xx with ``{"error": "<one line>"}``
-and never joins a batch. Texts are tokenized once, by :func:`hhrm.scoring.encode` (text + EOS, the tokenizer's own
+and never joins a batch. Texts are tokenized once, by :func:`scoring.encode` (text + EOS, the tokenizer's own
 special tokens kept), and the model process scores those ids.
 
 * ``/score``: ``{"prompts": [str], "responses": [str]}``, as many of each; the text is ``prompt + response``.
@@ -23,7 +23,7 @@ What a request may cost is bounded before any work that grows with it (:class:`L
 
 Statuses: 400 for a body that is not a JSON object, a missing/empty/non-string list, mismatched counts or a text
 that cannot be tokenized; 413 for the limits above; 500 if the model process fails on a batch; 503 once the model
-process or LitServe's queue is gone (:mod:`hhrm.serve_rm_watch`); 504 if a request got no answer within
+process or LitServe's queue is gone (:mod:`hhrm.reward.watch`); 504 if a request got no answer within
 ``request_timeout``.
 
 Also here: the ``GET /stats`` summary, the port check, and a standard-library JSON client (``request_json``).
@@ -40,7 +40,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from hhrm import scoring
+from hhrm.reward import scoring
 
 TEXT_RULE = (
     "reward of text + EOS (EOS appended unless the text ends with it), tokenized by the reward tokenizer's own "
@@ -149,7 +149,7 @@ def score_texts(data: dict, limit: int, tokenizer) -> list[str]:
 
 def get_reward_texts(data: dict, limit: int, tokenizer) -> list[str]:
     """``POST /get_reward`` (OpenRLHF): each query with pad/EOS strings stripped from both ends (EOS re-appended by
-    :func:`hhrm.scoring.encode`)."""
+    :func:`hhrm.reward.scoring.encode`)."""
     queries = string_list(data, "query", limit)
     if data.get("prompts") is not None and len(string_list(data, "prompts", limit)) != len(queries):
         raise RequestError(400, f"{len(data['prompts'])} prompts but {len(queries)} queries: one prompt per query")
@@ -187,7 +187,7 @@ def check_chars(texts: list[str], limits: Limits) -> list[str]:
 
 
 def encode_checked(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """The one tokenization (:func:`hhrm.scoring.encode`), refusing texts over ``max_length`` tokens."""
+    """The one tokenization (:func:`hhrm.reward.scoring.encode`), refusing texts over ``max_length`` tokens."""
     try:
         ids = scoring.encode(tokenizer, texts)
     except (TypeError, ValueError) as err:  # e.g. a lone surrogate (\\ud800) that UTF-8 cannot encode

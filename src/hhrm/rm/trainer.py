@@ -12,7 +12,7 @@
   flash-attention runs varlen kernels from ``cu_seq_lens``. The sequence-classification model pools one token
   per row, so the per-token output of its ``score`` head is captured with a forward hook (through DDP,
   DeepSpeed and PEFT's ``modules_to_save`` wrapper) and read at each sequence's last token: the EOS that
-  :func:`hhrm.scoring.encode` appends, the token the padded path reads. Those ``(2B, 1)`` rewards, chosen
+  :func:`hhrm.reward.scoring.encode` appends, the token the padded path reads. Those ``(2B, 1)`` rewards, chosen
   first, go through TRL's own ``compute_loss``: the same Bradley-Terry loss, margin, centring and metrics.
 """
 
@@ -40,7 +40,7 @@ SEQUENCE_ENDS = "sequence_ends"
 def add_length_column(ds: Dataset, name: str = "length") -> Dataset:
     """``ds`` with ``name`` = ``max(len(chosen_ids), len(rejected_ids))`` per pair (unchanged if it has one).
 
-    Uses the ``chosen_len``/``rejected_len`` columns :func:`hhrm.rm.tokenize_pairs` records when present,
+    Uses the ``chosen_len``/``rejected_len`` columns :func:`hhrm.rm.stage.tokenize_pairs` records when present,
     else Arrow's list lengths (no pass over the ids in Python).
     """
     if name in ds.column_names:
@@ -128,7 +128,7 @@ class PackedRewards:
 
 class RewardTrainer(trl.RewardTrainer):
     """``trl.RewardTrainer`` that keeps the length column for its sampler and trains padding-free when
-    ``args.padding_free`` (:class:`hhrm.rm.RewardConfig`); otherwise TRL's collator and loss, unchanged."""
+    ``args.padding_free`` (:class:`hhrm.rm.stage.RewardConfig`); otherwise TRL's collator and loss, unchanged."""
 
     def __init__(self, model, args, data_collator=None, **kwargs):
         if data_collator is None and getattr(args, "padding_free", False):

@@ -3,14 +3,14 @@
 Input: any preference format hhrm reads (pairs: raw, dahoas, conversational, standard) or prompt/response
 rows (``{"prompt", "response"}`` or TRL's ``{"prompt", "completion"}``), from a local file or folder or a hub
 id. Every text goes through the one text rule (:mod:`hhrm.formats`) and the one reward rule
-(:func:`hhrm.scoring.encode`: text + EOS, read at the EOS), so a score here equals the score the RM was
+(:func:`hhrm.reward.scoring.encode`: text + EOS, read at the EOS), so a score here equals the score the RM was
 evaluated with.
 
 Output: the input rows, in input order and all of them, with ``chosen_reward``/``rejected_reward`` (pairs)
 or ``reward`` (responses) added; a row that could not be read or rendered keeps null rewards and says why
 in ``bad_row``. JSON lines or Parquet (by the file's suffix), plus ``<output_file>.metrics.json`` (``a.jsonl`` and
 ``a.parquet`` each keep their own) with the counts, the reward statistics and, for pairs, the pairwise accuracy
-(ties count as wrong, as in :mod:`hhrm.rm_eval`). What would only fail at the end is refused before the model is
+(ties count as wrong, as in :mod:`hhrm.rm.evaluation`). What would only fail at the end is refused before the model is
 loaded: an output folder that cannot be written, rows that do not fit one Parquet schema. A failed write (a full
 disk) leaves no partial file behind, and an existing output whole.
 
@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from hhrm import data, data_io, finite, formats, reporting, runtime, scoring
-from hhrm.score_output import check_writable, parquet_table, whole_or_nothing, write_rows
+from hhrm import data, data_io, finite, formats, reporting, runtime
+from hhrm.reward import scoring
+from hhrm.reward.score_output import check_writable, parquet_table, whole_or_nothing, write_rows
 
 logger = logging.getLogger(__name__)
 
