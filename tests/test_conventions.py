@@ -7,6 +7,8 @@ The reference code is written out plainly here, from each tool's own source.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -139,14 +141,27 @@ def test_hhrm_and_trl_reward_equal_reward_trainers_own_input_code(distinct_pad):
         )
 
 
+def _card_pipeline(model, tok, texts: list[str]) -> list[float]:
+    """The seed card's snippet in its transformers-5 form (library-facts §4)."""
+    rm_pipe = pipeline("text-classification", model=model, tokenizer=tok, device="cpu")
+    pipe_outputs = rm_pipe(texts, top_k=None, function_to_apply="none", batch_size=1)
+    return [output[0]["score"] for output in pipe_outputs]
+
+
+def _grpo_reference(model, tok, texts: list[str]) -> list[float]:
+    """trl/trainer/grpo_trainer.py's reward_funcs lines (non-conversational): right padding, no special tokens."""
+    model.config.get_text_config().pad_token_id = tok.pad_token_id
+    reward_inputs = tok(text=texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+    assert reward_inputs["input_ids"][0, 0] != tok.bos_token_id  # add_special_tokens=False: no BOS
+    with torch.inference_mode():
+        return model(**reward_inputs).logits[:, 0].tolist()
+
+
 def test_card_pipeline_equals_the_cards_snippet(pad_is_eos):
     model, tok = pad_is_eos
     texts = [p + r for p, r in zip(PROMPTS, RESPONSES)]
     texts[3] += tok.eos_token  # a text ending in EOS == pad: the pipeline's head skips it, and so must hhrm
-    # The seed card's snippet in its transformers-5 form (library-facts §4).
-    rm_pipe = pipeline("text-classification", model=model, tokenizer=tok, device="cpu")
-    pipe_outputs = rm_pipe(texts, top_k=None, function_to_apply="none", batch_size=1)
-    expected = [output[0]["score"] for output in pipe_outputs]
+    expected = _card_pipeline(model, tok, texts)
     responses = [*RESPONSES[:3], RESPONSES[3] + tok.eos_token]
     got = _scorer(model, tok, "card-pipeline").score_pairs(PROMPTS, responses)
     assert got == pytest.approx(expected, abs=1e-5)
@@ -155,13 +170,7 @@ def test_card_pipeline_equals_the_cards_snippet(pad_is_eos):
 
 def test_trl_grpo_equals_grpo_trainers_scoring_lines(pad_is_eos):
     model, tok = pad_is_eos
-    # trl/trainer/grpo_trainer.py: pad := eos when missing, config pad id from the tokenizer, then (non-conversational)
-    texts = [p + c for p, c in zip(PROMPTS, RESPONSES)]
-    model.config.get_text_config().pad_token_id = tok.pad_token_id
-    reward_inputs = tok(text=texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
-    with torch.inference_mode():
-        expected = model(**reward_inputs).logits[:, 0].tolist()
-    assert reward_inputs["input_ids"][0, 0] != tok.bos_token_id  # add_special_tokens=False: no BOS
+    expected = _grpo_reference(model, tok, [p + c for p, c in zip(PROMPTS, RESPONSES)])
     got = _scorer(model, tok, "trl-grpo").score_pairs(PROMPTS, RESPONSES)
     assert got == pytest.approx(expected, abs=1e-5)
     assert _differs(got, _scorer(model, tok, "card-pipeline").score_pairs(PROMPTS, RESPONSES))  # BOS matters
@@ -301,6 +310,92 @@ def test_hash_dialogues_become_messages_and_questions():
     ]
     assert conventions.question(PROMPTS[0]) == "What is 2 plus 3?"
     assert conventions.question(PROMPTS[1]).startswith("###Human: Hi there! ###Assistant: Hello!")
+
+
+# --------------------------------------------------------------------------------------------
+# A folder says how to score it: config.json's reward_convention, a stated name, or hhrm's rule when pad != EOS
+
+
+def _save(model, tok, folder, recorded: str | None = None):
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    if recorded is not None:  # written into the file, as another tool or a hand edit would
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | {conventions.CONFIG_KEY: recorded}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pad_is_eos_folder(pad_is_eos, tmp_path_factory):
+    """A pad == EOS Llama RM folder recording no convention (the seed card's RM, or a SmolLM2 one, as shipped)."""
+    model, tok = pad_is_eos
+    model.config.pad_token_id = tok.pad_token_id
+    return _save(model, tok, tmp_path_factory.mktemp("pad_is_eos_rm"))
+
+
+def test_a_pad_is_eos_folder_recording_nothing_is_refused_until_its_convention_is_stated(
+    pad_is_eos, pad_is_eos_folder
+):
+    with pytest.raises(ValueError, match=r"pad == EOS\) and its config.json records no reward_convention") as err:
+        scoring.RewardScorer.from_pretrained(pad_is_eos_folder, device="cpu")
+    line = _one_line(err)
+    assert repr(str(pad_is_eos_folder)) in line and all(name in line for name in PRESETS)
+    assert (
+        "set reward_convention to one of" in line
+        and "published RM, weqweasdas/" in line
+        and "is card-pipeline" in line
+    )
+    # Stated: loaded from the folder, it scores what the card's pipeline scores on the in-memory model.
+    scorer = scoring.RewardScorer.from_pretrained(
+        pad_is_eos_folder, device="cpu", dtype=torch.float32, convention="card-pipeline"
+    )
+    assert scorer.convention is PRESETS["card-pipeline"]
+    model, tok = pad_is_eos
+    texts = [p + r for p, r in zip(PROMPTS, RESPONSES)]
+    assert scorer.score_pairs(PROMPTS, RESPONSES) == pytest.approx(_card_pipeline(model, tok, texts), abs=1e-5)
+    # A stated convention that cannot work with pad == EOS is refused by check, before any weight loads.
+    with pytest.raises(ValueError, match=r"reward_convention='trl-reward': .* pad token distinct from EOS") as err:
+        scoring.RewardScorer.from_pretrained(pad_is_eos_folder, device="cpu", convention="trl-reward")
+    _one_line(err)
+
+
+def test_a_recorded_convention_is_used_without_stating_it(pad_is_eos, pad_is_eos_folder, tmp_path):
+    model, tok = pad_is_eos
+    folder = _save(model, tok, tmp_path / "grpo_rm", recorded="trl-grpo")
+    assert conventions.recorded(folder) == "trl-grpo" and conventions.recorded(pad_is_eos_folder) is None
+    scorer = scoring.RewardScorer.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    assert scorer.convention is PRESETS["trl-grpo"]
+    expected = _grpo_reference(model, tok, [p + c for p, c in zip(PROMPTS, RESPONSES)])
+    assert scorer.score_pairs(PROMPTS, RESPONSES) == pytest.approx(expected, abs=1e-5)
+    # A stated name wins over the recorded one.
+    stated = scoring.RewardScorer.from_pretrained(
+        folder, device="cpu", dtype=torch.float32, convention="card-pipeline"
+    )
+    assert stated.convention is PRESETS["card-pipeline"]
+
+
+def test_unknown_convention_names_are_refused_in_one_line(pad_is_eos, pad_is_eos_folder, tmp_path):
+    model, tok = pad_is_eos
+    with pytest.raises(ValueError, match=r"^rm_convention='nope' is not a reward convention: one of hhrm, ") as err:
+        scoring.RewardScorer.from_pretrained(pad_is_eos_folder, convention="nope", convention_setting="rm_convention")
+    _one_line(err)
+    folder = _save(model, tok, tmp_path / "typo_rm", recorded="card_pipeline")
+    with pytest.raises(ValueError, match=r"records reward_convention='card_pipeline', which is not a reward") as err:
+        scoring.RewardScorer.from_pretrained(folder, device="cpu")
+    line = _one_line(err)
+    assert repr(str(folder)) in line and "card-pipeline" in line and "set reward_convention to override it" in line
+    assert conventions.resolve(folder, "card-pipeline", tok) is PRESETS["card-pipeline"]  # stating it overrides
+
+
+def test_a_folder_with_a_distinct_pad_and_nothing_recorded_is_hhrms(distinct_pad, tmp_path):
+    model, tok = distinct_pad
+    folder = _save(model, tok, tmp_path / "old_hhrm_rm")
+    assert conventions.recorded(folder) is None and conventions.recorded(tmp_path / "nowhere") is None
+    assert conventions.resolve(folder, None, tok) is PRESETS["hhrm"]
+    scorer = scoring.RewardScorer.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    assert scorer.convention is PRESETS["hhrm"]
+    expected = scoring.RewardScorer(model, tok).score_pairs(PROMPTS, RESPONSES)
+    assert scorer.score_pairs(PROMPTS, RESPONSES) == pytest.approx(expected, abs=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from hhrm import model_checks
 from hhrm.raft import files, report
 from hhrm.raft.prompts import draw_prompts
 from hhrm.reporting import read_json, write_json, write_jsonl
@@ -232,21 +233,25 @@ def test_fingerprint_changes_when_an_input_model_is_retrained(tmp_path):
     (rm / "model.safetensors").write_bytes(b"v1")
     args = SimpleNamespace(reward_model_name_or_path=str(rm), num_samples=4, generation_batch_size=8)
     model_args = SimpleNamespace(model_name_or_path="org/policy")  # a hub id stands for itself
-    before = files.run_fingerprint(args, {"test_offset": 1}, model_args, world_size=1)
+
+    def identity():  # what hhrm.reward.sources.LocalModel.identity() holds for the folder
+        return {"weights": model_checks.weights_identity(str(rm)), "convention": "hhrm"}
+
+    before = files.run_fingerprint(args, {"test_offset": 1}, model_args, 1, identity())
     write_json({"fingerprint": before}, tmp_path / "run.json")
     (rm / "model.safetensors").write_bytes(b"v2, retrained")
-    after = files.run_fingerprint(args, {"test_offset": 1}, model_args, world_size=1)
+    after = files.run_fingerprint(args, {"test_offset": 1}, model_args, 1, identity())
     with pytest.raises(ValueError, match=r"inputs.reward_model"):
         files.check_resume(tmp_path, after)
     with pytest.raises(ValueError, match=r"inputs.world_size"):
         files.check_resume(
             tmp_path,
-            files.run_fingerprint(args, {"test_offset": 1}, model_args, world_size=2)
+            files.run_fingerprint(args, {"test_offset": 1}, model_args, 2, identity())
             | {"inputs": before["inputs"] | {"world_size": 2}},
         )
     args.generation_batch_size = 16  # how prompts are batched changes the samples: not resumable
     with pytest.raises(ValueError, match=r"raft.generation_batch_size"):
         files.check_resume(
             tmp_path,
-            files.run_fingerprint(args, {"test_offset": 1}, model_args, world_size=1) | {"inputs": before["inputs"]},
+            files.run_fingerprint(args, {"test_offset": 1}, model_args, 1, identity()) | {"inputs": before["inputs"]},
         )

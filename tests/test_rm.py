@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hhrm import data
-from hhrm.reward import scoring
+from hhrm.reward import conventions, scoring
 from hhrm.rm import card as rm_card
 from hhrm.rm import evaluation as rm_eval
 from hhrm.rm import stage as rm
@@ -219,3 +219,61 @@ def test_long_pairs_dropped_not_truncated(tiny):
     assert list(lc) == [len(ids) for ids in rm.tokenize_pairs(ds, tok)["chosen_ids"]]
     kept, dropped = rm.drop_long(rm.tokenize_pairs(ds, tok), int(lc[0]) - 1)
     assert dropped == 3
+
+
+# --------------------------------------------------------------------------------------------
+# The export records its convention; the card's snippet follows it
+
+
+@pytest.mark.parametrize("use_peft", [False, True])
+def test_export_records_hhrms_convention_and_loads_without_a_setting(saved_rm, tmp_path, use_peft):
+    import json
+
+    from trl import ModelConfig, RewardTrainer
+
+    model_args = ModelConfig(model_name_or_path=str(saved_rm), use_peft=use_peft, lora_r=4)
+    tok = AutoTokenizer.from_pretrained(saved_rm)
+    model = AutoModelForSequenceClassification.from_pretrained(saved_rm).eval()
+    texts, _ = snippet_rewards(saved_rm, 1)
+    expected = scoring.RewardScorer(model, tok).score(texts)
+    pairs = Dataset.from_dict({"prompt": [PROMPT], "chosen": [SHORT], "rejected": [SHORT + " No."]})
+    trainer = RewardTrainer(
+        model=model,
+        args=config(tmp_path),
+        train_dataset=pairs,
+        processing_class=tok,
+        peft_config=rm.reward_peft_config(model_args),
+    )
+    out = rm.export(trainer, tmp_path / "export", tok, model_args)
+    assert (out / "adapter").is_dir() == use_peft  # LoRA: the merged export path
+    assert json.loads((out / "config.json").read_text())["reward_convention"] == "hhrm"
+    assert conventions.recorded(out) == "hhrm"
+    scorer = scoring.RewardScorer.from_pretrained(out, device="cpu")
+    assert scorer.convention is conventions.PRESETS["hhrm"]
+    assert scorer.score(texts) == pytest.approx(expected, abs=1e-5)  # untrained LoRA: merged == the base
+    # The record is on the config, so a later load-and-save of the folder keeps it.
+    AutoModelForSequenceClassification.from_pretrained(out).save_pretrained(tmp_path / "resaved")
+    assert conventions.recorded(tmp_path / "resaved") == "hhrm"
+
+
+def test_card_snippet_follows_the_convention(saved_rm):
+    hhrm_snippet = rm_card.pipeline_snippet(saved_rm, 1)
+    card_snippet = rm_card.pipeline_snippet(saved_rm, 1, convention="card-pipeline")
+    assert hhrm_snippet == rm_card.pipeline_snippet(saved_rm, 1, convention="hhrm") != card_snippet
+    assert "rm_tokenizer.eos_token" in hhrm_snippet and "eos_token" not in card_snippet
+    assert "Append EOS to each text, as the `hhrm` convention" in rm_card.usage(saved_rm)
+    assert "no EOS appended" in rm_card.usage(saved_rm, "card-pipeline")
+    # The card-pipeline snippet, run, is hhrm's scorer under that convention (texts without EOS).
+    scope: dict = {}
+    exec(card_snippet, scope)
+    tok = AutoTokenizer.from_pretrained(saved_rm)
+    model = AutoModelForSequenceClassification.from_pretrained(saved_rm).eval()
+    card = scoring.RewardScorer(model, tok, convention=conventions.PRESETS["card-pipeline"]).score(scope["test_texts"])
+    assert scope["rewards"] == pytest.approx(card, abs=1e-5)
+    assert scope["rewards"] != pytest.approx(scoring.RewardScorer(model, tok).score(scope["test_texts"]), abs=1e-3)
+    # A convention the pipeline cannot reproduce gets hhrm's scorer only, and no pipeline snippet.
+    assert "pipeline(" not in rm_card.usage(saved_rm, "trl-grpo") and "reward_convention='trl-grpo'" in rm_card.usage(
+        saved_rm, "trl-grpo"
+    )
+    with pytest.raises(ValueError, match="reward_convention='trl-grpo': the text-classification pipeline"):
+        rm_card.pipeline_snippet(saved_rm, convention="trl-grpo")

@@ -89,14 +89,19 @@ def test_scorer_rejects_multi_label_models(tiny):
 
 
 # --------------------------------------------------------------------------------------------
-# Reward-model folders: a causal LM, a 2-label classifier, a missing head or pad == eos are refused before use
+# Reward-model folders: a causal LM, a 2-label classifier, a missing head or pad token are refused before use; pad ==
+# eos loads only under a stated or recorded convention
 
 
-def save_classifier(tiny, path, num_labels: int = 1, pad_is_eos: bool = False, drop_head: bool = False):
+def save_classifier(
+    tiny, path, num_labels: int = 1, pad_is_eos: bool = False, drop_head: bool = False, no_pad: bool = False
+):
     model = AutoModelForSequenceClassification.from_pretrained(tiny["base"], num_labels=num_labels)
     tok = AutoTokenizer.from_pretrained(tiny["base"])
     if pad_is_eos:
         tok.pad_token = tok.eos_token
+    if no_pad:
+        tok.pad_token = None
     model.config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -132,7 +137,7 @@ def test_a_causal_lm_folder_is_refused_as_reward_model(tiny):
     "kind, match",
     [
         ("two_labels", "num_labels=2, a reward model has num_labels=1"),
-        ("pad_is_eos", "pad token distinct from EOS"),
+        ("no_pad", r"the reward tokenizer has no pad token \(eos="),
         ("no_head", r"no reward head \(score.weight missing\)"),
     ],
 )
@@ -141,13 +146,29 @@ def test_bad_reward_folders_are_refused(tiny, tmp_path, kind, match):
         tiny,
         tmp_path / kind,
         num_labels=2 if kind == "two_labels" else 1,
-        pad_is_eos=kind == "pad_is_eos",
+        no_pad=kind == "no_pad",
         drop_head=kind == "no_head",
     )
     with pytest.raises(ValueError, match=f"reward_model_name_or_path={str(path)!r}: .*{match}"):
         model_checks.check_reward_model(path)
     with pytest.raises(ValueError, match=match):
         scoring.RewardScorer.from_pretrained(path, device="cpu")
+
+
+def test_a_pad_is_eos_folder_passes_the_folder_check_and_loads_under_a_stated_convention(tiny, tmp_path):
+    path = save_classifier(tiny, tmp_path / "pad_is_eos", pad_is_eos=True)
+    tok = model_checks.check_reward_model(path)  # the folder is a reward model; how to score it is the convention's
+    assert tok.pad_token_id == tok.eos_token_id
+    with pytest.raises(ValueError, match=r"pad == EOS\) and its config.json records no reward_convention"):
+        scoring.RewardScorer.from_pretrained(path, device="cpu")
+    with pytest.raises(ValueError, match=r"reward_convention='hhrm': .*pad token distinct from EOS"):
+        scoring.RewardScorer.from_pretrained(path, device="cpu", convention="hhrm")
+    scorer = scoring.RewardScorer.from_pretrained(path, device="cpu", convention="trl-grpo")
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():  # trl-grpo: the text as given, no BOS, read at its last token (no EOS in these texts)
+        direct = [model(input_ids=torch.tensor([tok(t, add_special_tokens=False)["input_ids"]])).logits[0, 0].item()
+                  for t in TEXTS]  # fmt: skip
+    assert scorer.convention.name == "trl-grpo" and scorer.score(TEXTS) == pytest.approx(direct, abs=1e-5)
 
 
 def test_missing_folders_are_refused(tiny, tmp_path):

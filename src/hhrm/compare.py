@@ -38,6 +38,7 @@ from hhrm import data, finite, lifetime, logprobs, model_checks, modeling, repor
 from hhrm.raft.config import RaftConfig
 from hhrm.raft.report import TIMED_STAGES
 from hhrm.raft.select import UPDATES, distinct_n
+from hhrm.reward import sources
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ SAME_BUDGET = {
     "data": ("dataset_name", "dataset_format", "test_offset", "max_train_rows", "max_test_rows", "use_chat_template"),
     "raft": (
         "prompts_per_iteration", "num_samples", "num_iterations", "max_new_tokens", "temperature", "top_p", "top_k",
-        "heldout_prompts", "max_prompt_tokens", "reward_model_name_or_path", "reward_model_url",
+        "heldout_prompts", "max_prompt_tokens", *sources.WHICH_MODEL,
     ),
     "model": ("model_name_or_path", "model_revision"),
 }  # fmt: skip
@@ -342,7 +343,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     per_run = [{"update": r["update"], "seed": r["seed"]} | r["metrics"] for r in result["runs"]]
     shared = result["same_budget"]
-    scorer = shared["reward_model_name_or_path"] or shared["reward_model_url"]
+    scorer = sources.address(shared)
     lines = [
         "# RAFT (update=sft) vs iterative DPO (update=dpo)",
         "",

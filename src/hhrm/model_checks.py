@@ -170,8 +170,9 @@ def check_reward_model(
 
     A reward model folder (the RM recipe's output) has a config.json whose ``architectures`` is a
     ``*ForSequenceClassification`` with ``num_labels == 1``, weights that hold that head (read from the
-    safetensors headers, nothing is loaded), and a tokenizer whose pad token is distinct from EOS. A causal LM
-    would otherwise be scored by a randomly initialised head, and RAFT would fine-tune against noise.
+    safetensors headers, nothing is loaded), and a tokenizer with a pad token. A causal LM would otherwise
+    be scored by a randomly initialised head, and RAFT would fine-tune against noise. Whether pad == EOS can work
+    depends on how the model is scored: :func:`hhrm.reward.conventions.resolve` judges that.
     """
     fix = "point it at a reward model folder (the output of recipes/rm.py, `make rm`)"
     where = f"{setting}={str(path)!r}"
@@ -199,11 +200,10 @@ def check_reward_model(
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as err:
         raise ValueError(f"{where}: cannot load its tokenizer ({err}); {fix}") from err
-    if tokenizer.eos_token is None or tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+    if tokenizer.pad_token is None:  # whether it needs an EOS is its convention's to say (an encoder has none)
         raise ValueError(
-            f"{where}: the reward tokenizer needs an EOS token and a pad token distinct from EOS (pad="
-            f"{tokenizer.pad_token!r}, eos={tokenizer.eos_token!r}): the score is read at the last non-pad token, "
-            "so pad == eos would skip the EOS the model was trained to score; re-export it with a distinct pad token"
+            f"{where}: the reward tokenizer has no pad token (eos={tokenizer.eos_token!r}): the scorer pads batches; "
+            f"set one in the folder's tokenizer (tokenizer.save_pretrained); {fix}"
         )
     return tokenizer
 

@@ -9,6 +9,7 @@ import trl
 from hhrm import generation
 from hhrm.generation import SamplingArguments
 from hhrm.raft.select import SELECTIONS, UPDATES, JunkFilter
+from hhrm.reward.sources import RewardArguments
 from hhrm.runtime import StageConfigMixin
 
 # The stages of one iteration, in order; each writes one main output (see hhrm.raft).
@@ -37,8 +38,9 @@ class NothingToTrain(ValueError):
 
 
 @dataclass
-class RaftConfig(StageConfigMixin, trl.SFTConfig):
-    """RAFT settings beside TRL's SFTConfig, which holds the per-iteration fine-tune settings.
+class RaftConfig(StageConfigMixin, RewardArguments, trl.SFTConfig):
+    """RAFT settings beside TRL's SFTConfig, which holds the per-iteration fine-tune settings, and the reward source's
+    (:class:`hhrm.reward.sources.RewardArguments`).
 
     ``output_dir`` is the run folder; the fine-tune of iteration ``i`` uses every SFT setting here
     with ``seed + i``. Defaults follow the card (2,048 prompts per iteration, K=8, best of K).
@@ -51,22 +53,6 @@ class RaftConfig(StageConfigMixin, trl.SFTConfig):
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Fine-tune schedule (each iteration)."})
     save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints inside an iteration (off)."})
 
-    reward_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Reward model folder (output of recipes/rm.py). Or reward_model_url."}
-    )
-    reward_model_url: str | None = field(
-        default=None,
-        metadata={
-            "help": "Score through an hhrm reward server instead (make serve-rm; e.g. http://10.0.0.2:8000), in place "
-            "of reward_model_name_or_path: same rewards, the reward model's memory on another machine."
-        },
-    )
-    reward_request_timeout: float = field(
-        default=300.0, metadata={"help": "reward_model_url: seconds one scoring request may take."}
-    )
-    reward_request_retries: int = field(
-        default=3, metadata={"help": "reward_model_url: retries of a failed request (transport error or 5xx)."}
-    )
     num_iterations: int = field(default=10, metadata={"help": "RAFT iterations."})
     prompts_per_iteration: int = field(default=2048, metadata={"help": "Prompts drawn per iteration (card: 2,048)."})
     num_samples: int = field(default=8, metadata={"help": "K: responses generated per prompt (card: 8)."})
@@ -118,7 +104,6 @@ class RaftConfig(StageConfigMixin, trl.SFTConfig):
         default=512, metadata={"help": "Prompts longer than this (policy tokens) are left out of the prompt set."}
     )
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call (x K sequences)."})
-    reward_batch_size: int = field(default=32, metadata={"help": "Texts per reward-model forward."})
     filter_min_tokens: int = field(default=2, metadata={"help": "Junk filter: responses shorter are dropped."})
     filter_max_repeat_fraction: float = field(
         default=0.5, metadata={"help": "Junk filter: max share of repeated word 3-grams (1.0: off)."}
@@ -179,24 +164,17 @@ class RaftConfig(StageConfigMixin, trl.SFTConfig):
             (self.pair_margin >= 0, f"pair_margin={self.pair_margin}: must be >= 0"),
             (self.max_prompt_tokens >= 1, f"max_prompt_tokens={self.max_prompt_tokens}: must be >= 1"),
             (self.generation_batch_size >= 1, f"generation_batch_size={self.generation_batch_size}: must be >= 1"),
-            (self.reward_batch_size >= 1, f"reward_batch_size={self.reward_batch_size}: must be >= 1"),
             (self.heldout_prompts >= 0, f"heldout_prompts={self.heldout_prompts}: must be >= 0"),
             (
                 self.generation_backend in BACKENDS,
                 f"generation_backend={self.generation_backend!r}: expected one of {BACKENDS}",
             ),
             (self.vllm_mode in VLLM_MODES, f"vllm_mode={self.vllm_mode!r}: expected one of {VLLM_MODES}"),
-            (
-                bool(self.reward_model_name_or_path) != bool(self.reward_model_url),
-                "reward_model_name_or_path is not set: give the reward model folder (recipes/rm.py output), or "
-                "reward_model_url for a reward server"
-                if not self.reward_model_url
-                else "reward_model_name_or_path and reward_model_url are both set: give one",
-            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self.check_reward_source()
         self.check_update()
         self.check_generation_backend()
         # Built (and so validated) now, not after the first model load.

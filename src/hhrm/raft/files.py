@@ -19,6 +19,7 @@ from accelerate.utils import gather_object
 from hhrm import outputs
 from hhrm.model_checks import weights_identity
 from hhrm.reporting import config_dict, read_json
+from hhrm.reward import sources
 
 POLICY_DONE = "raft_done"
 # Settings that do not change what a finished stage wrote: a resume may change them.
@@ -31,10 +32,7 @@ RESUMABLE_SETTINGS = {
     "output_dir",
     "overwrite_output_dir",
     "offload_models",
-    "reward_batch_size",
-    "reward_model_url",  # where the RM is served, not which: the served model is in the fingerprint's inputs
-    "reward_request_timeout",
-    "reward_request_retries",
+    *sources.HOW_TO_REACH,  # where and how the RM is reached, not which: the source's identity is in the inputs
     "vllm_server_host",  # where the generation server runs, not what it generates with (RAFT pushes the policy)
     "vllm_server_port",
     "vllm_server_base_url",
@@ -122,19 +120,19 @@ def fine_tune_space(it_dir: Path, policy: str, dtype: str | None, main: bool) ->
 
 
 def run_fingerprint(
-    args: Any, data_args: Any, model_args: Any, world_size: int, served: dict[str, Any] | None = None
+    args: Any, data_args: Any, model_args: Any, world_size: int, reward_identity: dict[str, Any]
 ) -> dict[str, Any]:
     """What a finished stage's outputs depend on (JSON-safe): settings, the input models' files, the process count.
 
     The models are identified by their weight files' names, sizes and modification times, so a policy or
     reward model retrained at the same path is a different input (``make rm && make raft`` is refused
-    rather than reporting the old numbers).
+    rather than reporting the old numbers). The reward model is what its source says scores
+    (:mod:`hhrm.reward.sources`: a folder's weights and convention, or what a server says it serves).
     """
     raft_args = {k: v for k, v in config_dict(args).items() if k not in RESUMABLE_SETTINGS}
     inputs = {
         "policy": weights_identity(model_args.model_name_or_path),
-        # A served RM is identified by what its server says it serves (its folder, and that folder's weights).
-        "reward_model": weights_identity(args.reward_model_name_or_path) if args.reward_model_name_or_path else served,
+        "reward_model": reward_identity,
         "world_size": world_size,
     }
     return {

@@ -69,8 +69,8 @@ class RaftRunner:
     # ----- the algorithm -----------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        served = self.models.remote.identity() if self.models.remote else None
-        fingerprint = run_fingerprint(self.args, self.data_args, self.model_args, self.world, served)
+        identity = self.models.rewards.identity()
+        fingerprint = run_fingerprint(self.args, self.data_args, self.model_args, self.world, identity)
         check_resume(self.out, fingerprint)
         if self.state.is_main_process:
             reporting.write_json(

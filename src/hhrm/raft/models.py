@@ -8,7 +8,6 @@ resident at a time. After a fine-tune the trained policy stays resident for the 
 from __future__ import annotations
 
 import gc
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,35 +17,25 @@ import trl
 from accelerate import PartialState
 from trl import get_peft_config
 
-from hhrm import generation, model_checks, modeling, runtime
+from hhrm import generation, modeling, runtime
 from hhrm.raft.config import RaftConfig
-from hhrm.reward.client import RemoteRewardScorer
-from hhrm.reward.scoring import RewardScorer
+from hhrm.reward import sources
 
 # offload_models unset: a policy checkpoint above this size (≈1B fp32 / 2B bf16 params) is "big".
 OFFLOAD_AUTO_BYTES = 4 * 1024**3
 
 
-def check_reward_model(args: RaftConfig, model_args: trl.ModelConfig, tokenizer, text_rule: str) -> None:
-    """A reward model folder (:func:`hhrm.model_checks.check_reward_model`) that reads the policy's text: under a chat
-    template the RM scores the policy's rendering, so one trained on another template's text is refused."""
-    rm_tokenizer = model_checks.check_reward_model(args.reward_model_name_or_path)
-    if text_rule == "chat_template" and rm_tokenizer.chat_template != tokenizer.chat_template:
+def check_reward_text(source, args: RaftConfig, model_args: trl.ModelConfig, tokenizer, text_rule: str) -> None:
+    """A reward model folder that reads the policy's text: under a chat template the RM scores the policy's rendering
+    (hhrm's convention), so one trained on another template's text is refused. A server's model is its own."""
+    if not isinstance(source, sources.LocalModel) or source.convention.text == "chat_template":
+        return
+    if text_rule == "chat_template" and source.tokenizer.chat_template != tokenizer.chat_template:
         raise ValueError(
             f"use_chat_template=true, but the reward model {args.reward_model_name_or_path!r} has another "
             f"chat_template than the policy {model_args.model_name_or_path!r}: RAFT's prompts and samples are "
             "rendered with the policy's template; train the RM with the same template, or use_chat_template=false"
         )
-
-
-def remote_scorer(args: RaftConfig) -> RemoteRewardScorer:
-    """The client of the reward server at ``reward_model_url`` (checked now: it must answer ``/info``)."""
-    return RemoteRewardScorer(
-        args.reward_model_url,
-        timeout=args.reward_request_timeout,
-        retries=args.reward_request_retries,
-        batch_size=args.reward_batch_size,
-    )
 
 
 def vllm_backend(args: RaftConfig, tokenizer, model=None) -> generation.VLLMBackend:
@@ -91,13 +80,12 @@ class ModelResidency:
         self, args: RaftConfig, model_args: trl.ModelConfig, tokenizer, state: PartialState, text_rule: str = "hh"
     ):
         self.args, self.model_args, self.tokenizer, self.state = args, model_args, tokenizer, state
-        # Refuse a non-RM folder, or a reward server that does not answer, before any generation.
-        self.remote = remote_scorer(args) if args.reward_model_url else None
-        if self.remote is None:
-            check_reward_model(args, model_args, tokenizer, text_rule)
+        # Refuse a non-RM folder, an unusable convention, or a reward server that does not answer, before any
+        # generation. A folder's weights load only when a score stage needs them.
+        self.rewards = sources.build(args, str(state.device), runtime.torch_dtype(args.bf16))
+        check_reward_text(self.rewards, args, model_args, tokenizer, text_rule)
         self.offload = resolve_offload(args.offload_models, model_args.model_name_or_path)
         self._policy: Policy | None = None
-        self._scorer: RewardScorer | None = None
         # vllm server mode: connect now (fails after vllm_server_timeout s if no server answers), not at iteration 0.
         server = args.generation_backend == "vllm" and args.vllm_mode == "server"
         self._vllm = vllm_backend(args, tokenizer) if server else None
@@ -109,7 +97,7 @@ class ModelResidency:
         if policy:
             self._policy = None
         if scorer:
-            self._scorer = None
+            self.rewards.release()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -155,19 +143,6 @@ class ModelResidency:
             trainer=trainer if sharded else None,
         )
 
-    def scorer(self) -> RewardScorer | RemoteRewardScorer:
-        if self.remote is not None:
-            return self.remote
-        if self._scorer is None:
-            self.release(policy=self.offload, scorer=False)
-            self._scorer = RewardScorer.from_pretrained(
-                self.args.reward_model_name_or_path,
-                device=str(self.state.device),
-                dtype=runtime.torch_dtype(self.args.bf16),
-                batch_size=self.args.reward_batch_size,
-            )
-        return self._scorer
-
     # ----- using them --------------------------------------------------------------------
 
     def generate(
@@ -206,7 +181,8 @@ class ModelResidency:
 
     def score(self, prompts: list[str], responses: list[str], desc: str) -> list[float]:
         """Rewards of ``prompt + response`` pairs, in chunks so a progress bar can move."""
-        scorer = self.scorer()
+        if not self.rewards.resident:
+            self.release(policy=self.offload, scorer=False)  # offload_models: the policy leaves before the RM loads
         chunk = max(self.args.reward_batch_size * 8, 1)
         starts = range(0, len(prompts), chunk)
         if self.args.progress and self.state.is_main_process:
@@ -215,9 +191,9 @@ class ModelResidency:
             starts = tqdm(starts, desc=desc, unit="chunk")
         out: list[float] = []
         # One gather for all chunks: ranks' shards differ in size, so their chunk counts may too.
-        with modeling.full_parameters(scorer.model) if self.remote is None else nullcontext():
+        with self.rewards.gathered():
             for s in starts:
-                out += scorer.score_pairs(prompts[s : s + chunk], responses[s : s + chunk])
+                out += self.rewards.score_pairs(prompts[s : s + chunk], responses[s : s + chunk])
         return out
 
     def token_counts(self, responses: list[str]) -> list[int]:

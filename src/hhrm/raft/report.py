@@ -16,6 +16,7 @@ from hhrm import reporting, synthetic
 from hhrm.raft.config import STAGES
 from hhrm.raft.files import iter_dir
 from hhrm.raft.select import distinct_n
+from hhrm.reward import sources
 
 # Headline of the whole run (metrics.json of the output folder): first vs last iteration.
 HEADLINE = (
@@ -205,7 +206,7 @@ def model_card(
 ) -> reporting.ModelCard:
     args = configs["raft"]
     dpo = getattr(args, "update", "sft") == "dpo"
-    scorer = args.reward_model_name_or_path or args.reward_model_url
+    scorer = sources.address(args)
     loop = f"{len(rows)} iterations of {args.prompts_per_iteration} prompts, K={args.num_samples} samples each"
     if dpo:
         loss = ", ".join(getattr(args, "dpo_loss_type", None) or ["sigmoid"])

@@ -8,12 +8,18 @@ and :data:`PRESETS` name the ones that reproduce a known tool's code (each is pr
 stage, so data preparation can use it; :class:`hhrm.reward.scoring.RewardScorer` applies the model side (``read_at``,
 ``activation``).
 
+A reward model folder says how to score it: hhrm's RM export records its preset under :data:`CONFIG_KEY` in
+config.json, and :func:`resolve` reads it (a stated name first, hhrm's own rule for older folders whose pad is not
+their EOS; a pad == EOS folder recording nothing is refused, as it could have been trained under either rule).
+
 ``python scripts/conventions_matrix.py --model FOLDER --data FILE`` prints how far the presets disagree on one RM.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from hhrm import formatting
 
@@ -92,6 +98,8 @@ PRESETS: dict[str, Convention] = {
     )
 }
 HHRM = PRESETS["hhrm"]
+# The key of a reward model folder's config.json that names the preset it is scored by.
+CONFIG_KEY = "reward_convention"
 
 
 def by_name(name: str, setting: str = "reward_convention") -> Convention:
@@ -99,6 +107,47 @@ def by_name(name: str, setting: str = "reward_convention") -> Convention:
     if name not in PRESETS:
         raise ValueError(f"{setting}={name!r} is not a reward convention: one of {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def recorded(path) -> str | None:
+    """The preset name a reward model folder's config.json records under :data:`CONFIG_KEY` (nothing is loaded);
+    ``None`` when it records none, or ``path`` is not a local folder with a readable config.json (a hub id)."""
+    config = Path(path).expanduser() / "config.json"
+    try:
+        value = json.loads(config.read_text()).get(CONFIG_KEY)
+    except (OSError, ValueError, AttributeError):  # no folder, no or unreadable config: the folder check refuses it
+        return None
+    return None if value is None else str(value)
+
+
+def resolve(path, name: str | None, tokenizer, setting: str = "reward_convention") -> Convention:
+    """The convention a reward model folder is scored by, checked against its tokenizer (:func:`check`).
+
+    ``name`` (the user's ``setting``) when given; else the preset the folder records (:func:`recorded`); else hhrm's
+    rule when the pad token is not the EOS (hhrm's exports before they recorded one). A pad == EOS folder that
+    records nothing is refused: it may score text + EOS at the EOS (read past the pad) or the text as given (the
+    seed card's RM), and the two disagree.
+    """
+    if name is not None:
+        convention = by_name(name, setting)
+    elif (name := recorded(path)) is not None:
+        if name not in PRESETS:
+            raise ValueError(
+                f"{str(path)!r}: its config.json records {CONFIG_KEY}={name!r}, which is not a reward convention: "
+                f"one of {', '.join(PRESETS)}; fix config.json, or set {setting} to override it"
+            )
+        convention = PRESETS[name]
+    elif tokenizer.pad_token_id is None or tokenizer.pad_token_id != tokenizer.eos_token_id:
+        convention = HHRM  # no pad at all: check() says so
+    else:
+        raise ValueError(
+            f"reward model {str(path)!r}: its tokenizer's pad token is its EOS ({tokenizer.eos_token!r}, pad == EOS) "
+            f"and its config.json records no {CONFIG_KEY}, so how it is scored is unknown: set {setting} to one of "
+            f"{', '.join(PRESETS)} (the seed card's published RM, weqweasdas/hh_rlhf_rm_open_llama_3b, is "
+            "card-pipeline: the text as given, no EOS appended)"
+        )
+    check(convention, tokenizer, setting)
+    return convention
 
 
 def check(convention: Convention, tokenizer, setting: str = "reward_convention") -> None:

@@ -11,6 +11,7 @@ and this scorer all go through it.
 That rule is the default :class:`hhrm.reward.conventions.Convention` (``hhrm``). A reward model trained or served under
 another tool's rule is scored by its preset (``RewardScorer(..., convention=PRESETS[name])``, via ``score_pairs``):
 how the text is built and tokenized is :mod:`conventions`; where the score is read and its activation, here.
+:meth:`RewardScorer.from_pretrained` takes the preset a folder records in config.json (``reward_convention``).
 """
 
 from __future__ import annotations
@@ -88,19 +89,24 @@ class RewardScorer:
         device: str | None = None,
         dtype: torch.dtype | None = None,
         setting: str = "reward_model_name_or_path",
+        convention: str | None = None,
+        convention_setting: str = "reward_convention",
         **kwargs,
     ) -> RewardScorer:
         """Load a reward model folder. ``dtype``: the caller's precision (``runtime.torch_dtype(args.bf16)``);
         unset, the device decides by the same rule.
 
-        The folder is checked first (:func:`hhrm.model_checks.check_reward_model`: a one-label sequence classifier
-        whose checkpoint holds its head, pad != EOS); ``setting`` names the option it came from in the error.
+        Before any weight is loaded, the folder is checked (:func:`hhrm.model_checks.check_reward_model`: a one-label
+        sequence classifier whose checkpoint holds its head; ``setting`` names the option it came from) and its
+        convention resolved (:func:`conventions.resolve`: the preset ``convention`` names, else the one its config.json
+        records, else hhrm's when pad != EOS; ``convention_setting`` names the option in the error).
         """
         tokenizer = model_checks.check_reward_model(path, setting)
+        rule = conventions.resolve(path, convention, tokenizer, convention_setting)
         device = device or runtime.default_device()
         dtype = runtime.torch_dtype() if dtype is None else dtype
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype).to(device).eval()
-        return cls(model, tokenizer, **kwargs)
+        return cls(model, tokenizer, convention=rule, setting=convention_setting, **kwargs)
 
     def with_eos(self, texts: list[str]) -> list[str]:
         return with_eos(self.tokenizer, texts)

@@ -1,7 +1,8 @@
 """The reward model's card: what it is, its evaluation, and how to use it (the card's pipeline snippet, fixed).
 
-The snippet is the LMFlow card's ``pipeline`` usage in the form that runs on transformers 5.23; the
-tests execute this very text, so the card never shows code that does not run.
+The snippet is the LMFlow card's ``pipeline`` usage in the form that runs on transformers 5.23, its input following
+the convention the folder records (``reward_convention``: hhrm appends EOS, card-pipeline does not); the tests
+execute this very text, so the card never shows code that does not run.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hhrm import reporting
+from hhrm.reward import conventions
 
 # The card's snippet in the form that runs on transformers 5.23; tests exec this very text.
 PIPELINE_SNIPPET = """\
@@ -38,36 +40,62 @@ test_texts = [
     "less than an hour to cook? ###Assistant: Are you interested in a quick and easy recipe you can prepare "
     "with chicken you have on hand, or something more involved?",
 ]
-# The reward model was trained on text + EOS (TRL's RewardTrainer appends it): score the same text.
-pipe_outputs = rm_pipe([text + rm_tokenizer.eos_token for text in test_texts], **pipe_kwargs)
-rewards = [output[0]["score"] for output in pipe_outputs]
+{inputs}rewards = [output[0]["score"] for output in pipe_outputs]
 """
+# The pipeline's input by the convention's EOS rule; the rest (the tokenizer's special tokens, the head's reading
+# position) is the pipeline's own, as in every convention :func:`pipeline_reproduces` accepts.
+PIPELINE_INPUTS = {
+    "append": "# The reward model was trained on text + EOS (TRL's RewardTrainer appends it): score the same text.\n"
+    "pipe_outputs = rm_pipe([text + rm_tokenizer.eos_token for text in test_texts], **pipe_kwargs)\n",
+    "keep": "# The reward model scores the text as given: no EOS appended.\n"
+    "pipe_outputs = rm_pipe(test_texts, **pipe_kwargs)\n",
+}
+HOW = {"append": "Append EOS to each text, as", "keep": "Give each text as it is (no EOS appended), as"}
 
 SCORER_SNIPPET = """\
 from hhrm.reward.scoring import RewardScorer
 
-scorer = RewardScorer.from_pretrained("{path}")        # batches by length, appends EOS itself
+scorer = RewardScorer.from_pretrained("{path}")        # batches by length; scores by reward_convention={name!r}
 rewards = scorer.score(test_texts)                        # full texts, or:
 rewards = scorer.score_pairs(prompts, responses)          # prompt ends with " ###Assistant:", response with " "
 """
 
 
-def pipeline_snippet(path: str | Path, batch_size: int = 1) -> str:
-    return PIPELINE_SNIPPET.format(path=str(path), batch_size=batch_size)
+def pipeline_reproduces(convention: conventions.Convention) -> bool:
+    """Whether the text-classification pipeline, given the texts as :data:`PIPELINE_INPUTS` writes, scores as
+    ``convention`` does."""
+    c = convention
+    plain = c.text == "concat" and c.add_special_tokens and not c.dedup_bos and c.max_length is None
+    return plain and c.read_at == "last_non_pad" and c.activation == "none" and c.eos in PIPELINE_INPUTS
 
 
-def usage(path: str | Path) -> str:
+def pipeline_snippet(path: str | Path, batch_size: int = 1, convention: str = "hhrm") -> str:
+    """The pipeline snippet for a folder scored by the preset ``convention`` (config.json's ``reward_convention``)."""
+    rule = conventions.by_name(convention)
+    if not pipeline_reproduces(rule):
+        raise ValueError(f"reward_convention={convention!r}: the text-classification pipeline does not score by it")
+    return PIPELINE_SNIPPET.format(path=str(path), batch_size=batch_size, inputs=PIPELINE_INPUTS[rule.eos])
+
+
+def usage(path: str | Path, convention: str = "hhrm") -> str:
+    scorer = SCORER_SNIPPET.format(path=path, name=convention)
+    text = f"hhrm's batched scorer (what RAFT uses):\n\n```python\n{scorer}```\n"
+    if not pipeline_reproduces(rule := conventions.by_name(convention)):
+        return text
     return (
         'The card\'s `pipeline` snippet, in the form that runs on transformers 5.23 (`device="auto"` raises '
-        "and `return_all_scores` is silently ignored there). Append EOS to each text: every path in hhrm "
-        "scores `text + eos`, so these rewards equal hhrm's scorer and the evaluation below.\n\n"
-        f"```python\n{pipeline_snippet(path)}```\n\n"
-        f"hhrm's batched scorer (what RAFT uses):\n\n```python\n{SCORER_SNIPPET.format(path=path)}```\n"
+        f"and `return_all_scores` is silently ignored there). {HOW[rule.eos]} the `{convention}` convention that "
+        "config.json records (`reward_convention`) does, so these rewards equal hhrm's scorer and the evaluation "
+        f"below.\n\n```python\n{pipeline_snippet(path, convention=convention)}```\n\n{text}"
     )
 
 
 def model_card(
-    output_dir: Path, configs: dict[str, Any], metrics: dict[str, Any], report: dict[str, Any]
+    output_dir: Path,
+    configs: dict[str, Any],
+    metrics: dict[str, Any],
+    report: dict[str, Any],
+    convention: str = "hhrm",
 ) -> reporting.ModelCard:
     args = configs["training"]
     steps = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -97,6 +125,6 @@ def model_card(
             "bad_rows": report["bad_rows"],
             **{k: report[k] for k in ("train", "test") if k in report},
         },
-        usage=usage(output_dir),
+        usage=usage(output_dir, convention),
         pipeline_tag="text-classification",
     )

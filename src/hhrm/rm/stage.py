@@ -1,11 +1,10 @@
 """Reward-model stage: the config beside ``RewardTrainer``, its pairs, export, and what is written after training.
 
-Every text the RM sees (training, hhrm's scorer, evaluation, the pipeline snippet in the model
-card) is ``prompt + response + eos`` tokenized by :func:`hhrm.reward.scoring.encode`. Pairs are
-tokenized here, once, and handed to ``RewardTrainer`` pre-tokenized, so the 512-token filter
-counts exactly the tokens the model trains on (BOS included for LLaMA) and the trainer's own
-``max_length`` filter has nothing left to drop. :func:`make_trainer` builds the recipe's trainer,
-:class:`hhrm.rm.trainer.RewardTrainer`: length-grouped batches by default, padding-free rows on request.
+Every text the RM sees (training, hhrm's scorer, evaluation, the pipeline snippet in the model card) is ``prompt +
+response + eos`` tokenized by :func:`hhrm.reward.scoring.encode` (the ``hhrm`` convention, recorded in the export).
+Pairs are tokenized here, once, and handed to ``RewardTrainer`` pre-tokenized, so the 512-token filter counts exactly
+the tokens the model trains on (BOS included for LLaMA) and the trainer's own ``max_length`` filter has nothing left
+to drop. :func:`make_trainer` builds :class:`hhrm.rm.trainer.RewardTrainer`: length-grouped or padding-free batches.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import hhrm.rm.evaluation as rm_eval
 import hhrm.rm.trainer as rm_trainer
 from hhrm import data as hdata
 from hhrm import model_checks, modeling, reporting, runtime
-from hhrm.reward import scoring
+from hhrm.reward import conventions, scoring
 from hhrm.runtime import StageConfigMixin
 
 logger = logging.getLogger(__name__)
@@ -313,15 +312,13 @@ def load_reward_model(model_args: ModelConfig, args: RewardConfig, tokenizer):
 
 
 def export(trainer: trl.RewardTrainer, output_dir: str | Path, tokenizer, model_args: ModelConfig) -> Path:
-    """A plain, merged model folder (safetensors, config with pad_token_id, tokenizer).
-
-    LoRA: the adapter (score head included) is also kept in ``output_dir/adapter``. A quantized
-    base cannot be merged into full-precision weights in place, so QLoRA reloads the base
-    unquantized, applies the saved adapter and merges that.
-    """
+    """A plain, merged model folder (safetensors, config with pad_token_id and the ``reward_convention`` it is
+    scored by, tokenizer). LoRA: the adapter (score head included) is also kept in ``output_dir/adapter``. A
+    quantized base cannot be merged into full-precision weights in place: QLoRA reloads the base unquantized,
+    applies the saved adapter and merges that."""
     output_dir = Path(output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    record(model.config, tokenizer)
     is_peft = hasattr(model, "peft_config")
     if is_peft:
         trainer.save_model(str(output_dir / "adapter"))
@@ -338,6 +335,12 @@ def export(trainer: trl.RewardTrainer, output_dir: str | Path, tokenizer, model_
     return output_dir
 
 
+def record(config, tokenizer) -> None:
+    """The pad id the head reads past and hhrm's convention, on the config (so a later save keeps them)."""
+    config.pad_token_id = tokenizer.pad_token_id
+    setattr(config, conventions.CONFIG_KEY, conventions.HHRM.name)
+
+
 def _merge_from_adapter(output_dir: Path, model_args: ModelConfig, tokenizer, args: RewardConfig) -> None:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
@@ -350,7 +353,7 @@ def _merge_from_adapter(output_dir: Path, model_args: ModelConfig, tokenizer, ar
         )
     modeling.match_vocab(base, tokenizer)
     merged = PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload()
-    merged.config.pad_token_id = tokenizer.pad_token_id
+    record(merged.config, tokenizer)
     merged.save_pretrained(output_dir, safe_serialization=True)
 
 
@@ -390,7 +393,7 @@ def finish(
         metrics.update(result["metrics"])
         rm_eval.write_results(result | {"counts": pairs.counts}, folder / "eval_rm.json")
         report = hdata.data_report(pairs.splits, trainer.processing_class, pairs.counts, lengths=pairs.lengths)
-        card = rm_card.model_card(output_dir, configs, metrics, report)
+        card = rm_card.model_card(output_dir, configs, metrics, report, scorer.convention.name)
         card.sections = (rm_eval.card_section(result["metrics"], result["held_out"], str(output_dir)),)
         reporting.write_stage_outputs(folder, metrics, card, report)
     trainer.accelerator.wait_for_everyone()
