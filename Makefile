@@ -37,10 +37,11 @@ eval-rm: install
 	$(PY) recipes/eval_rm.py --config $(CONFIG) $(if $(MODEL),--reward_model $(MODEL)) $(ARGS)
 
 # Score a file with a reward model: make score MODEL=outputs/tiny/rm DATA=pairs.jsonl OUT=scores.jsonl
+# (or URL=http://host:8000 for a reward server; ARGS="--reward_convention card-pipeline" for a pad == EOS RM)
 # (several processes: ACCEL=accelerate_configs/multi_cpu.yaml; each scores one shard of the rows)
 score: install
-	@test -n "$(MODEL)" -a -n "$(DATA)" -a -n "$(OUT)" || { echo "usage: make score MODEL=<reward model folder> DATA=<file> OUT=<file.jsonl|.parquet> [ARGS=...]"; exit 2; }
-	$(LAUNCH) recipes/score.py --model_name_or_path $(MODEL) --dataset_name $(DATA) --output_file $(OUT) $(ARGS)
+	@test -n "$(MODEL)$(URL)" -a -n "$(DATA)" -a -n "$(OUT)" || { echo "usage: make score MODEL=<reward model folder> (or URL=<reward server>) DATA=<file> OUT=<file.jsonl|.parquet> [ARGS=...]"; exit 2; }
+	$(LAUNCH) recipes/score.py $(if $(MODEL),--model_name_or_path $(MODEL)) $(if $(URL),--reward_model_url $(URL)) --dataset_name $(DATA) --output_file $(OUT) $(ARGS)
 
 # Serve a reward model over HTTP (LitServe; one model process on one device, no accelerate; Ctrl-C stops it):
 # make serve-rm MODEL=outputs/tiny/rm [PORT=8000] [ARGS="--device cuda --max_batch_size 32"]

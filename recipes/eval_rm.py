@@ -4,22 +4,26 @@
     make eval-rm [MODEL=DIR]
 
 Reads the RM recipe's config: the data split, the pair-length limit (``max_length``) and
-``model_name_or_path`` (the SFT policy the RM started from, which samples the fresh responses). Writes
+``model_name_or_path`` (the SFT policy the RM started from, which samples the fresh responses). The folder is scored
+under ``--reward_convention`` (unset: what it records, else hhrm's), so another tool's RM (the seed card's:
+``--reward_convention card-pipeline``) is evaluated as it was trained. Writes
 ``eval_rm.json`` and the evaluation section of the model card into the evaluated folder (or
 ``--eval_output_dir``).
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from trl import ModelConfig, TrlParser
 
 from hhrm import data, runtime
-from hhrm.reward import scoring
+from hhrm.reward import sources
 from hhrm.rm import evaluation as rm_eval
 from hhrm.rm import stage as rm
 from hhrm.runtime import setup_logging
+
+_REWARD = {f.name: f for f in fields(sources.RewardArguments)}  # one home for the setting's help
 
 
 @dataclass
@@ -36,6 +40,7 @@ class EvalArguments:
         metadata={"help": "Where eval_rm.json and the card section go. Default: the reward model folder."},
     )
     skip_gold: bool = field(default=False, metadata={"help": "Skip the gold agreement on fresh samples."})
+    reward_convention: str | None = field(default=None, metadata=_REWARD["reward_convention"].metadata)
 
 
 def main(
@@ -47,9 +52,10 @@ def main(
     reward_model = Path(eval_args.reward_model or args.output_dir)
     if not (reward_model / "config.json").is_file():
         raise FileNotFoundError(f"reward_model={str(reward_model)!r}: no model folder there (train it with `make rm`)")
-    scorer = scoring.RewardScorer.from_pretrained(
-        reward_model, dtype=runtime.torch_dtype(args.bf16), batch_size=args.scorer_batch_size, setting="reward_model"
-    )
+    scorer = sources.LocalModel(
+        str(reward_model), eval_args.reward_convention, dtype=runtime.torch_dtype(args.bf16),
+        batch_size=args.scorer_batch_size, setting="reward_model",
+    ).scorer  # fmt: skip
     splits = data.load_splits(data_args, scorer.tokenizer)  # the tokenizer renders the text when use_chat_template
     pairs = rm.prepare_pairs(splits, scorer.tokenizer, args.max_length, args.dedup_test)
 
@@ -60,7 +66,8 @@ def main(
     result = rm_eval.evaluate(scorer, pairs.test, args, policy, train_prompts=set(pairs.train["prompt"]))
     metrics = pairs.counts | result["metrics"]
     out = Path(eval_args.eval_output_dir or reward_model)
-    rm_eval.write_results(result | {"counts": pairs.counts, "reward_model": str(reward_model)}, out / "eval_rm.json")
+    about = {"counts": pairs.counts, "reward_model": str(reward_model), "reward_convention": scorer.convention.name}
+    rm_eval.write_results(result | about, out / "eval_rm.json")
     rm_eval.update_card(out, rm_eval.card_section(metrics, result["held_out"], str(reward_model)))
     print(json.dumps(metrics, indent=2, default=float))
     return metrics

@@ -8,6 +8,8 @@ Samples n_max responses per held-out prompt once, then for n = 1, 2, 4, ..., n_m
 the gold accuracy of the RM's best-of-n pick (exact over all n-subsets, 95% interval from the prompts), the KL
 bound log n - (n-1)/n and the gold pick's ceiling: overopt.json, overopt.md, overopt.png (against sqrt(KL)) and
 samples.jsonl (to recompute the curve: hhrm.overopt.curve_from_samples). One process; a config file works too.
+The reward model comes through hhrm.reward.sources: --reward_model_name_or_path (with --reward_convention for a
+pad == EOS RM that records none) or --reward_model_url (a reward server, make serve-rm).
 """
 
 from trl import ModelConfig, TrlParser

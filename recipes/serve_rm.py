@@ -1,6 +1,7 @@
 """Serve a reward model over HTTP (LitServe, dynamic batching): hhrm's /score and OpenRLHF's /get_reward.
 
     python recipes/serve_rm.py --model_name_or_path outputs/tiny/rm [--port 8000] [--device cuda] [--bf16 true]
+        [--reward_convention card-pipeline]    (how the RM is scored; unset: what the folder records, else hhrm's)
     make serve-rm MODEL=outputs/tiny/rm [PORT=8000] [ARGS="--max_batch_size 32 --max_texts_per_request 512"]
 
 One model process on one device, no accelerate; a config file works too (--config serve.yaml). Listens on
@@ -12,10 +13,12 @@ One model process on one device, no accelerate; a config file works too (--confi
     -> {"rewards": [0.83], "scores": [0.83], "extra_logs": {"dummy_scores": [0.83]}}
 
 GET /health (200 once the model is loaded, 503 once it is gone), /info (model, text rule, max length, limits),
-/stats (batch fill); nothing else answers. Rewards are RewardScorer's (text + EOS, read at the EOS), whatever the
-batching. A request is refused in one line (413) over max_request_bytes (default: what max_texts_per_request texts
-need), or a text over max_length tokens, counted in characters first (max_length x the longest token) so that a
-huge text is never tokenized. A request without rewards after request_timeout: 504.
+/stats (batch fill); nothing else answers. Rewards are RewardScorer's under the reward convention (hhrm's: text +
+EOS, read at the EOS), whatever the batching; /info names the convention. A request is refused in one line (413)
+over max_request_bytes (default: what max_texts_per_request texts need), or a text over max_length tokens, counted
+in characters first (max_length x the longest token) so that a huge text is never tokenized (under a convention
+that truncates, openrlhf's, a text over that character cap is refused, not cut). A request without rewards after
+request_timeout: 504.
 
 The process this starts is a thin supervisor: the server runs as its child, in a session of its own
 (hhrm.lifetime.supervise), with LitServe's queue manager, model and HTTP processes beside it. Ctrl-C or SIGTERM to
@@ -39,13 +42,14 @@ def main(args) -> None:
     from hhrm.reward import server as serve_rm
 
     ################
-    # Refuse before anything starts: a folder that is not a reward model, a max_length over its positions, a port
-    # in use. Then serve until interrupted: LitServe's HTTP process checks and tokenizes each request, its model
-    # process scores LitServe's batches of requests with RewardScorer
+    # Refuse before anything starts: a folder that is not a reward model, a convention that cannot score it, a
+    # max_length over its positions, a port in use. Then serve until interrupted: LitServe's HTTP process checks
+    # and tokenizes each request by the convention, its model process scores LitServe's batches with RewardScorer
     ################
     server = serve_rm.build_server(args)
     print(
-        f"serving reward model {args.model_name_or_path} on {args.device} at http://{args.host}:{args.port} "
+        f"serving reward model {args.model_name_or_path} (reward_convention={server.model_metadata['convention']}) "
+        f"on {args.device} at http://{args.host}:{args.port} "
         "(POST /score, POST /get_reward; GET /health, /info, /stats)",
         flush=True,
     )

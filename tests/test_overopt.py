@@ -115,3 +115,39 @@ def test_recipe_end_to_end(quick_models, tmp_path):
     assert "| n | KL bound |" in (out / overopt.TABLE_FILE).read_text()
     with pytest.raises(ValueError, match="already holds a curve"):
         overopt.OverOptConfig(reward_model_name_or_path=str(quick_models["rm"]), output_dir=str(out))
+
+
+def test_the_proxy_comes_through_the_reward_seam_under_its_convention(tiny, tmp_path):
+    """The proxy is a reward source (hhrm.reward.sources): a pad == EOS RM under reward_convention=card-pipeline
+    scores each sample exactly as RewardScorer does under it, and the curve records the address and convention."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import ModelConfig
+
+    from hhrm.reward import scoring
+
+    folder = tmp_path / "rm"
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    tok.pad_token = tok.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["base"], num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    args = overopt.OverOptConfig(
+        reward_model_name_or_path=str(folder), reward_convention="card-pipeline", output_dir=str(tmp_path / "curve"),
+        n_max=2, heldout_prompts=3, max_new_tokens=6, progress=False,
+    )  # fmt: skip
+    data_args = hdata.DataArguments(dataset_name=str(tiny["data"]), test_offset=TEST_OFFSET)
+    result = overopt.run(args, data_args, ModelConfig(model_name_or_path=str(tiny["base"])))
+    assert result["reward_model"] == str(folder) and result["reward_convention"] == "card-pipeline"
+    assert result["reward"]["convention"] == "card-pipeline" and "(reward_convention card-pipeline)" in (
+        (tmp_path / "curve" / overopt.TABLE_FILE).read_text()
+    )
+    samples = reporting.read_jsonl(tmp_path / "curve" / overopt.SAMPLES_FILE)
+    card = scoring.RewardScorer.from_pretrained(folder, device="cpu", dtype=torch.float32, convention="card-pipeline")
+    prompts = [s["prompt"] for s in samples for _ in s["responses"]]
+    expected = card.score_pairs(prompts, [r for s in samples for r in s["responses"]])
+    assert [x for s in samples for x in s["proxy"]] == pytest.approx(expected, abs=1e-5) and len(expected) == 6
+    with pytest.raises(ValueError, match="reward_model_name_or_path is not set"):
+        overopt.OverOptConfig(output_dir=str(tmp_path / "other"))

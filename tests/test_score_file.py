@@ -250,3 +250,66 @@ def test_a_full_disk_leaves_the_old_output_whole_and_no_tmp(trained, tmp_path):
             load_recipe("score").main(data_args, args, model)
         assert old.read_text() == '{"old": 1}\n'
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "scores.jsonl"]
+
+
+# --------------------------------------------------------------------------------------------
+# The reward through the seam (hhrm.reward.sources): a folder under its reward convention
+
+
+@pytest.fixture(scope="module")
+def pad_is_eos_rm(tiny, tmp_path_factory) -> Path:
+    """A tiny Llama RM whose pad token is its EOS and whose config.json records no convention (the seed card's RM's
+    shape): a random, visible score head, so reading the wrong position shows."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("pad_is_eos") / "rm"
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    tok.pad_token = tok.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["base"], num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_pad_is_eos_rm_is_scored_by_its_stated_convention(pad_is_eos_rm, tiny, tmp_path):
+    import torch
+
+    rows = read_jsonl(tiny["data"] / "test.jsonl")[:12]
+    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    data_args = score_file.ScoreDataArguments(dataset_name=str(pairs_file))
+    args = score_file.ScoreConfig(
+        output_file=str(tmp_path / "s.jsonl"), reward_convention="card-pipeline", progress=False
+    )
+    metrics = load_recipe("score").main(data_args, args, ModelConfig(model_name_or_path=str(pad_is_eos_rm)))
+    inp = score_file.read_input(data_args, None, rows)
+    prompts, responses = inp.pairs(0, len(inp.table))  # per row: (prompt, chosen), (prompt, rejected)
+    scorer = scoring.RewardScorer.from_pretrained(
+        pad_is_eos_rm, device="cpu", dtype=torch.float32, convention="card-pipeline"
+    )
+    expected = scorer.score_pairs(prompts, responses)
+    out = read_jsonl(tmp_path / "s.jsonl")
+    got = [r[c] for r in out for c in ("chosen_reward", "rejected_reward")]
+    assert len(got) == 24 and got == pytest.approx(expected, abs=1e-5)
+    assert metrics["reward_convention"] == metrics["reward"]["convention"] == "card-pipeline"
+    assert metrics["reward_model"] == str(pad_is_eos_rm) and metrics["scored"] == 12
+    # Nothing stated for a pad == EOS folder recording nothing: refused before scoring, naming the setting.
+    with pytest.raises(ValueError, match=r"pad == EOS\) and its config.json records no reward_convention") as err:
+        args = score_file.ScoreConfig(output_file=str(tmp_path / "t.jsonl"), progress=False)
+        load_recipe("score").main(data_args, args, ModelConfig(model_name_or_path=str(pad_is_eos_rm)))
+    assert "\n" not in str(err.value) and not (tmp_path / "t.jsonl").exists()
+
+
+def test_an_unknown_convention_is_refused_in_one_line(pad_is_eos_rm, tiny, tmp_path):
+    cmd = [sys.executable, str(ROOT / "recipes" / "score.py"), "--model_name_or_path", str(pad_is_eos_rm)]
+    cmd += ["--dataset_name", str(tiny["data"] / "test.jsonl"), "--output_file", str(tmp_path / "s.jsonl")]
+    proc = run_process([*cmd, "--reward_convention", "nope"], 15, cwd=ROOT)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("hhrm: error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "reward_convention='nope' is not a reward convention: one of hhrm, card-pipeline" in lines[0]
+    with pytest.raises(ValueError, match="model_name_or_path='a' and reward_model_name_or_path='b' name two"):
+        score_file.reward_arguments(score_file.ScoreConfig(output_file="s.jsonl", reward_model_name_or_path="b"), "a")

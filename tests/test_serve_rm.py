@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hhrm.reward import scoring
+from hhrm.reward import conventions, protocol, scoring
 from hhrm.reward import server as serve_rm
 from hhrm.reward.protocol import free_port, request_json, strip_special
 
@@ -67,6 +67,28 @@ def server(rm_folder, tmp_path_factory):
     """The server as a subprocess on a free loopback port, ready within 10 minutes, always stopped afterwards."""
     log = tmp_path_factory.mktemp("serve_rm_log") / "server.log"
     with serve_rm.launch(rm_folder, *SERVER_ARGS, ready_timeout=600, log=log) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pad_is_eos_folder(rm_folder, tmp_path_factory):
+    """The same reward model with its pad token set to its EOS, no convention recorded (the seed card's RM's shape)."""
+    folder = tmp_path_factory.mktemp("serve_rm_pad_is_eos") / "rm"
+    tok = AutoTokenizer.from_pretrained(rm_folder)
+    tok.pad_token = tok.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(rm_folder)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def card_server(pad_is_eos_folder, tmp_path_factory):
+    """A second server: the pad == EOS folder under reward_convention=card-pipeline (the text as given, no EOS)."""
+    log = tmp_path_factory.mktemp("serve_rm_card_log") / "server.log"
+    args = (*SERVER_ARGS, "--reward_convention", "card-pipeline")
+    with serve_rm.launch(pad_is_eos_folder, *args, ready_timeout=600, log=log) as url:
         yield url
 
 
@@ -416,3 +438,88 @@ def test_a_dead_model_process_is_answered_503_and_ends_the_server(rm_folder, tmp
         assert free_again(port, within=5)
     lines = [line for line in log.read_text().splitlines() if line.startswith("hhrm: error:")]
     assert len(lines) == 1 and "the model process" in lines[0], log.read_text()[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# The reward convention: the server scores exactly as RewardScorer under it, and `make score` through it
+
+
+def test_a_pad_is_eos_rm_is_served_by_its_convention(card_server, pad_is_eos_folder, scorer, tiny, tmp_path):
+    card = scoring.RewardScorer.from_pretrained(
+        pad_is_eos_folder, device="cpu", dtype=torch.float32, convention="card-pipeline"
+    )
+    prompts, responses = pairs(MAX_TEXTS, 3)
+    expected = card.score_pairs(prompts, responses)
+    assert not scorer.score_pairs(prompts, responses) == pytest.approx(expected, abs=1e-3)  # hhrm's differs
+    status, body = post(f"{card_server}/score", {"prompts": prompts, "responses": responses})
+    assert status == 200, body
+    check_rewards(body["rewards"], expected)
+    queries = [p + r for p, r in zip(prompts, responses)]
+    for payload in ({"query": queries}, {"query": queries, "prompts": prompts}):  # concat: prompts not needed
+        status, body = post(f"{card_server}/get_reward", payload)
+        assert status == 200, body
+        check_rewards(body["rewards"], expected)
+    info = request_json(f"{card_server}/info")[1]["model"]
+    assert (
+        info["convention"] == "card-pipeline"
+        and "reward_convention=card-pipeline: text=concat, eos=keep" in (info["text_rule"])
+    )
+    assert request_json(f"{card_server}/info")[1]["model"]["pad_token"] == info["eos_token"]
+    # make score through the server (reward_model_url) gives the folder's rewards, and records the convention.
+    from trl import ModelConfig
+
+    from hhrm.reporting import read_jsonl
+    from hhrm.reward import score_file
+
+    from conftest import load_recipe
+
+    rows = tiny["data"] / "test.jsonl"
+    data_args = score_file.ScoreDataArguments(dataset_name=str(rows), max_rows=10)
+    got = {}
+    for name, kwargs, model in (
+        ("url", {"reward_model_url": card_server}, None),
+        ("folder", {"reward_convention": "card-pipeline"}, str(pad_is_eos_folder)),
+    ):
+        args = score_file.ScoreConfig(output_file=str(tmp_path / f"{name}.jsonl"), progress=False, **kwargs)
+        metrics = load_recipe("score").main(data_args, args, ModelConfig(model_name_or_path=model))
+        assert metrics["reward_convention"] == "card-pipeline" and metrics["scored"] == 10, metrics
+        got[name] = [
+            r[c] for r in read_jsonl(tmp_path / f"{name}.jsonl") for c in ("chosen_reward", "rejected_reward")
+        ]
+    assert metrics["reward"]["weights"] and len(got["url"]) == 20
+    assert got["url"] == pytest.approx(got["folder"], abs=1e-5)
+
+
+def test_conventions_on_the_server_are_checked_before_it_starts(pad_is_eos_folder, rm_folder):
+    def build(folder, convention):
+        config = serve_rm.ServeConfig(
+            model_name_or_path=str(folder), device="cpu", port=free_port(), reward_convention=convention
+        )
+        return serve_rm.build_server(config)
+
+    with pytest.raises(ValueError, match="reward_convention='nope' is not a reward convention: one of hhrm,") as err:
+        build(rm_folder, "nope")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"pad == EOS\) and its config.json records no reward_convention"):
+        build(pad_is_eos_folder, None)
+    with pytest.raises(ValueError, match="reward_convention='hhrm': the reward tokenizer needs a pad token distinct"):
+        build(pad_is_eos_folder, "hhrm")
+    assert build(rm_folder, None).model_metadata["convention"] == "hhrm"  # pad != EOS, nothing recorded: hhrm's
+
+
+def test_get_reward_splits_queries_for_conventions_that_need_the_prompt(scorer):
+    """A chat-template or text-pair convention needs (prompt, response) apart: /get_reward cuts each query after its
+    prompt (pad/EOS stripped from both), and refuses, in one line, a request without prompts or a query that does not
+    start with its prompt."""
+    tok, verl = scorer.tokenizer, conventions.PRESETS["verl-vllm"]
+    pad, eos = tok.pad_token, tok.eos_token
+    data = {"query": [pad + "###Human: Hi ###Assistant: Hello!" + eos], "prompts": ["###Human: Hi ###Assistant:"]}
+    assert protocol.get_reward_pairs(data, 4, tok, verl) == (["###Human: Hi ###Assistant:"], [" Hello!"])
+    assert protocol.get_reward_pairs(data, 4, tok, conventions.HHRM) == ([""], ["###Human: Hi ###Assistant: Hello!"])
+    for bad, fragment in (
+        ({"query": data["query"]}, 'needs each query\'s prompt apart: send "prompts"'),
+        ({"query": data["query"], "prompts": ["###Human: Bye ###Assistant:"]}, "query 0 does not start with its"),
+    ):
+        with pytest.raises(protocol.RequestError, match=fragment) as err:
+            protocol.get_reward_pairs(bad, 4, tok, verl)
+        assert err.value.status == 400 and "reward_convention='verl-vllm'" in err.value.message

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from hhrm import data, finite, generation, model_checks, modeling, outputs, reporting, runtime, synthetic
-from hhrm.reward import scoring
+from hhrm.reward import sources
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +45,12 @@ Z95 = 1.96
 
 
 @dataclass
-class OverOptConfig:
-    """The curve's settings. The policy is ``model_name_or_path`` (TRL's ModelConfig); prompts: DataArguments."""
+class OverOptConfig(sources.RewardArguments):
+    """The curve's settings. The policy is ``model_name_or_path`` (TRL's ModelConfig); prompts: DataArguments. The
+    reward (:class:`hhrm.reward.sources.RewardArguments`) is the proxy that picks the best of n: a reward model folder
+    (``reward_model_name_or_path``, scored under its ``reward_convention``) or a reward server (``reward_model_url``).
+    """
 
-    reward_model_name_or_path: str = field(
-        default=None, metadata={"help": "The reward model (proxy) that picks the best of n: a folder or hub id."}
-    )
     output_dir: str = field(
         default=None,
         metadata={"help": "Folder for overopt.json, overopt.md, overopt.png and samples.jsonl."},
@@ -71,21 +71,17 @@ class OverOptConfig:
     generation_batch_size: int = field(
         default=32, metadata={"help": "Prompts per generate call (each expanded to n_max sequences)."}
     )
-    reward_batch_size: int = field(default=64, metadata={"help": "Texts per reward-model forward, at most."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampling (the same settings give the same samples)."})
     bf16: bool | None = field(default=None, metadata={"help": "None: bf16 on a bf16-capable GPU, fp32 elsewhere."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
         finite.check_finite_settings(self)
-        if not self.reward_model_name_or_path:
-            raise ValueError(
-                "reward_model_name_or_path is required: the reward model that picks (make overopt RM=...)"
-            )
+        self.check_reward_source()  # the proxy (make overopt RM=...), before any model loads
         if not self.output_dir:
             raise ValueError("output_dir is required: the folder for the curve's files")
         check_n_max(self.n_max)
-        for name in ("heldout_prompts", "generation_batch_size", "reward_batch_size"):
+        for name in ("heldout_prompts", "generation_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         generation.SamplingArguments(
@@ -204,9 +200,7 @@ def sample_and_score(args: OverOptConfig, data_args: data.DataArguments, model_a
     from transformers import AutoModelForCausalLM
 
     device, dtype = runtime.default_device(), runtime.torch_dtype(args.bf16)
-    scorer = scoring.RewardScorer.from_pretrained(
-        args.reward_model_name_or_path, device=device, dtype=dtype, batch_size=args.reward_batch_size
-    )
+    source = sources.build(args, device, dtype)  # checked now; a folder's weights load after the policy is freed
     tokenizer = modeling.load_tokenizer(model_args, padding_side="left")
     splits = data.load_splits(data_args, tokenizer)
     prompts = data.heldout_prompts(splits, args.heldout_prompts)
@@ -228,7 +222,7 @@ def sample_and_score(args: OverOptConfig, data_args: data.DataArguments, model_a
     del policy
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    flat = scorer.score_pairs([p for p in prompts for _ in range(args.n_max)], [r for rs in responses for r in rs])
+    flat = source.score_pairs([p for p in prompts for _ in range(args.n_max)], [r for rs in responses for r in rs])
     proxy = np.array(flat, dtype=np.float64).reshape(len(prompts), args.n_max)
     checkable = synthetic.is_gold_checkable(prompts)
     gold = None
@@ -236,7 +230,8 @@ def sample_and_score(args: OverOptConfig, data_args: data.DataArguments, model_a
         gold = np.array([[synthetic.gold_reward(p, r) for r in rs] for p, rs in zip(prompts, responses)])
     else:
         logger.warning("the prompts are not the embedded data set's: no gold reward, the curve has the proxy only")
-    return {"prompts": prompts, "responses": responses, "proxy": proxy, "gold": gold, "generation": stats}
+    out = {"prompts": prompts, "responses": responses, "proxy": proxy, "gold": gold, "generation": stats}
+    return out | {"reward": source.identity()}
 
 
 def sample_rows(sampled: dict[str, Any]) -> list[dict[str, Any]]:
@@ -276,6 +271,7 @@ def markdown(result: dict[str, Any]) -> str:
         return reporting.fmt(mean) + ("" if half is None else f" ± {reporting.fmt(half, 2)}")
 
     gold = result["gold"]
+    convention = f" (reward_convention {result['reward_convention']})" if result.get("reward_convention") else ""
     cols = ["n", "kl_bound", "sqrt_kl", "proxy"] + (["gold", "gold_ceiling"] if gold else [])
     headers = ["n", "KL bound", "sqrt(KL)", "proxy reward (RM pick)"]
     headers += ["gold accuracy (RM pick)", "gold accuracy (gold pick: ceiling)"] if gold else []
@@ -283,8 +279,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Best-of-n over-optimisation",
         "",
-        f"Policy `{result['policy']}`, reward model `{result['reward_model']}`: {result['prompts']} held-out "
-        f"prompts, {result['n_max']} samples each (temperature {result['config']['temperature']}, "
+        f"Policy `{result['policy']}`, reward model `{result['reward_model']}`{convention}: {result['prompts']} "
+        f"held-out prompts, {result['n_max']} samples each (temperature {result['config']['temperature']}, "
         f"max_new_tokens {result['config']['max_new_tokens']}). Best-of-n averaged exactly over all n-subsets of "
         f"the samples; {TIE_BREAK}. ± is the 95% interval from the prompts (1.96 std / sqrt(prompts)); "
         "KL bound: log n - (n-1)/n.",
@@ -346,7 +342,9 @@ def run(args: OverOptConfig, data_args: data.DataArguments, model_args) -> dict[
     gold = sampled["gold"] is not None
     result = {
         "policy": str(model_args.model_name_or_path),
-        "reward_model": str(args.reward_model_name_or_path),
+        "reward_model": sources.address(args),
+        "reward": sampled["reward"],  # what scored: weight files and convention, or the served model
+        "reward_convention": sampled["reward"].get("convention"),
         "dataset_name": data_args.dataset_name,
         "prompts": len(sampled["prompts"]),
         "n_max": args.n_max,

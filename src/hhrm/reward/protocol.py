@@ -2,12 +2,15 @@
 
 Pure functions of the request body and the reward tokenizer (no server, no model), so the HTTP process checks and
 tokenizes each request alone before it is queued: a bad request is answered 4xx with ``{"error": "<one line>"}``
-and never joins a batch. Texts are tokenized once, by :func:`scoring.encode` (text + EOS, the tokenizer's own
-special tokens kept), and the model process scores those ids.
+and never joins a batch. Each (prompt, response) is tokenized once, by the server's reward convention
+(:func:`hhrm.reward.conventions.encode_full`: hhrm's is text + EOS, the tokenizer's own special tokens kept), and the
+model process scores those ids (and a text pair's token type ids) with ``RewardScorer`` under the same convention.
 
-* ``/score``: ``{"prompts": [str], "responses": [str]}``, as many of each; the text is ``prompt + response``.
+* ``/score``: ``{"prompts": [str], "responses": [str]}``, as many of each.
 * ``/get_reward`` (OpenRLHF's remote reward protocol): ``{"query": [str], "prompts": [str] (optional)}``; each query
-  is a full prompt + response text; pad and EOS strings are stripped from its ends and one EOS appended.
+  is a full prompt + response text, pad and EOS strings stripped from its ends. A convention that concatenates
+  (``text="concat"``, hhrm's) scores the query as the text; one that needs the prompt apart (a chat template, a text
+  pair) splits each query after its prompt, so ``prompts`` is required there and each query must start with its own.
 
 What a request may cost is bounded before any work that grows with it (:class:`Limits`, fixed at start):
 
@@ -26,7 +29,8 @@ that cannot be tokenized; 413 for the limits above; 500 if the model process fai
 process or LitServe's queue is gone (:mod:`hhrm.reward.watch`); 504 if a request got no answer within
 ``request_timeout``.
 
-Also here: the ``GET /stats`` summary, the port check, and a standard-library JSON client (``request_json``).
+Also here: the ``GET /stats`` summary, the port check, a standard-library JSON client (``request_json``) and
+``launch`` (a server in a subprocess on a free port, for the tests and the bench).
 """
 
 from __future__ import annotations
@@ -35,18 +39,20 @@ import json
 import pickle
 import re
 import socket
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from hhrm.reward import scoring
+from hhrm.reward import conventions
 
 TEXT_RULE = (
     "reward of text + EOS (EOS appended unless the text ends with it), tokenized by the reward tokenizer's own "
     "__call__ (its special tokens kept), read at that EOS; /score's text is prompt + response; /get_reward strips "
     "pad/EOS strings from both ends of each query first"
-)
+)  # hhrm's convention; another convention's rule is text_rule(convention)
 # What the model process counts (a shared array; GET /stats)
 STATS = ("model_calls", "requests", "texts", "forwards", "tokens", "padded_tokens", "predict_seconds", "max_requests")
 MAX_DEFAULT_REQUEST_BYTES = 32 * 2**20  # the derived default body limit never exceeds this
@@ -139,21 +145,55 @@ def string_list(data: dict, key: str, limit: int) -> list[str]:
     return value
 
 
-def score_texts(data: dict, limit: int, tokenizer) -> list[str]:
-    """``POST /score``: prompt + response of each pair."""
+def text_rule(convention: conventions.Convention) -> str:
+    """What ``GET /info`` says the server scores: hhrm's :data:`TEXT_RULE`, or the convention's fields."""
+    if convention == conventions.HHRM:
+        return TEXT_RULE
+    c = convention
+    return (
+        f"reward_convention={c.name}: text={c.text}, eos={c.eos}, add_special_tokens={c.add_special_tokens}, "
+        f"dedup_bos={c.dedup_bos}, read_at={c.read_at}, activation={c.activation}, max_length={c.max_length} "
+        "(hhrm.reward.conventions); /score takes (prompt, response); /get_reward strips pad/EOS strings from both "
+        "ends of each query first"
+        + ("" if c.text == "concat" else ', then splits it after its prompt ("prompts" required)')
+    )
+
+
+Pairs = tuple[list[str], list[str]]
+
+
+def score_pairs(data: dict, limit: int, tokenizer, convention: conventions.Convention) -> Pairs:
+    """``POST /score``: the (prompt, response) pairs."""
     prompts, responses = string_list(data, "prompts", limit), string_list(data, "responses", limit)
     if len(prompts) != len(responses):
         raise RequestError(400, f"{len(prompts)} prompts but {len(responses)} responses: one response per prompt")
-    return [p + r for p, r in zip(prompts, responses)]
+    return prompts, responses
 
 
-def get_reward_texts(data: dict, limit: int, tokenizer) -> list[str]:
-    """``POST /get_reward`` (OpenRLHF): each query with pad/EOS strings stripped from both ends (EOS re-appended by
-    :func:`hhrm.reward.scoring.encode`)."""
+def get_reward_pairs(data: dict, limit: int, tokenizer, convention: conventions.Convention) -> Pairs:
+    """``POST /get_reward`` (OpenRLHF): each query with pad/EOS strings stripped from both ends. A concatenating
+    convention scores it as the text (hhrm's re-appends the EOS); one that needs the prompt apart gets the query cut
+    after its prompt (sent in ``prompts``, pad/EOS stripped too)."""
     queries = string_list(data, "query", limit)
-    if data.get("prompts") is not None and len(string_list(data, "prompts", limit)) != len(queries):
-        raise RequestError(400, f"{len(data['prompts'])} prompts but {len(queries)} queries: one prompt per query")
-    return [strip_special(q, (tokenizer.pad_token, tokenizer.eos_token)) for q in queries]
+    given = data.get("prompts") is not None
+    prompts = string_list(data, "prompts", limit) if given else []
+    if given and len(prompts) != len(queries):
+        raise RequestError(400, f"{len(prompts)} prompts but {len(queries)} queries: one prompt per query")
+    special = (tokenizer.pad_token, tokenizer.eos_token)
+    queries = [strip_special(q, special) for q in queries]
+    if convention.text == "concat":
+        return [""] * len(queries), queries
+    where = f"reward_convention={convention.name!r} (text={convention.text})"
+    if not given:
+        raise RequestError(
+            400, f"{where} needs each query's prompt apart: send \"prompts\" (each query starting with its prompt), "
+            "or use POST /score",
+        )  # fmt: skip
+    prompts = [strip_special(p, special) for p in prompts]
+    wrong = next((i for i, (p, q) in enumerate(zip(prompts, queries)) if not q.startswith(p)), None)
+    if wrong is not None:
+        raise RequestError(400, f"query {wrong} does not start with its prompt: {where} splits each query after it")
+    return prompts, [q[len(p) :] for p, q in zip(prompts, queries)]
 
 
 def strip_special(text: str, tokens: tuple[str, ...]) -> str:
@@ -171,10 +211,11 @@ def strip_special(text: str, tokens: tuple[str, ...]) -> str:
     return text[start:end]
 
 
-def check_chars(texts: list[str], limits: Limits) -> list[str]:
-    """Refuse (413) a text over ``limits.max_text_chars`` characters before it is tokenized: it cannot fit
-    ``max_length`` tokens."""
-    long = [(i, len(t)) for i, t in enumerate(texts) if len(t) > limits.max_text_chars]
+def check_chars(texts: list, limits: Limits) -> list:
+    """Refuse (413) a text (or a text pair, its two sides together) over ``limits.max_text_chars`` characters before
+    it is tokenized: it cannot fit ``max_length`` tokens."""
+    sizes = [len(t) if isinstance(t, str) else sum(map(len, t)) for t in texts]
+    long = [(i, n) for i, n in enumerate(sizes) if n > limits.max_text_chars]
     if long:
         i, n = long[0]
         raise RequestError(
@@ -186,19 +227,21 @@ def check_chars(texts: list[str], limits: Limits) -> list[str]:
     return texts
 
 
-def encode_checked(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """The one tokenization (:func:`hhrm.reward.scoring.encode`), refusing texts over ``max_length`` tokens."""
+def encode_checked(tokenizer, pairs: Pairs, convention: conventions.Convention, limits: Limits) -> tuple:
+    """``(ids, token type ids or None)`` of the pairs by the convention (:func:`conventions.encode_full`, in two steps
+    so that each text's characters are checked before it is tokenized), refusing texts over ``max_length`` tokens."""
     try:
-        ids = scoring.encode(tokenizer, texts)
+        texts = check_chars(conventions.texts(tokenizer, *pairs, convention), limits)
+        ids, types = conventions.tokenize(tokenizer, texts, convention)
     except (TypeError, ValueError) as err:  # e.g. a lone surrogate (\\ud800) that UTF-8 cannot encode
         raise RequestError(400, f"a text cannot be tokenized ({type(err).__name__}: {str(err)[:200]})") from None
-    long = [(i, len(x)) for i, x in enumerate(ids) if len(x) > max_length]
+    long = [(i, len(x)) for i, x in enumerate(ids) if len(x) > limits.max_length]
     if long:
-        i, n = long[0]
+        (i, n), how = long[0], "text + EOS" if convention == conventions.HHRM else f"as {convention.name} encodes it"
         raise RequestError(
-            413, f"text {i} is {n} tokens (text + EOS), over max_length={max_length} ({len(long)} texts over it)"
+            413, f"text {i} is {n} tokens ({how}), over max_length={limits.max_length} ({len(long)} texts over it)"
         )
-    return ids
+    return ids, types
 
 
 def worker_error(response: Any) -> RequestError:
@@ -261,3 +304,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "serve_rm.py"  # hhrm is installed from src/
+
+
+def launch(model: str | Path, *args: str, ready_timeout: float = 600.0, log: Path | None = None):
+    """``recipes/serve_rm.py`` on 127.0.0.1 and a free port, as a subprocess (tests, the bench, scripts): a context
+    manager that yields its base URL once ``/health`` answers 200 (at most ``ready_timeout`` seconds, else
+    RuntimeError with the log's tail), and stops it whole on exit (SIGTERM, then SIGKILL to what is left of its tree
+    after 30 s)."""
+    from hhrm.reward.watch import launch_process  # LitServe's side: not needed to check a request
+
+    port = free_port()
+    cmd = [sys.executable, str(RECIPE), "--model_name_or_path", str(model), "--port", str(port), *args]
+    return launch_process(cmd, f"http://127.0.0.1:{port}", ready_timeout, log)

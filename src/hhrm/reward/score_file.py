@@ -2,15 +2,17 @@
 
 Input: any preference format hhrm reads (pairs: raw, dahoas, conversational, standard) or prompt/response
 rows (``{"prompt", "response"}`` or TRL's ``{"prompt", "completion"}``), from a local file or folder or a hub
-id. Every text goes through the one text rule (:mod:`hhrm.formats`) and the one reward rule
-(:func:`hhrm.reward.scoring.encode`: text + EOS, read at the EOS), so a score here equals the score the RM was
-evaluated with.
+id. Every row goes through the one text rule (:mod:`hhrm.formats`) into (prompt, response) pairs (a pair row: (prompt,
+chosen) and (prompt, rejected)), scored by the reward source (:mod:`hhrm.reward.sources`: a folder under its
+``reward_convention``, hhrm's by default: text + EOS, read at the EOS; or a reward server, ``reward_model_url``), so
+a score here equals the score the RM was evaluated with and RAFT scores with.
 
 Output: the input rows, in input order and all of them, with ``chosen_reward``/``rejected_reward`` (pairs)
 or ``reward`` (responses) added; a row that could not be read or rendered keeps null rewards and says why
 in ``bad_row``. JSON lines or Parquet (by the file's suffix), plus ``<output_file>.metrics.json`` (``a.jsonl`` and
-``a.parquet`` each keep their own) with the counts, the reward statistics and, for pairs, the pairwise accuracy
-(ties count as wrong, as in :mod:`hhrm.rm.evaluation`). What would only fail at the end is refused before the model is
+``a.parquet`` each keep their own) with the counts, the reward statistics, what scored (``reward``: the source's
+identity, its convention included) and, for pairs, the pairwise accuracy (ties count as wrong, as in
+:mod:`hhrm.rm.evaluation`). What would only fail at the end is refused before the model is
 loaded: an output folder that cannot be written, rows that do not fit one Parquet schema. A failed write (a full
 disk) leaves no partial file behind, and an existing output whole.
 
@@ -22,14 +24,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hhrm import data, data_io, finite, formats, reporting, runtime
-from hhrm.reward import scoring
+from hhrm.reward import conventions, sources
 from hhrm.reward.score_output import check_writable, parquet_table, whole_or_nothing, write_rows
 
 logger = logging.getLogger(__name__)
@@ -93,14 +95,14 @@ class ScoreDataArguments:
 
 
 @dataclass
-class ScoreConfig:
-    """Where the scores go and how they are computed. The reward model is ``model_name_or_path`` (ModelConfig)."""
+class ScoreConfig(sources.RewardArguments):
+    """Where the scores go and how they are computed. The reward model: ``model_name_or_path`` (ModelConfig, ``make
+    score MODEL=``) or ``reward_model_name_or_path`` (the same folder), or a reward server (``reward_model_url``)."""
 
     output_file: str = field(
         default=None, metadata={"help": "Output file: .jsonl or .parquet (the input rows with reward columns)."}
     )
     overwrite_output: bool = field(default=False, metadata={"help": "Replace output_file if it exists."})
-    batch_size: int = field(default=64, metadata={"help": "Texts per reward-model forward, at most."})
     max_tokens_per_batch: int = field(default=32_768, metadata={"help": "Padded tokens per forward, at most."})
     bf16: bool | None = field(default=None, metadata={"help": "None: bf16 on a bf16-capable GPU, fp32 elsewhere."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar (main process)."})
@@ -121,10 +123,13 @@ class ScoreConfig:
             raise ValueError(
                 f"output_file={self.output_file!r} exists: choose another output_file, or pass --overwrite_output true"
             )
-        if self.batch_size < 1 or self.max_tokens_per_batch < 1:
+        if self.reward_batch_size < 1 or self.max_tokens_per_batch < 1:
             raise ValueError(
-                f"batch_size={self.batch_size}, max_tokens_per_batch={self.max_tokens_per_batch}: must be >= 1"
+                f"reward_batch_size={self.reward_batch_size}, max_tokens_per_batch={self.max_tokens_per_batch}: "
+                "must be >= 1"
             )
+        if self.reward_convention is not None:
+            conventions.by_name(self.reward_convention)
         check_writable(self.output_file)
 
 
@@ -148,12 +153,13 @@ class ScoreInput:
     table: Any  # datasets.Dataset: prompt + chosen/rejected or response, and ``row`` (input index)
     drops: data.DropReport
 
-    def texts(self, start: int, stop: int) -> list[str]:
-        """The full texts of table rows ``start:stop``: per row, chosen then rejected (pairs) or the response."""
+    def pairs(self, start: int, stop: int) -> tuple[list[str], list[str]]:
+        """(prompt, response) pairs of table rows ``start:stop``: per row, chosen then rejected, or the response."""
         batch = self.table[start:stop]
         if self.kind == "responses":
-            return [p + r for p, r in zip(batch["prompt"], batch["response"])]
-        return [p + r for p, c, rj in zip(batch["prompt"], batch["chosen"], batch["rejected"]) for r in (c, rj)]
+            return list(batch["prompt"]), list(batch["response"])
+        per_row = [(p, r) for p, c, rj in zip(batch["prompt"], batch["chosen"], batch["rejected"]) for r in (c, rj)]
+        return [p for p, _ in per_row], [r for _, r in per_row]
 
 
 def detect_kind(rows: list[Any], kind: str) -> str:
@@ -219,23 +225,36 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
 
 
+def fits_model(source: sources.RewardSource):
+    """``fits(prompts, responses) -> [bool]``: whether each pair's input by the folder's convention fits the model's
+    positions. A server checks its own (and refuses, 413)."""
+    if not isinstance(source, sources.LocalModel):
+        return lambda prompts, responses: [True] * len(prompts)
+    limit = getattr(source.scorer.model.config, "max_position_embeddings", None)
+    tokenizer, convention = source.tokenizer, source.convention
+    return lambda prompts, responses: [
+        limit is None or len(x) <= limit for x in conventions.encode(tokenizer, prompts, responses, convention)
+    ]
+
+
 def score_shard(
-    scorer: scoring.RewardScorer, inp: ScoreInput, start: int, stop: int, progress: bool
+    source: sources.RewardSource, inp: ScoreInput, start: int, stop: int, progress: bool, batch_size: int = 64
 ) -> list[tuple[int, list[float | None], str | None]]:
-    """``(input row, rewards, why not)`` for table rows ``start:stop``; a text longer than the model's positions
-    gets no reward (``too_long``) instead of failing the run."""
+    """``(input row, rewards, why not)`` for table rows ``start:stop``; a text longer than a folder's model
+    positions gets no reward (``too_long``) instead of failing the run."""
     from tqdm.auto import tqdm
 
     per_row = 2 if inp.kind == "pairs" else 1
-    limit = getattr(scorer.model.config, "max_position_embeddings", None)
-    chunk = max(scorer.batch_size * 16, 1024) // per_row
+    fits_of = fits_model(source)
+    chunk = max(batch_size * 16, 1024) // per_row
     out: list[tuple[int, list[float | None], str | None]] = []
     with tqdm(total=stop - start, desc="scoring", unit="row", disable=not progress) as bar:
         for lo in range(start, stop, chunk):
             hi = min(lo + chunk, stop)
-            ids = scoring.encode(scorer.tokenizer, inp.texts(lo, hi))
-            fits = [limit is None or len(x) <= limit for x in ids]
-            scores = iter(scorer.score_ids([x for x, ok in zip(ids, fits) if ok]))
+            prompts, responses = inp.pairs(lo, hi)
+            fits = fits_of(prompts, responses)
+            kept = [i for i, ok in enumerate(fits) if ok]
+            scores = iter(source.score_pairs([prompts[i] for i in kept], [responses[i] for i in kept]))
             values = [next(scores) if ok else None for ok in fits]
             for j, row in enumerate(inp.table[lo:hi]["row"]):
                 mine = values[j * per_row : (j + 1) * per_row]
@@ -313,7 +332,34 @@ def summarize(inp: ScoreInput, rows: list[dict], seconds: float) -> dict[str, An
     return m
 
 
-def run(data_args: ScoreDataArguments, args: ScoreConfig, model_path: str) -> dict[str, Any]:
+def reward_arguments(args: ScoreConfig, model_path: str | None) -> sources.RewardArguments:
+    """The reward settings, checked; ``model_path`` (``--model_name_or_path``: ``make score MODEL=``) is the folder."""
+    folder = args.reward_model_name_or_path
+    if model_path and folder and str(model_path) != folder:
+        raise ValueError(
+            f"model_name_or_path={str(model_path)!r} and reward_model_name_or_path={folder!r} name two reward "
+            "models: give one"
+        )
+    values = {f.name: getattr(args, f.name) for f in fields(sources.RewardArguments)}
+    reward = sources.RewardArguments(**values | {"reward_model_name_or_path": folder or model_path or None})
+    reward.check_reward_source()
+    return reward
+
+
+def build_source(args: ScoreConfig, model_path: str | None, device) -> sources.RewardSource:
+    """The reward source (a folder is checked and its convention resolved here; its weights load at first use)."""
+    reward = reward_arguments(args, model_path)
+    dtype = runtime.torch_dtype(args.bf16)
+    if reward.reward_model_url:
+        return sources.build(reward, str(device), dtype, args.max_tokens_per_batch)
+    setting = "reward_model_name_or_path" if args.reward_model_name_or_path else "model_name_or_path"
+    return sources.LocalModel(
+        reward.reward_model_name_or_path, reward.reward_convention, str(device), dtype, reward.reward_batch_size,
+        args.max_tokens_per_batch, setting=setting,
+    )  # fmt: skip
+
+
+def run(data_args: ScoreDataArguments, args: ScoreConfig, model_path: str | None) -> dict[str, Any]:
     """Score every row (sharded over the processes), write the output file and its metrics (main process)."""
     import time
 
@@ -323,17 +369,15 @@ def run(data_args: ScoreDataArguments, args: ScoreConfig, model_path: str) -> di
     state = runtime.process_state(args)
     rows = load_rows(data_args)  # before the model: what cannot be written is refused before any work
     check_output_schema(rows, detect_kind(rows, data_args.input_kind), args.output_file)
-    scorer = scoring.RewardScorer.from_pretrained(
-        model_path,
-        device=str(state.device),
-        dtype=runtime.torch_dtype(args.bf16),
-        setting="model_name_or_path",
-        batch_size=args.batch_size,
-        max_tokens_per_batch=args.max_tokens_per_batch,
-    )
-    inp = read_input(data_args, scorer.tokenizer, rows)
+    source = build_source(args, model_path, state.device)
+    if data_args.use_chat_template and not hasattr(source, "tokenizer"):
+        raise ValueError(
+            f"use_chat_template=true renders rows by the reward tokenizer, which a reward_api={args.reward_api} "
+            "server does not share here: render them beforehand, or score the folder"
+        )
+    inp = read_input(data_args, getattr(source, "tokenizer", None), rows)
     lo, hi = shard_bounds(len(inp.table), state.process_index, state.num_processes)
-    mine = score_shard(scorer, inp, lo, hi, args.progress and state.is_main_process)
+    mine = score_shard(source, inp, lo, hi, args.progress and state.is_main_process, args.reward_batch_size)
     everything = gather_object(mine) if state.num_processes > 1 else mine
     metrics: dict[str, Any] = {}
     if state.is_main_process:
@@ -342,7 +386,10 @@ def run(data_args: ScoreDataArguments, args: ScoreConfig, model_path: str) -> di
             raise RuntimeError(f"gathered {len(everything)} scored rows for {len(inp.table)} rows: a shard was lost")
         rows = output_rows(inp, scored)
         write_rows(rows, args.output_file)
-        metrics = summarize(inp, rows, time.perf_counter() - start) | {"reward_model": str(model_path)}
+        metrics = summarize(inp, rows, time.perf_counter() - start)
+        identity = source.identity()
+        metrics |= {"reward_model": sources.address(reward_arguments(args, model_path)), "reward": identity}
+        metrics["reward_convention"] = identity.get("convention")
         metrics |= {"input": data_args.dataset_name, "output": args.output_file, "processes": state.num_processes}
         with whole_or_nothing(metrics_path(args.output_file)):
             reporting.write_json(metrics, metrics_path(args.output_file))  # its .tmp is <name>.tmp too

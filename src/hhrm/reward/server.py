@@ -1,15 +1,18 @@
-"""The reward-model server: a reward model folder behind HTTP on LitServe, scored by the one reward rule.
+"""The reward-model server: a reward model folder behind HTTP on LitServe, scored by its reward convention.
 
 Endpoints (JSON in and out; every refusal is ``{"error": "<one line>"}`` with a 4xx status, see
 :mod:`hhrm.reward.protocol`):
 
 * ``POST /score``: ``{"prompts": [str], "responses": [str]}`` -> ``{"rewards": [float]}``, the reward of each
-  ``prompt + response`` (:class:`hhrm.reward.scoring.RewardScorer`'s rule: text + EOS, read at the EOS).
+  ``(prompt, response)`` exactly as :class:`hhrm.reward.scoring.RewardScorer` scores it under the server's
+  ``reward_convention`` (:mod:`hhrm.reward.conventions`; hhrm's: text + EOS, read at the EOS).
 * ``POST /get_reward``: OpenRLHF's remote reward protocol (its ``--remote_rm_url``): ``{"query": [full texts],
   "prompts": [str]}`` -> ``{"rewards": [float], "scores": [float], "extra_logs": {"dummy_scores": [float]}}``,
-  what OpenRLHF's ``serve_rm`` answers; other keys (``labels``, ``metas``) are ignored.
+  what OpenRLHF's ``serve_rm`` answers; other keys (``labels``, ``metas``) are ignored. A convention that needs the
+  prompt apart (a chat template, a text pair) requires ``prompts`` (:func:`hhrm.reward.protocol.get_reward_pairs`).
 * ``GET /health`` (200 ``ok`` once the model is loaded; 503 before, and once the model process or LitServe's queue
-  is gone), ``GET /info`` (LitServe's; under ``model``: the model path, the text rule, max length, the limits),
+  is gone), ``GET /info`` (LitServe's; under ``model``: the model path, its ``convention`` and the text rule that
+  follows, max length, the limits),
   ``GET /stats`` (counters: model calls, requests and texts per call, texts per forward, refusals by status).
   Nothing else answers (404), no ``/docs`` nor ``/openapi.json`` either.
 
@@ -19,7 +22,7 @@ what ``max_texts_per_request`` texts at the character cap need), its JSON outsid
 characters (``max_length`` x the longest token, so a text that fits is never refused and a huge one is never
 tokenized). LitServe's dynamic batching hands the model process up to ``max_batch_size`` queued requests (waiting
 at most ``batch_timeout``); their texts are flattened into one :meth:`RewardScorer.score_ids` call (which sorts them
-by length and cuts forwards of at most ``batch_size`` texts and ``max_tokens_per_batch`` padded tokens), and the
+by length and cuts forwards of at most ``reward_batch_size`` texts and ``max_tokens_per_batch`` padded tokens), and the
 rewards are split back per request. A request gets no answer within ``request_timeout``: 504; a dead model process
 or queue: 503 within a second, and the server ends (exit 1) so that whoever runs it restarts it
 (:mod:`hhrm.reward.watch`). ``recipes/serve_rm.py`` runs the server as a child that dies with it, whole.
@@ -31,11 +34,9 @@ import asyncio
 import multiprocessing
 import os
 import signal
-import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 
 import litserve as ls
 import torch
@@ -45,27 +46,27 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from hhrm import finite, model_checks, runtime
-from hhrm.reward import scoring
+from hhrm.reward import conventions, sources
 from hhrm.reward.protocol import (
+    RECIPE,  # noqa: F401  (hhrm.reward.server.RECIPE and .launch: where the tests and the bench look)
     STATS,
-    TEXT_RULE,
     Limits,
     RequestError,
-    check_chars,
     check_port,
     encode_checked,
-    free_port,
-    get_reward_texts,
+    get_reward_pairs,
+    launch,  # noqa: F401
     limits,
     load_object,
-    score_texts,
+    score_pairs,
     stats_summary,
+    text_rule,
     worker_error,
 )
-from hhrm.reward.watch import BackendState, GuardedServer, launch_process
+from hhrm.reward.watch import BackendState, GuardedServer
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServer.run binds
-RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "serve_rm.py"  # hhrm is installed from src/
+_REWARD = {f.name: f for f in fields(sources.RewardArguments)}  # one home for the settings' help
 
 
 @dataclass
@@ -109,7 +110,10 @@ class ServeConfig:
             "most 32 MiB (GET /info shows it)."
         },
     )
-    batch_size: int = field(default=64, metadata={"help": "Texts per reward-model forward, at most (RewardScorer)."})
+    reward_convention: str | None = field(default=None, metadata=_REWARD["reward_convention"].metadata)
+    reward_batch_size: int = field(
+        default=64, metadata={"help": "Texts per reward-model forward, at most (RewardScorer)."}
+    )
     max_tokens_per_batch: int = field(
         default=32_768, metadata={"help": "Padded tokens per reward-model forward, at most (RewardScorer)."}
     )
@@ -134,7 +138,7 @@ class ServeConfig:
             raise ValueError(f"host={self.host!r}: LitServe binds one of {HOSTS} (127.0.0.1: this machine only)")
         if not 1024 <= self.port <= 65535:
             raise ValueError(f"port={self.port}: must be within 1024-65535")
-        counts = ("max_batch_size", "max_texts_per_request", "batch_size", "max_tokens_per_batch")
+        counts = ("max_batch_size", "max_texts_per_request", "reward_batch_size", "max_tokens_per_batch")
         bad = [f"{k}={getattr(self, k)}" for k in counts if getattr(self, k) < 1]
         optional = ("max_length", "num_threads", "max_request_bytes")
         bad += [f"{k}={getattr(self, k)}" for k in optional if (getattr(self, k) or 1) < 1]
@@ -150,6 +154,8 @@ class ServeConfig:
             raise ValueError(f"device={self.device!r}: expected cpu, cuda or cuda:N")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r}: no CUDA device here; use --device cpu")
+        if self.reward_convention is not None:
+            conventions.by_name(self.reward_convention)
 
     @property
     def dtype(self):
@@ -165,10 +171,11 @@ class RewardSpec(LitSpec):
     """``/score``, ``/get_reward`` and ``/stats`` in LitServe's HTTP process, all feeding the one model queue; each
     request is checked against :class:`Limits` (fixed at start) before it is queued."""
 
-    def __init__(self, tokenizer, config: ServeConfig, limits: Limits, stats, backend: BackendState):
+    def __init__(self, model: sources.LocalModel, config: ServeConfig, limits: Limits, stats, backend: BackendState):
         super().__init__()
         self.api_path = "/score"  # LitServe keys the model queue and the worker by this path
-        self.tokenizer, self.config, self.limits, self.stats = tokenizer, config, limits, stats
+        self.tokenizer, self.convention = model.tokenizer, model.convention
+        self.config, self.limits, self.stats = config, limits, stats
         self.backend = backend  # the server's, in the HTTP process: set once the model process or queue is gone
         self.errors: dict[str, int] = {}
 
@@ -188,16 +195,16 @@ class RewardSpec(LitSpec):
         return output
 
     async def score(self, request: Request) -> JSONResponse:
-        rewards = await self.serve(request, score_texts)
+        rewards = await self.serve(request, score_pairs)
         return rewards if isinstance(rewards, JSONResponse) else JSONResponse({"rewards": rewards})
 
     async def get_reward(self, request: Request) -> JSONResponse:
-        rewards = await self.serve(request, get_reward_texts)
+        rewards = await self.serve(request, get_reward_pairs)
         if isinstance(rewards, JSONResponse):
             return rewards
         return JSONResponse({"rewards": rewards, "scores": rewards, "extra_logs": {"dummy_scores": rewards}})
 
-    async def serve(self, request: Request, texts_of) -> list[float] | JSONResponse:
+    async def serve(self, request: Request, pairs_of) -> list[float] | JSONResponse:
         """Rewards of the request's texts, or the error response (the request never reaches the model then)."""
         try:
             try:
@@ -208,19 +215,20 @@ class RewardSpec(LitSpec):
                 status = getattr(err, "status_code", 400)
                 limit = f"the body is too large: over max_request_bytes={self.limits.max_request_bytes} bytes"
                 raise RequestError(status, limit if status == 413 else str(getattr(err, "detail", err))) from None
-            return await self.rewards(await asyncio.to_thread(self.checked_ids, body, texts_of))
+            return await self.rewards(await asyncio.to_thread(self.checked_ids, body, pairs_of))
         except RequestError as err:
             key = str(err.status)
             self.errors[key] = self.errors.get(key, 0) + 1
             return JSONResponse({"error": err.message}, status_code=err.status)
 
-    def checked_ids(self, body: bytes, texts_of) -> list[list[int]]:
-        """The token ids of the body's texts, each limit checked before the work it bounds (off the event loop)."""
+    def checked_ids(self, body: bytes, pairs_of) -> tuple:
+        """``(ids, token type ids or None)`` of the body's pairs by the convention, each limit checked before the
+        work it bounds (off the event loop)."""
         data = load_object(body, self.limits.max_structure_bytes)
-        texts = check_chars(texts_of(data, self.limits.max_texts_per_request, self.tokenizer), self.limits)
-        return encode_checked(self.tokenizer, texts, self.limits.max_length)
+        pairs = pairs_of(data, self.limits.max_texts_per_request, self.tokenizer, self.convention)
+        return encode_checked(self.tokenizer, pairs, self.convention, self.limits)
 
-    async def rewards(self, ids: list[list[int]]) -> list[float]:
+    async def rewards(self, ids: tuple) -> list[float]:
         """Queue one request for the model process and wait for its rewards (as LitServe's own specs do), at most
         ``request_timeout`` seconds (504); 503 once the model process or LitServe's queue is gone."""
         if self.backend.down:
@@ -260,14 +268,11 @@ class RewardAPI(ls.LitAPI):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
-        self.scorer = scoring.RewardScorer.from_pretrained(
-            self.config.model_name_or_path,
-            device=self.config.device,
-            dtype=self.config.dtype,
+        c = self.config
+        self.scorer = sources.LocalModel(
+            c.model_name_or_path, c.reward_convention, c.device, c.dtype, c.reward_batch_size, c.max_tokens_per_batch,
             setting="model_name_or_path",
-            batch_size=self.config.batch_size,
-            max_tokens_per_batch=self.config.max_tokens_per_batch,
-        )
+        ).scorer  # fmt: skip
         self.scorer.model.register_forward_pre_hook(self.count_forward, with_kwargs=True)
 
     def count_forward(self, module, args, kwargs) -> None:
@@ -280,18 +285,19 @@ class RewardAPI(ls.LitAPI):
             self.stats[STATS.index(key)] += value
 
     def decode_request(self, request, **kwargs):
-        return request  # token ids, checked by RewardSpec
+        return request  # (token ids, token type ids or None), checked by RewardSpec
 
     def predict(self, batch, **kwargs):
         requests = batch if self.max_batch_size > 1 else [batch]  # LitServe's single loop passes one request
         start = time.perf_counter()
-        rewards = self.scorer.score_ids([ids for r in requests for ids in r])
+        types = None if requests[0][1] is None else [t for _, ts in requests for t in ts]  # one tokenizer: all or none
+        rewards = self.scorer.score_ids([ids for r, _ in requests for ids in r], types)
         seconds = time.perf_counter() - start
         self.add(model_calls=1, requests=len(requests), texts=len(rewards), predict_seconds=seconds)
         i = STATS.index("max_requests")
         self.stats[i] = max(self.stats[i], len(requests))
         out, start = [], 0
-        for r in requests:
+        for r, _ in requests:
             out.append(rewards[start : start + len(r)])
             start += len(r)
         return out if self.max_batch_size > 1 else out[0]
@@ -312,9 +318,11 @@ def model_positions(path: str) -> int | None:
 
 
 def build_server(config: ServeConfig) -> GuardedServer:
-    """The LitServer, after the checks that refuse to start: not a reward model, a length over the model's
-    positions, a port in use. Nothing is loaded here but the tokenizer; the model process loads the model."""
-    tokenizer = model_checks.check_reward_model(config.model_name_or_path, "model_name_or_path")
+    """The LitServer, after the checks that refuse to start: not a reward model, a convention that cannot score it,
+    a length over the model's positions, a port in use. Nothing is loaded here but the tokenizer; the model process
+    loads the model."""
+    model = sources.LocalModel(config.model_name_or_path, config.reward_convention, setting="model_name_or_path")
+    tokenizer = model.tokenizer
     positions = model_positions(config.model_name_or_path)
     max_length = config.max_length or positions
     if max_length is None:
@@ -325,14 +333,15 @@ def build_server(config: ServeConfig) -> GuardedServer:
     request_limits = limits(tokenizer, max_length, config.max_texts_per_request, config.max_request_bytes)
     stats = multiprocessing.get_context("spawn").Array("d", len(STATS), lock=False)  # one writer: the model process
     backend = BackendState()
-    spec = RewardSpec(tokenizer, config, request_limits, stats, backend)
+    spec = RewardSpec(model, config, request_limits, stats, backend)
     api = RewardAPI(config, spec, stats)
     batching = {k: getattr(config, k) for k in ("max_batch_size", "batch_timeout", "request_timeout")}
     endpoints = ["POST /score", "POST /get_reward", "GET /health", "GET /info", "GET /stats"]
     metadata = {
         "model_name_or_path": str(config.model_name_or_path),
         "weights": model_checks.weights_identity(str(config.model_name_or_path)),  # a client's resume check reads it
-        "text_rule": TEXT_RULE,
+        "convention": model.convention.name,  # hhrm's client reads it into the source's identity
+        "text_rule": text_rule(model.convention),
         "eos_token": tokenizer.eos_token,
         "pad_token": tokenizer.pad_token,
         "max_length": max_length,
@@ -340,7 +349,7 @@ def build_server(config: ServeConfig) -> GuardedServer:
         "device": config.device,
         "dtype": str(config.dtype).removeprefix("torch."),
         "limits": asdict(request_limits) | batching,
-        "scorer": {"batch_size": config.batch_size, "max_tokens_per_batch": config.max_tokens_per_batch},
+        "scorer": {"reward_batch_size": config.reward_batch_size, "max_tokens_per_batch": config.max_tokens_per_batch},
         "endpoints": endpoints,
     }
     return GuardedServer(
@@ -384,16 +393,3 @@ def serve(server: GuardedServer, config: ServeConfig) -> None:
     except (EOFError, OSError) as err:  # LitServe's main thread waits on its queue manager, which is gone
         if not server.stopping:
             server.end(f"LitServe's queue manager is gone ({type(err).__name__}: {err})")
-
-
-# --------------------------------------------------------------------------------------------
-# A server in a subprocess (tests, the bench, scripts): started on a free loopback port, always stopped
-
-
-def launch(model: str | Path, *args: str, ready_timeout: float = 600.0, log: Path | None = None):
-    """``recipes/serve_rm.py`` on 127.0.0.1 and a free port, as a subprocess: a context manager that yields its base
-    URL once ``/health`` answers 200 (at most ``ready_timeout`` seconds, else RuntimeError with the log's tail),
-    and stops it whole on exit (SIGTERM, then SIGKILL to what is left of its tree after 30 s)."""
-    port = free_port()
-    cmd = [sys.executable, str(RECIPE), "--model_name_or_path", str(model), "--port", str(port), *args]
-    return launch_process(cmd, f"http://127.0.0.1:{port}", ready_timeout, log)

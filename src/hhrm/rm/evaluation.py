@@ -19,7 +19,7 @@ from datasets import Dataset
 
 from hhrm import data as hdata
 from hhrm import reporting, synthetic
-from hhrm.reward import scoring
+from hhrm.reward import conventions, scoring
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,24 @@ def pair_rewards(
     return rewards[: len(chosen_ids)], rewards[len(chosen_ids) :]
 
 
+def scored_pairs(scorer: scoring.RewardScorer, ds: Dataset) -> tuple[list, list, np.ndarray, np.ndarray]:
+    """``(chosen ids, rejected ids, chosen rewards, rejected rewards)`` under the scorer's convention: hhrm's scores
+    the ids the RM recipe trained on (:func:`pair_ids`); another tool's rule, which may need the prompt apart (a chat
+    template, a text pair), scores (prompt, chosen) and (prompt, rejected) through ``score_pairs``."""
+    convention = getattr(scorer, "convention", conventions.HHRM)
+    if convention == conventions.HHRM:
+        chosen_ids, rejected_ids = pair_ids(scorer.tokenizer, ds)
+        return chosen_ids, rejected_ids, *pair_rewards(scorer, chosen_ids, rejected_ids)
+    prompts, chosen, rejected = list(ds["prompt"]), list(ds["chosen"]), list(ds["rejected"])
+    rewards = np.array(scorer.score_pairs(prompts + prompts, chosen + rejected))
+    return (
+        conventions.encode(scorer.tokenizer, prompts, chosen, convention),
+        conventions.encode(scorer.tokenizer, prompts, rejected, convention),
+        rewards[: len(prompts)],
+        rewards[len(prompts) :],
+    )
+
+
 def evaluate_pairs(
     scorer: scoring.RewardScorer, ds: Dataset, n_buckets: int = 4, prefix: str = "eval_"
 ) -> tuple[dict[str, float], dict[str, Any]]:
@@ -115,8 +133,7 @@ def evaluate_pairs(
     if len(ds) == 0:
         raise ValueError("no held-out pairs to evaluate (RM-test is empty after filtering)")
     tok = scorer.tokenizer
-    chosen_ids, rejected_ids = pair_ids(tok, ds)
-    rc, rr = pair_rewards(scorer, chosen_ids, rejected_ids)
+    chosen_ids, rejected_ids, rc, rr = scored_pairs(scorer, ds)
     pair_len = np.array([max(len(c), len(r)) for c, r in zip(chosen_ids, rejected_ids)])
     resp_c = np.array([len(x) for x in tok(list(ds["chosen"]), add_special_tokens=False)["input_ids"]])
     resp_r = np.array([len(x) for x in tok(list(ds["rejected"]), add_special_tokens=False)["input_ids"]])
