@@ -12,7 +12,7 @@ under ``--reward_convention`` (unset: what it records, else hhrm's), so another 
 """
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trl import ModelConfig, TrlParser
@@ -22,8 +22,6 @@ from hhrm.reward import sources
 from hhrm.rm import evaluation as rm_eval
 from hhrm.rm import stage as rm
 from hhrm.runtime import setup_logging
-
-_REWARD = {f.name: f for f in fields(sources.RewardArguments)}  # one home for the setting's help
 
 
 @dataclass
@@ -40,7 +38,7 @@ class EvalArguments:
         metadata={"help": "Where eval_rm.json and the card section go. Default: the reward model folder."},
     )
     skip_gold: bool = field(default=False, metadata={"help": "Skip the gold agreement on fresh samples."})
-    reward_convention: str | None = field(default=None, metadata=_REWARD["reward_convention"].metadata)
+    reward_convention: str | None = sources.setting("reward_convention")
 
 
 def main(
@@ -54,7 +52,7 @@ def main(
         raise FileNotFoundError(f"reward_model={str(reward_model)!r}: no model folder there (train it with `make rm`)")
     scorer = sources.LocalModel(
         str(reward_model), eval_args.reward_convention, dtype=runtime.torch_dtype(args.bf16),
-        batch_size=args.scorer_batch_size, setting="reward_model",
+        batch_size=args.reward_batch_size, setting="reward_model",
     ).scorer  # fmt: skip
     splits = data.load_splits(data_args, scorer.tokenizer)  # the tokenizer renders the text when use_chat_template
     pairs = rm.prepare_pairs(splits, scorer.tokenizer, args.max_length, args.dedup_test)

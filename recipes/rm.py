@@ -29,7 +29,7 @@ def main(data_args: data.DataArguments, args: rm.RewardConfig, model_args: Model
     outputs.check_free_space(args.output_dir, outputs.model_bytes(model))  # the new model must fit beside the old
     metrics: dict = {}
     if args.eval_before_training and len(pairs.test):
-        scorer = scoring.RewardScorer(model, tokenizer, batch_size=args.scorer_batch_size)
+        scorer = scoring.RewardScorer(model, tokenizer, batch_size=args.reward_batch_size)
         metrics["eval_accuracy_exact_before"] = rm_eval.evaluate_pairs(scorer, pairs.test)[0]["eval_accuracy_exact"]
 
     ################

@@ -97,7 +97,7 @@ def real_rm(real_model, hh_data, tmp_path_factory) -> Path:
         per_device_train_batch_size=2,
         global_batch_size=2,
         per_device_eval_batch_size=4,
-        scorer_batch_size=4,
+        reward_batch_size=4,
         learning_rate=2e-5,
         eval_before_training="true",
         eval_strategy="no",

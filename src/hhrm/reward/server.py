@@ -36,7 +36,7 @@ import os
 import signal
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import litserve as ls
 import torch
@@ -66,7 +66,6 @@ from hhrm.reward.protocol import (
 from hhrm.reward.watch import BackendState, GuardedServer
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServer.run binds
-_REWARD = {f.name: f for f in fields(sources.RewardArguments)}  # one home for the settings' help
 
 
 @dataclass
@@ -110,10 +109,8 @@ class ServeConfig:
             "most 32 MiB (GET /info shows it)."
         },
     )
-    reward_convention: str | None = field(default=None, metadata=_REWARD["reward_convention"].metadata)
-    reward_batch_size: int = field(
-        default=64, metadata={"help": "Texts per reward-model forward, at most (RewardScorer)."}
-    )
+    reward_convention: str | None = sources.setting("reward_convention")
+    reward_batch_size: int = sources.setting("reward_batch_size")
     max_tokens_per_batch: int = field(
         default=32_768, metadata={"help": "Padded tokens per reward-model forward, at most (RewardScorer)."}
     )

@@ -20,7 +20,7 @@ line in :func:`build`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -117,6 +117,13 @@ class RewardArguments:
                 raise ValueError(message)
         if self.reward_convention is not None:
             conventions.by_name(self.reward_convention)
+
+
+def setting(name: str, **overrides):
+    """A config field for one of :class:`RewardArguments`' settings, with its help (and default unless overridden):
+    a config that takes only some of them (the server, the RM stage) does not retype their help."""
+    home = {f.name: f for f in fields(RewardArguments)}[name]
+    return field(default=overrides.get("default", home.default), metadata=home.metadata)
 
 
 class LocalModel:

@@ -24,7 +24,7 @@ import hhrm.rm.evaluation as rm_eval
 import hhrm.rm.trainer as rm_trainer
 from hhrm import data as hdata
 from hhrm import model_checks, modeling, reporting, runtime
-from hhrm.reward import conventions, scoring
+from hhrm.reward import conventions, scoring, sources
 from hhrm.runtime import StageConfigMixin
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class RewardConfig(StageConfigMixin, trl.RewardConfig):
         default=True, metadata={"help": "Also report the held-out accuracy of the untrained reward head."}
     )
     length_buckets: int = field(default=4, metadata={"help": "Accuracy by pair length: number of quantile buckets."})
-    scorer_batch_size: int = field(default=64, metadata={"help": "Rows per forward pass when scoring for evaluation."})
+    reward_batch_size: int = sources.setting("reward_batch_size")  # the evaluation's scorer
     gold_prompts: int = field(
         default=200,
         metadata={"help": "Embedded data: held-out prompts answered by the SFT policy for gold agreement."},
@@ -381,7 +381,7 @@ def finish(
     if trainer.accelerator.is_main_process:
         # Evaluate what was exported (reloaded from disk), not the in-memory training copy.
         scorer = scoring.RewardScorer.from_pretrained(
-            folder, dtype=runtime.torch_dtype(args.bf16), batch_size=args.scorer_batch_size
+            folder, dtype=runtime.torch_dtype(args.bf16), batch_size=args.reward_batch_size
         )
         result = rm_eval.evaluate(
             scorer,
