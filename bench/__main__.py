@@ -20,6 +20,8 @@ Sections (``--sections``, default all; one file each under bench/):
 * ``score``: responses/s, hhrm.reward.scoring.RewardScorer vs the card's ``pipeline(..., batch_size=1)``.
 * ``serve``: the reward-model server (recipes/serve_rm.py, LitServe) on the loopback address under 8 concurrent
              clients, texts/s vs RewardScorer in-process on the same texts; requests/s, p50/p99 latency, batch fill.
+* ``openrlhf``: the same server under OpenRLHF's remote reward client: 64 concurrent one-text ``/get_reward``
+             requests, texts/s vs RewardScorer in-process on the same texts (goal >= 0.8).
 * ``mfu``:   training FLOP/s (6 N tokens/s, from the packed SFT run) over the peak matmul FLOP/s
              measured in the same run.
 * ``demo``:  wall time and peak RSS of each stage of ``make demo``, read from the demo's summary
@@ -63,13 +65,14 @@ from .common import (
     usable_cpus,
 )
 
-SECTIONS = ("sft", "rm", "gen", "score", "serve", "mfu", "demo", "data")
+SECTIONS = ("sft", "rm", "gen", "score", "serve", "openrlhf", "mfu", "demo", "data")
 RUNNERS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "sft": sft.run,
     "rm": rm.run,
     "gen": gen.run,
     "score": score.run,
     "serve": serve.run,
+    "openrlhf": serve.run_openrlhf,
     "mfu": mfu.run,
     "demo": demo.run,
     "data": data.run,

@@ -50,6 +50,7 @@ def test_bench_tiny_writes_wellformed_json(tmp_path):
         "gen_batched_vs_prompt_x_k",
         "gen_batched_vs_one_sequence",
         "score_scorer_vs_pipeline",
+        "serve_openrlhf_clients",
         "mfu_sft_wrapped",
         "demo",
         "data_prep_full_size",
@@ -92,6 +93,27 @@ def check_data_entry(entry, preset):
     assert entry["targets"] == {"seconds": 120, "peak_rss_mb": 4096}
     assert set(entry["meets"]) == {"seconds", "peak_rss_mb"}
     assert entry["growth"]["peak_rss_mb_per_10k_rows"] is not None
+
+
+def test_bench_openrlhf_clients_batched_and_equal(tmp_path):
+    """``--sections openrlhf``: 64 concurrent one-text /get_reward requests (OpenRLHF's client) are batched by the
+    server (several requests per model call, none over max_batch_size) and get the in-process rewards."""
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, "-m", "bench", "--size", "tiny", "--data", "embedded", "--sections", "openrlhf"]
+    proc = subprocess.run([*cmd, "--threads", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    (entry,) = json.loads(out.read_text())["entries"]
+    assert entry["id"] == "serve_openrlhf_clients"
+    assert entry["expect"] == 0.8 and entry["meets"] == (entry["ratio"] >= 0.8)
+    assert math.isclose(entry["ratio"], entry["a"]["value"] / entry["b"]["value"], rel_tol=1e-2)
+    d = entry["details"]
+    assert d["clients"] == 64 and d["requests_per_round"] == d["texts_per_round"] == 128  # one text per request
+    assert d["latency_ms"]["requests"] == 128 and 0 < d["latency_ms"]["p50"] <= d["latency_ms"]["p99"]
+    assert d["texts_per_model_call"] == d["requests_per_model_call"] > 1
+    assert 1 < d["max_requests_per_model_call"] <= d["server"]["limits"]["max_batch_size"] == 16
+    assert d["max_abs_reward_diff"] < 1e-5
+    assert "serve_openrlhf_clients" in proc.stdout and ">=0.8" in proc.stdout
 
 
 def test_bench_missing_data_file_is_an_error(tmp_path):

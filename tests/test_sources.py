@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_conventions import PROMPTS, RESPONSES, _card_pipeline, _decoder_tokenizer, _llama_rm
+from test_conventions import (
+    CHAT_TEMPLATE,
+    PROMPTS,
+    RESPONSES,
+    _card_pipeline,
+    _decoder_tokenizer,
+    _llama_rm,
+    _wordpiece_tokenizer,
+)
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hhrm.reward import conventions, sources
@@ -186,3 +194,89 @@ def test_raft_scores_a_card_style_reward_model_as_the_cards_snippet_does(quick_m
     texts = [r["prompt"] + response for r in rows for response in r["responses"]]
     assert len(texts) == 12
     assert [x for r in rows for x in r["rewards"]] == pytest.approx(_reference(folder, texts), abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Every kind of folder through make score, the server and RAFT
+
+
+def _folder_of_kind(kind: str, root: Path) -> tuple[Path, str | None]:
+    """A reward-model folder of each kind the issue names, and the reward_convention a user states for it (None:
+    recorded in the folder)."""
+    folder = root / kind
+    if kind == "encoder-pair":
+        from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+        tok = _wordpiece_tokenizer()
+        torch.manual_seed(0)
+        config = DebertaV2Config(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, type_vocab_size=2, num_labels=1, pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+        DebertaV2ForSequenceClassification(config).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        return folder, "encoder-pair"
+    tok = _decoder_tokenizer(pad_is_eos=kind != "hhrm")
+    if kind == "verl-vllm":
+        tok.chat_template = CHAT_TEMPLATE
+    model = _llama_rm(tok)
+    if kind in ("hhrm", "trl-grpo"):  # recorded in config.json: detected, not stated
+        setattr(model.config, conventions.CONFIG_KEY, kind)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, None if kind in ("hhrm", "trl-grpo") else kind
+
+
+def _expected(folder: Path, kind: str, prompts: list[str], responses: list[str]) -> list[float]:
+    """RewardScorer under the preset on the in-memory model: proven equal to the preset's reference code in
+    tests/test_conventions.py."""
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    return RewardScorer(model, tok, convention=conventions.PRESETS[kind]).score_pairs(prompts, responses)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["hhrm", "card-pipeline", "trl-grpo", "verl-vllm", "encoder-pair"])
+def test_each_kind_of_folder_scores_alike_in_make_score_the_server_and_raft(kind, quick_models, tmp_path):
+    from trl import ModelConfig, TrlParser
+
+    from hhrm import data as hdata
+    from hhrm.raft import RaftConfig, StopRequested
+    from hhrm.reward import score_file
+    from hhrm.reward.server import launch
+
+    folder, stated = _folder_of_kind(kind, tmp_path)
+    given = [] if stated is None else ["--reward_convention", stated]
+    expected = _expected(folder, kind, PROMPTS, RESPONSES)
+    # make score: prompt/response rows in, each row's reward out
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(PROMPTS, RESPONSES)))
+    parser = TrlParser((score_file.ScoreDataArguments, score_file.ScoreConfig))
+    data_args, args = parser.parse_args_and_config(
+        ["--dataset_name", str(rows), "--output_file", str(tmp_path / "scores.jsonl"), "--progress", "false", *given]
+    )
+    score_file.run(data_args, args, str(folder))
+    scored = [json.loads(x)["reward"] for x in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert scored == pytest.approx(expected, abs=1e-5)
+    # make serve-rm, and a client through the seam
+    with launch(folder, *given, "--num_threads", "1", log=tmp_path / "server.log") as url:
+        served = sources.build(sources.RewardArguments(reward_model_url=url)).score_pairs(PROMPTS, RESPONSES)
+    assert served == pytest.approx(expected, abs=1e-5)
+    # RAFT's score stage: the rewards of the samples it generated
+    values = dict(
+        model_name_or_path=quick_models["policy"], reward_model_name_or_path=folder, dataset_name=quick_models["data"],
+        output_dir=tmp_path / "raft", num_iterations=1, prompts_per_iteration=4, num_samples=2, max_new_tokens=8,
+        heldout_prompts=2, test_offset=QUICK_TEST_OFFSET, seed=0, progress=False, disable_tqdm=True,
+        stop_after="0:score", **({} if stated is None else {"reward_convention": stated}),
+    )  # fmt: skip
+    argv = [x for k, v in values.items() for x in (f"--{k}", str(v))]
+    with pytest.raises(StopRequested):
+        load_recipe("raft").main(
+            *TrlParser((hdata.DataArguments, RaftConfig, ModelConfig)).parse_args_and_config(argv)
+        )
+    done = [json.loads(x) for x in (tmp_path / "raft" / "iter_000" / "scored.jsonl").read_text().splitlines()]
+    prompts = [r["prompt"] for r in done for _ in r["responses"]]
+    responses = [x for r in done for x in r["responses"]]
+    assert [x for r in done for x in r["rewards"]] == pytest.approx(
+        _expected(folder, kind, prompts, responses), abs=1e-5
+    )
