@@ -3,7 +3,7 @@
 Two entries, each its own section (one server each):
 
 * ``serve`` (``serve_server_vs_scorer``): A = the server on the loopback address, started as a subprocess
-  (``hhrm.reward.server.launch``, its defaults: ``max_batch_size`` 16, ``batch_timeout`` 5 ms; the bench's threads,
+  (``bench.servers.launch``, its defaults: ``max_batch_size`` 16, ``batch_timeout`` 5 ms; the bench's threads,
   device and dtype), loaded by ``CLIENTS`` client threads that each send their share of ``POST /score`` requests of
   1, 2, 4 or 8 texts one after another; a round is every request once, timed from the first send to the last answer.
 * ``openrlhf`` (``serve_openrlhf_clients``): the same server under OpenRLHF's remote reward client (0.11,
@@ -37,10 +37,9 @@ import numpy as np
 import torch
 
 from hhrm.reward import scoring
-from hhrm.reward import server as serve_rm
-from hhrm.reward.protocol import request_json
 
 from .common import Context, Side, build_model, compare, interleave, length_summary
+from bench.servers import launch, request_json
 
 CLIENTS = 8
 REQUEST_SIZES = (1, 2, 4, 8)
@@ -199,7 +198,7 @@ def model_and_server(ctx: Context, *extra_args: str) -> Iterator[tuple[str, scor
             folder, device=str(ctx.device), dtype=torch.bfloat16 if ctx.dtype == torch.bfloat16 else torch.float32
         )
         args = (*server_args(ctx), *extra_args)
-        with serve_rm.launch(folder, *args, ready_timeout=600, log=Path(tmp) / "server.log") as url:
+        with launch(folder, *args, ready_timeout=600, log=Path(tmp) / "server.log") as url:
             yield url, scorer
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from hhrm import data
+from hhrm import data, formats
 
 
 def _dahoas_row(i: int) -> dict:
@@ -99,7 +99,7 @@ def test_bad_rows_counted_by_reason(tmp_path):
 
 def test_raw_loader_on_real_hh_sample(hh_sample):
     rows = data.read_rows(str(hh_sample), "test")
-    assert len(rows) == 1156 and data.detect_format(rows) == "raw"
+    assert len(rows) == 1156 and formats.detect(rows) == "raw"
     ds, report = data.normalize_rows(rows, "raw", "test")
     assert len(ds) + report.dropped == 1156
     assert report.dropped < 20

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hhrm import data, data_io, synthetic
+from hhrm import data, data_io, formats, synthetic
 
 
 def _raw_rows(n: int, seed: int = 3) -> list[dict]:
@@ -115,13 +115,13 @@ def test_truncated_json_array_names_file_line_and_column(tmp_path):
 def test_detect_format_reads_object_rows_only(tmp_path):
     raw = _raw_rows(40)
     marker = {data_io.UNPARSABLE: "x.jsonl:1: bad"}
-    assert data.detect_format([42, None, "prompt", ["prompt"], marker, *raw]) == "raw"
+    assert formats.detect([42, None, "prompt", ["prompt"], marker, *raw]) == "raw"
     hh_prompt = {"prompt": "\n\nHuman: p\n\nAssistant:", "chosen": "c", "rejected": "r"}
-    assert data.detect_format([None, "chosen", hh_prompt]) == "dahoas"
+    assert formats.detect([None, "chosen", hh_prompt]) == "dahoas"
     # A prompt without HH turn markers is TRL's plain-text "standard" format, not Dahoas.
-    assert data.detect_format([None, "chosen", {"prompt": "p", "chosen": "c", "rejected": "r"}]) == "standard"
+    assert formats.detect([None, "chosen", {"prompt": "p", "chosen": "c", "rejected": "r"}]) == "standard"
     with pytest.raises(ValueError, match="dataset_format=raw"):
-        data.detect_format([42, None, "prompt"])
+        formats.detect([42, None, "prompt"])
     # Through a file: the non-object rows are counted, the rest load as raw.
     _write_lines(tmp_path / "train.jsonl", ["42", "null", '"prompt"', *raw])
     _write_lines(tmp_path / "test.jsonl", _raw_rows(5, seed=9))

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
+import re
+from pathlib import Path
 
 import pytest
 from tokenizers import processors
 from transformers import AutoTokenizer
 
 from hhrm import data, formats, formatting
-from hhrm.reward import scoring
+from hhrm.reward import score_file, scoring
 
 # A ChatML-style template that writes BOS itself (as LLaMA-family templates do).
 CHATML = (
@@ -17,6 +21,7 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 U, A, S = "user", "assistant", "system"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def msg(role: str, content) -> dict:
@@ -69,7 +74,7 @@ ONE_TURN = {
 
 
 def _normalized(row: dict, rule=None) -> dict:
-    fmt = data.detect_format([row])
+    fmt = formats.detect([row])
     ds, report = data.normalize_rows([row], fmt, "t", rule=rule)
     assert report.dropped == 0, report.summary("t")
     return {k: ds[0][k] for k in data.COLUMNS}
@@ -78,7 +83,7 @@ def _normalized(row: dict, rule=None) -> dict:
 def test_detects_each_format():
     want = {"raw": "raw", "dahoas": "dahoas", "standard": "standard"}
     for name, row in ONE_TURN.items():
-        assert data.detect_format([row]) == want.get(name, "conversational"), name
+        assert formats.detect([row]) == want.get(name, "conversational"), name
 
 
 def test_same_dialogue_gives_the_same_strings_in_every_format(plain_tok):
@@ -145,7 +150,7 @@ def test_chat_template_text_is_the_template_rendering_with_one_bos(tmp_path, bos
     for tok in (bos_tok, plain_tok):
         rule = formats.TextRule(tok)
         for r in rows:
-            clean = data.normalize_row(r, data.detect_format([r]), rule)
+            clean = data.normalize_row(r, formats.detect([r]), rule)
             text_ids = scoring.encode(tok, [clean["prompt"] + clean["rejected"]])[0]
             assert text_ids[0] == tok.bos_token_id and text_ids.count(tok.bos_token_id) == 1
     assert formats.TextRule(plain_tok).render(conversation, "4")[0].startswith("<s><|im_start|>system")
@@ -216,7 +221,7 @@ def test_too_many_bad_messages_refuse_the_split(tmp_path):
 def test_detection_refusals_are_one_line_naming_the_setting(tmp_path):
     implicit = [{"chosen": "The sky is blue.", "rejected": "The sky is green."}] * 3
     with pytest.raises(ValueError) as err:
-        data.detect_format(implicit)
+        formats.detect(implicit)
     message = str(err.value)
     assert "\n" not in message and message.startswith("dataset_format:")
     for part in ("add a prompt column", "dataset_format=standard", "dataset_format=conversational"):
@@ -224,14 +229,47 @@ def test_detection_refusals_are_one_line_naming_the_setting(tmp_path):
     _write_jsonl(tmp_path / "pairs.jsonl", implicit)
     with pytest.raises(ValueError, match="^dataset_format: .*no prompt column"):
         data.load_splits(data.DataArguments(dataset_name=str(tmp_path / "pairs.jsonl"), test_offset=0))
-    for detect, rows in ((data.detect_format, [{"text": "x"}]), (data.detect_completion_format, [{"chosen": "x"}])):
+    for kind, rows in (("pairs", [{"text": "x"}]), ("responses", [{"chosen": "x"}])):
         with pytest.raises(ValueError, match=r"dataset_format=(raw\|)?dahoas\|") as err:
-            detect(rows)
+            formats.detect(rows, kind)
         assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="dataset_format='raw'"):
         data.normalize_completions([], "raw", "t")
     for fmt in ("conversational", "standard"):
         assert data.DataArguments(dataset_format=fmt).dataset_format == fmt
+
+
+def test_format_names_have_one_home():
+    """The registry is the one list of format names: settings, help texts and refusals all read it."""
+    pairs, responses = ("auto", *formats.names("pairs")), ("auto", *formats.names("responses"))
+    assert pairs == formats.choices() == ("auto", *(f.name for f in formats.REGISTRY))
+    assert set(responses) < set(pairs) and score_file.KINDS == ("auto", *formats.KINDS)
+    for config in (data.DataArguments, score_file.ScoreDataArguments):
+        setting = {f.name: f for f in dataclasses.fields(config)}["dataset_format"]
+        assert " | ".join(pairs) in setting.metadata["help"], config
+        assert tuple(setting.metadata.get("choices", pairs)) == pairs, config
+        for name in pairs:
+            assert config(dataset_name="x", dataset_format=name).dataset_format == name
+        with pytest.raises(ValueError, match=re.escape(f"dataset_format='csv': expected one of {pairs}")):
+            config(dataset_name="x", dataset_format="csv")
+    with pytest.raises(ValueError, match=re.escape(f"expected one of {responses}")):
+        data.normalize_completions([], "raw", "t")
+    for kind, names in (("pairs", pairs), ("responses", responses)):
+        with pytest.raises(ValueError, match=re.escape(f"dataset_format={'|'.join(names[1:])}")):
+            formats.detect([{"text": "x"}], kind)
+    # No module writes the list out again (a tuple, a help string, a message).
+    copies = re.compile(r"""dahoas["']?\s*[,|]\s*["']?conversational""")
+    sources = [*(ROOT / "src").rglob("*.py"), *(ROOT / "scripts").glob("*.py"), *(ROOT / "recipes").glob("*.py")]
+    assert not [str(p) for p in sources if copies.search(p.read_text())]
+
+
+def test_a_row_shows_at_most_one_format():
+    """Detection tests are exclusive, so the registry's order does not decide a row's format."""
+    values = [None, 3, "plain", "\n\nHuman: hi\n\nAssistant:", [msg(U, "hi")]]
+    for prompt, first, second in itertools.product(values, repeat=3):
+        for answers in ((first, second), (first,)):
+            shown = [f.name for f in formats.REGISTRY if f.shows(prompt, answers)]
+            assert len(shown) <= 1, (prompt, answers, shown)
 
 
 def test_completions_normalise_in_order_with_their_row_index(plain_tok):
@@ -244,10 +282,10 @@ def test_completions_normalise_in_order_with_their_row_index(plain_tok):
     ]
     want = {"prompt": "###Human: Why? ###Assistant:", "response": f" {GOOD}"}
     for row in rows:
-        fmt = data.detect_completion_format([row])
+        fmt = formats.detect([row], "responses")
         ds, report = data.normalize_completions([row], fmt, "s")
         assert report.dropped == 0 and ds[0] == want | {"row": 0}, (fmt, row)
-    assert [data.detect_completion_format([r]) for r in rows] == [
+    assert [formats.detect([r], "responses") for r in rows] == [
         "dahoas",
         "dahoas",
         "standard",
@@ -279,7 +317,7 @@ def test_real_hh_sample_as_conversational_gives_the_raw_strings(hh_sample, tmp_p
         converted.append({k: [msg(roles[r], text) for r, text in v] for k, v in turns.items()})
     _write_jsonl(tmp_path / "conv.jsonl", converted)
     conv_rows = data.read_rows(str(tmp_path / "conv.jsonl"), "test")
-    assert data.detect_format(conv_rows) == "conversational"
+    assert formats.detect(conv_rows) == "conversational"
     raw, raw_report = data.normalize_rows(raw_rows, "raw", "test")
     conv, conv_report = data.normalize_rows(conv_rows, "conversational", "test")
     assert len(conv) + conv_report.dropped == len(conv_rows) and len(conv) > 0.95 * len(raw)

@@ -173,7 +173,7 @@ def test_tensorboard_has_each_iteration_and_each_fine_tune(uninterrupted):
 def test_scoring_through_a_reward_server_resumes_and_matches_in_process(models, uninterrupted, tmp_path):
     """reward_model_url: a server that goes away fails the run naming the URL; the re-run against the model
     served again (at another port) resumes at the scoring stage and ends with the in-process run's numbers."""
-    from hhrm.reward.server import launch
+    from bench.servers import launch
 
     out = tmp_path / "remote"
     served = {k: v for k, v in settings(models, out).items() if k != "reward_model_name_or_path"}

@@ -20,8 +20,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hhrm.reward import conventions, protocol, scoring
 from hhrm.reward import server as serve_rm
-from hhrm.reward.protocol import free_port, request_json, strip_special
+from hhrm.reward.protocol import strip_special
 
+from bench.servers import RECIPE, free_port, launch, request_json
 from conftest import ROOT, run_process
 
 MAX_TEXTS = 16
@@ -66,7 +67,7 @@ def scorer(rm_folder):
 def server(rm_folder, tmp_path_factory):
     """The server as a subprocess on a free loopback port, ready within 10 minutes, always stopped afterwards."""
     log = tmp_path_factory.mktemp("serve_rm_log") / "server.log"
-    with serve_rm.launch(rm_folder, *SERVER_ARGS, ready_timeout=600, log=log) as url:
+    with launch(rm_folder, *SERVER_ARGS, ready_timeout=600, log=log) as url:
         yield url
 
 
@@ -88,7 +89,7 @@ def card_server(pad_is_eos_folder, tmp_path_factory):
     """A second server: the pad == EOS folder under reward_convention=card-pipeline (the text as given, no EOS)."""
     log = tmp_path_factory.mktemp("serve_rm_card_log") / "server.log"
     args = (*SERVER_ARGS, "--reward_convention", "card-pipeline")
-    with serve_rm.launch(pad_is_eos_folder, *args, ready_timeout=600, log=log) as url:
+    with launch(pad_is_eos_folder, *args, ready_timeout=600, log=log) as url:
         yield url
 
 
@@ -290,7 +291,7 @@ def server_tree(port: int) -> list[psutil.Process]:
     roots = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if str(serve_rm.RECIPE) in cmd and str(port) in cmd:
+        if str(RECIPE) in cmd and str(port) in cmd:
             roots.append(proc)
     tree = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)]}
     return list(tree.values())
@@ -376,7 +377,7 @@ def test_kill_9_of_the_recipe_leaves_nothing_running(rm_folder, tmp_path):
     """kill -9 of the process `make serve-rm` starts: LitServe's manager, model and HTTP processes and the resource
     tracker are gone within seconds, and the port is free again."""
     port = free_port()
-    cmd = [sys.executable, str(serve_rm.RECIPE), "--model_name_or_path", str(rm_folder), "--port", str(port)]
+    cmd = [sys.executable, str(RECIPE), "--model_name_or_path", str(rm_folder), "--port", str(port)]
     with open(tmp_path / "server.log", "w") as log:
         proc = subprocess.Popen([*cmd, *SERVER_ARGS], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     procs = []
@@ -411,7 +412,7 @@ def test_a_dead_model_process_is_answered_503_and_ends_the_server(rm_folder, tmp
     /health is no longer 200, and the server exits with one line, leaving nothing running; nothing hangs."""
     log = tmp_path / "server.log"
     args = (*SERVER_ARGS, "--request_timeout", "5")
-    with serve_rm.launch(rm_folder, *args, ready_timeout=600, log=log) as url:
+    with launch(rm_folder, *args, ready_timeout=600, log=log) as url:
         port = int(url.rsplit(":", 1)[1])
         procs = server_tree(port)
         model = [p for p in procs if "spawn_main" in " ".join(p.cmdline())]

@@ -90,7 +90,7 @@ def test_a_pad_is_eos_folder_needs_its_convention_named_and_then_scores_as_the_c
 
 @pytest.mark.slow
 def test_hhrm_and_openrlhf_servers_give_the_folders_rewards(card_rm, tmp_path):
-    from hhrm.reward.server import launch
+    from bench.servers import launch
 
     texts = [p + r for p, r in zip(PROMPTS, RESPONSES)]
     expected = _reference(card_rm, texts)
@@ -243,7 +243,8 @@ def test_each_kind_of_folder_scores_alike_in_make_score_the_server_and_raft(kind
     from hhrm import data as hdata
     from hhrm.raft import RaftConfig, StopRequested
     from hhrm.reward import score_file
-    from hhrm.reward.server import launch
+
+    from bench.servers import launch
 
     folder, stated = _folder_of_kind(kind, tmp_path)
     given = [] if stated is None else ["--reward_convention", stated]

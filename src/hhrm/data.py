@@ -1,21 +1,14 @@
 """HH-RLHF loading, normalisation, the card's splits and the data report.
 
-Input formats, detected from the columns and values (or stated with ``dataset_format``;
-:mod:`hhrm.formats` has the details):
-
-* ``raw``: Anthropic's release, ``{"chosen": dialogue, "rejected": dialogue}`` (whole HH dialogues);
-* ``dahoas``: ``Dahoas/full-hh-rlhf``, ``{"prompt", "response", "chosen", "rejected"}``, an HH-marker
-  prompt and the final answers;
-* ``conversational``: TRL's message lists, with the prompt implicit (the shared messages before the
-  last) or explicit (``"prompt": [...]``);
-* ``standard``: TRL's plain strings with a plain-text prompt (one user message).
+Input formats (:data:`hhrm.formats.REGISTRY`, the one home of their names, detection and parsing) are detected
+from the columns and values, or stated with ``dataset_format``.
 
 All become one internal form, ``{"prompt", "chosen", "rejected"}`` strings, through one text rule
 (:class:`hhrm.formats.TextRule`, built by :func:`text_rule`): the card's ``###Human:`` /
 ``###Assistant:`` format (:mod:`hhrm.formatting`), or with ``use_chat_template`` the tokenizer's chat
 template. SFT (prompt + chosen), the RM (prompt + response + EOS), evaluation, scoring and RAFT read
 these strings, so no two stages render a dialogue differently. Rows that cannot be normalised are
-counted by reason (:class:`DropReport`), never raise mid-run; a split that is empty, or has more bad
+counted by reason (:class:`hhrm.data_io.DropReport`), never raise mid-run; a split that is empty, or has more bad
 rows than ``max_bad_row_fraction`` allows, is refused before any training starts. Prompt/response
 rows to score go through :func:`normalize_completions` by the same rule. Reading files is
 :mod:`hhrm.data_io`.
@@ -33,17 +26,22 @@ import numpy as np
 from datasets import Dataset, Features, Value, concatenate_datasets
 
 from hhrm import formats
-from hhrm.data_io import UNDECODABLE, UNPARSABLE, detect_completion_format, detect_format, read_rows, split_file
+from hhrm.data_io import UNDECODABLE, UNPARSABLE, DropReport, read_rows, split_file
 from hhrm.finite import check_finite_settings
-from hhrm.formats import BadRow, DropReport, TextRule, text_rule
+from hhrm.formats import BadRow, TextRule, detect, text_rule
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", *formats.PAIR_FORMATS)
 COLUMNS = ("prompt", "chosen", "rejected")
 # Rows normalised (and pairs tokenized) per step, so no stage holds a second full Python copy of a split.
 CHUNK_ROWS = 8192
 LENGTH_CHUNK = 2048
+
+
+def format_help() -> str:
+    """``dataset_format``'s help, from the registry: the choices, then what each format is."""
+    what = "; ".join(f"{f.name}: {f.summary}" for f in formats.REGISTRY)
+    return f"{' | '.join(formats.choices())} (auto: from the columns and values). {what}."
 
 
 @dataclass
@@ -60,11 +58,7 @@ class DataArguments:
     )
     dataset_format: str = field(
         default="auto",
-        metadata={
-            "help": "auto | raw | dahoas | conversational | standard (auto: from the columns and values). raw: "
-            "Anthropic's whole dialogues; dahoas: HH-marker prompt + answers; conversational: TRL's message lists "
-            "(prompt implicit or explicit); standard: TRL's plain strings with a plain-text prompt."
-        },
+        metadata={"help": format_help()},  # no argparse choices: __post_init__ refuses, naming them
     )
     train_split: str = field(default="train", metadata={"help": "Split (or file stem) with the training rows."})
     test_split: str = field(default="test", metadata={"help": "Split (or file stem) with the test rows."})
@@ -93,8 +87,8 @@ class DataArguments:
 
     def __post_init__(self) -> None:
         check_finite_settings(self)
-        if self.dataset_format not in FORMATS:
-            raise ValueError(f"dataset_format={self.dataset_format!r}: expected one of {FORMATS}")
+        if self.dataset_format != "auto":
+            formats.by_name(self.dataset_format, "pairs")  # refused, naming the choices
         if self.test_offset < 0:
             raise ValueError(f"test_offset={self.test_offset}: must be >= 0")
         for name in ("max_train_rows", "max_test_rows"):
@@ -149,26 +143,19 @@ def normalize_rows(
     ``file:line``). Columns ``prompt``, ``chosen``, ``rejected`` (strings) and, with ``keep_index``, ``row``: the
     input index (``first_index`` + position) of each kept row, in input order. ``fmt="auto"`` detects it.
     """
-    fmt = detect_format(rows) if fmt == "auto" else _check_format(fmt, formats.PAIR_FORMATS)
+    fmt = detect(rows) if fmt == "auto" else formats.by_name(fmt, "pairs").name
     return _normalize(rows, lambda r: normalize_row(r, fmt, rule), COLUMNS, name, first_index, keep_index)
 
 
 def normalize_completions(
     rows: Sequence[Any], fmt: str, name: str, rule: TextRule | None = None, first_index: int = 0
 ) -> tuple[Dataset, DropReport]:
-    """Prompt/response rows (``{"prompt", "response"}`` or TRL's ``{"prompt", "completion"}``; ``fmt``: ``dahoas``
-    (HH-marker prompt), ``standard`` (plain-text prompt), ``conversational`` (message lists) or ``auto``, see
-    :func:`detect_completion_format`) -> string columns ``prompt``, ``response`` (``prompt + response`` is the
+    """Prompt/response rows (``{"prompt", "response"}`` or TRL's ``{"prompt", "completion"}``; ``fmt``: a format of
+    ``responses`` rows in :data:`hhrm.formats.REGISTRY`, or ``auto``: :func:`hhrm.formats.detect`) -> string columns ``prompt``, ``response`` (``prompt + response`` is the
     full text ``rule`` renders) and int ``row`` (input index of each kept row, in order); the rest are counted.
     """
-    fmt = detect_completion_format(rows) if fmt == "auto" else _check_format(fmt, formats.COMPLETION_FORMATS)
+    fmt = detect(rows, "responses") if fmt == "auto" else formats.by_name(fmt, "responses").name
     return _normalize(rows, lambda r: normalize_completion(r, fmt, rule), ("prompt", "response"), name, first_index)
-
-
-def _check_format(fmt: str, known: tuple[str, ...]) -> str:
-    if fmt not in known:
-        raise ValueError(f"dataset_format={fmt!r}: expected one of {('auto', *known)}")
-    return fmt
 
 
 def _normalize(
@@ -230,7 +217,7 @@ def load_splits(args: DataArguments, tokenizer=None) -> PreferenceSplits:
     train_rows, test_rows = _read_inputs(args)
     fmt = args.dataset_format
     if fmt == "auto":
-        fmt = detect_format(itertools.chain(train_rows, test_rows))
+        fmt = detect(itertools.chain(train_rows, test_rows))
     source = {
         "dataset_name": args.dataset_name,
         "format": fmt,

@@ -1,4 +1,4 @@
-"""Reading preference rows from a local folder or file, or a hub id, and detecting their format.
+"""Reading rows from a local folder or file, or a hub id, and the report of the rows dropped as bad.
 
 Local JSON lines are read as bytes, line by line, so that one bad line becomes a marker row that
 :mod:`hhrm.data` counts with the other bad rows (``unparsable_json``, ``undecodable_line``), while a
@@ -19,13 +19,14 @@ import json
 import os
 import re
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from datasets import Dataset
 
-from hhrm.formatting import has_turn_markers
 from hhrm.hub import hub_reachable
 
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
@@ -202,7 +203,7 @@ def _json_lines(path: Path, f: Iterable[bytes], progress: dict[str, int]) -> Ite
 
 
 # --------------------------------------------------------------------------------------------
-# Schema
+# Bad rows (what a row's format is, and how it parses: :mod:`hhrm.formats`)
 
 
 def is_marker(row: Any) -> bool:
@@ -210,75 +211,64 @@ def is_marker(row: Any) -> bool:
     return isinstance(row, dict) and (UNPARSABLE in row or UNDECODABLE in row)
 
 
-def _pair_format(row: dict[str, Any]) -> str | None:
-    """The pair format one object row shows, ``"implicit"`` for TRL's prompt-less plain strings, or ``None``."""
-    prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
-    if any(isinstance(v, list) for v in (prompt, chosen, rejected)):
-        return "conversational"
-    if isinstance(prompt, str):  # HH markers in the prompt: Dahoas; plain text: TRL's standard
-        return "dahoas" if has_turn_markers(prompt) else "standard"
-    texts = [v for v in (chosen, rejected) if isinstance(v, str)]
-    if texts:
-        return "raw" if any(has_turn_markers(t) for t in texts) else "implicit"
-    return None
+# What a user can do about a reason, shown beside its count (the counts alone do not say).
+HINTS = {
+    "system_message": "set use_chat_template=true to keep system messages",
+    "unsupported_role": "only system/user/assistant messages can be rendered",
+    "template_failed": "the tokenizer's chat_template raised on these rows",
+    "template_prefix_mismatch": "the chat_template renders the prompt differently inside the full conversation",
+}
 
 
-def _objects(rows: Iterable[Any], limit: int) -> Iterator[dict[str, Any]]:
-    """The first ``limit`` rows that are JSON objects (not marker rows)."""
-    objects = (row for row in rows if isinstance(row, dict) and not is_marker(row))
-    for _, row in zip(range(limit), objects):
-        yield row
+@dataclass
+class DropReport:
+    """Rows dropped, by reason, with the first few row ids (and the first detail) of each."""
 
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    seen: int = 0
+    details: dict[str, str] = field(default_factory=dict)
 
-def detect_format(rows: Iterable[Any], limit: int = 100) -> str:
-    """The pair format (``raw`` | ``dahoas`` | ``conversational`` | ``standard``) from the first row that shows one.
+    def add(self, reason: str, row_id: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 5:
+            self.examples[reason].append(row_id)
+        if detail:
+            self.details.setdefault(reason, detail[:200])
 
-    Message lists: ``conversational``; a string prompt with HH turn markers: ``dahoas``, without: ``standard``;
-    no prompt, chosen/rejected with markers: ``raw``. Plain chosen/rejected strings with neither a prompt nor
-    markers (TRL's standard implicit prompt) cannot give a prompt: refused. Only JSON objects count (the first
-    ``limit``): a number, a string or an unreadable line is skipped here and counted as a bad row later.
-    """
-    first_keys: list[str] | None = None
-    fallback = implicit = None
-    for row in _objects(rows, limit):
-        found = _pair_format(row)
-        if found not in (None, "implicit"):
-            return found
-        implicit = implicit or found
-        if fallback is None and ("prompt" in row or "chosen" in row or "rejected" in row):
-            fallback = "dahoas" if "prompt" in row else "raw"  # columns there, values unusable: bad rows later
-        first_keys = sorted(map(str, row)) if first_keys is None else first_keys
-    if implicit:
-        raise ValueError(
-            "dataset_format: chosen/rejected are plain strings with no prompt column and no Human:/Assistant: "
-            "markers (TRL's standard implicit-prompt format), so nothing says where the prompt ends: add a prompt "
-            "column (dataset_format=standard) or write the rows as message lists (dataset_format=conversational)"
+    @property
+    def dropped(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seen": self.seen,
+            "dropped": self.dropped,
+            "by_reason": dict(self.counts),
+            "examples": self.examples,
+            "first_detail": self.details,
+        }
+
+    def reasons(self, top: int | None = None) -> str:
+        """``reason=count (e.g. ids)``, most frequent first, with what to do where hhrm knows."""
+        return ", ".join(
+            f"{k}={v} (e.g. {', '.join(self.examples[k][:3])}{f'; {HINTS[k]}' if k in HINTS else ''})"
+            for k, v in self.counts.most_common(top)
         )
-    if fallback:
-        return fallback
-    found = f"columns {first_keys}" if first_keys is not None else "no row that is a JSON object"
-    raise ValueError(
-        f"cannot detect the dataset format from {found}: expected chosen/rejected (+ prompt); check dataset_name, "
-        f"or state the schema with dataset_format=raw|dahoas|conversational|standard"
-    )
 
+    def summary(self, name: str) -> str:
+        if not self.dropped:
+            return f"{name}: {self.seen} rows, none dropped"
+        return f"{name}: {self.seen} rows, dropped {self.dropped}: {self.reasons()}"
 
-def detect_completion_format(rows: Iterable[Any], limit: int = 100) -> str:
-    """The format of prompt/response rows (``{"prompt", "response"}`` or TRL's ``{"prompt", "completion"}``).
-
-    ``conversational`` (message lists), ``dahoas`` (a prompt with HH turn markers, ending ``Assistant:``) or
-    ``standard`` (a plain-text prompt: one user message), from the first object row with a prompt.
-    """
-    first_keys: list[str] | None = None
-    for row in _objects(rows, limit):
-        prompt, answer = row.get("prompt"), row.get("response", row.get("completion"))
-        if isinstance(prompt, list) or isinstance(answer, list):
-            return "conversational"
-        if isinstance(prompt, str):
-            return "dahoas" if has_turn_markers(prompt) else "standard"
-        first_keys = sorted(map(str, row)) if first_keys is None else first_keys
-    found = f"columns {first_keys}" if first_keys is not None else "no row that is a JSON object"
-    raise ValueError(
-        f"cannot detect the completion format from {found}: expected prompt + response (or completion); check the "
-        f"input, or state it with dataset_format=dahoas|conversational|standard"
-    )
+    def merge(self, other: DropReport) -> DropReport:
+        """Both reports' counts, and the first example ids up to five per reason."""
+        merged = DropReport(counts=self.counts + other.counts, seen=self.seen + other.seen)
+        for rep in (self, other):
+            for k, ids in rep.examples.items():
+                merged.examples.setdefault(k, [])
+                merged.examples[k].extend(ids[: 5 - len(merged.examples[k])])
+            for k, detail in rep.details.items():
+                merged.details.setdefault(k, detail)
+        return merged

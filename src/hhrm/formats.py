@@ -1,23 +1,20 @@
-"""Input formats -> messages -> the one text rule, with bad-row accounting.
+"""Input formats -> messages -> the one text rule, bad rows named by reason.
 
 Every input row becomes a **context** (a list of ``{"role", "content"}`` messages) and one or two
 final assistant **answers**; one :class:`TextRule` then renders ``(context, answer)`` as
 ``(prompt, response)`` strings with ``prompt + response`` the full text. Every stage (SFT, RM,
 evaluation, scoring, RAFT) gets its strings through that rule, so they never disagree.
 
-Pair formats (``dataset_format``; detected by :func:`hhrm.data_io.detect_format`):
+The formats are one registry, :data:`REGISTRY` (name, the kinds of rows held: ``pairs`` or ``responses``,
+i.e. ``{"prompt", "response"}``/TRL's ``{"prompt", "completion"}`` to score; how a row shows it, how it parses),
+detected by :func:`detect`; every list of their names (choices, help, messages) is read from it.
 
-* ``raw``: Anthropic's ``{"chosen", "rejected"}`` whole dialogues with ``\\n\\nHuman:`` markers;
-* ``dahoas``: ``{"prompt", "chosen", "rejected"}`` (+ ``response``), an HH-marker prompt and the answers;
-* ``conversational``: TRL's message lists, ``{"chosen": [...], "rejected": [...]}`` (the shared
-  messages before the last are the context) or with an explicit ``"prompt": [...]`` (chosen and
-  rejected then hold the assistant message(s));
+* ``raw``: Anthropic's ``{"chosen", "rejected"}`` whole dialogues with ``\\n\\nHuman:`` markers (pairs only);
+* ``dahoas``: an HH-marker prompt (``{"prompt", "chosen", "rejected"}``, + ``response``) and the answers;
+* ``conversational``: TRL's message lists, ``{"chosen": [...], "rejected": [...]}`` (the shared messages before the
+  last are the context) or with an explicit ``"prompt": [...]`` (chosen/rejected hold the assistant message(s));
 * ``standard``: TRL's plain strings with an explicit prompt, ``{"prompt", "chosen", "rejected"}``; the
   prompt (no HH markers) is one user message. Without a prompt nothing says where it ends: refused.
-
-Completion formats (:func:`hhrm.data_io.detect_completion_format`, for scoring): ``{"prompt",
-"response"}`` or TRL's ``{"prompt", "completion"}`` with an HH-marker prompt (``dahoas``), a plain
-prompt (``standard``) or message lists (``conversational``).
 
 Messages are checked (roles user/assistant alternating from user, an optional leading system
 message, last message the assistant's); HH-marker text keeps the checks it always had, so its
@@ -26,25 +23,18 @@ output is unchanged. Content is stripped and its line ends normalised, as HH tur
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from hhrm import formatting
+from hhrm.data_io import is_marker
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 _HH_ROLE = {"user": "Human", "assistant": "Assistant"}
 _MESSAGE_ROLE = {"Human": "user", "Assistant": "assistant"}
-PAIR_FORMATS = ("raw", "dahoas", "conversational", "standard")
-COMPLETION_FORMATS = ("dahoas", "conversational", "standard")
-# What a user can do about a reason, shown beside its count (the counts alone do not say).
-HINTS = {
-    "system_message": "set use_chat_template=true to keep system messages",
-    "unsupported_role": "only system/user/assistant messages can be rendered",
-    "template_failed": "the tokenizer's chat_template raised on these rows",
-    "template_prefix_mismatch": "the chat_template renders the prompt differently inside the full conversation",
-}
 
 
 class BadRow(ValueError):
@@ -55,60 +45,6 @@ class BadRow(ValueError):
         self.reason = reason
         self.detail = detail
         self.where = where  # a row id better than the row's position (``file:line``), if any
-
-
-@dataclass
-class DropReport:
-    """Rows dropped, by reason, with the first few row ids (and the first detail) of each."""
-
-    counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-    seen: int = 0
-    details: dict[str, str] = field(default_factory=dict)
-
-    def add(self, reason: str, row_id: str, detail: str = "") -> None:
-        self.counts[reason] += 1
-        self.examples.setdefault(reason, [])
-        if len(self.examples[reason]) < 5:
-            self.examples[reason].append(row_id)
-        if detail:
-            self.details.setdefault(reason, detail[:200])
-
-    @property
-    def dropped(self) -> int:
-        return sum(self.counts.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "seen": self.seen,
-            "dropped": self.dropped,
-            "by_reason": dict(self.counts),
-            "examples": self.examples,
-            "first_detail": self.details,
-        }
-
-    def reasons(self, top: int | None = None) -> str:
-        """``reason=count (e.g. ids)``, most frequent first, with what to do where hhrm knows."""
-        return ", ".join(
-            f"{k}={v} (e.g. {', '.join(self.examples[k][:3])}{f'; {HINTS[k]}' if k in HINTS else ''})"
-            for k, v in self.counts.most_common(top)
-        )
-
-    def summary(self, name: str) -> str:
-        if not self.dropped:
-            return f"{name}: {self.seen} rows, none dropped"
-        return f"{name}: {self.seen} rows, dropped {self.dropped}: {self.reasons()}"
-
-    def merge(self, other: DropReport) -> DropReport:
-        """Both reports' counts, and the first example ids up to five per reason."""
-        merged = DropReport(counts=self.counts + other.counts, seen=self.seen + other.seen)
-        for rep in (self, other):
-            for k, ids in rep.examples.items():
-                merged.examples.setdefault(k, [])
-                merged.examples[k].extend(ids[: 5 - len(merged.examples[k])])
-            for k, detail in rep.details.items():
-                merged.details.setdefault(k, detail)
-        return merged
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,39 +211,58 @@ def _conversation(messages: list[Message], which: str) -> tuple[list[Message], s
     return messages[:-1], messages[-1]["content"]
 
 
+def _raw_pair(row: dict[str, Any]) -> tuple[list[Message], str, str]:
+    chosen, rejected = require_str(row, "chosen"), require_str(row, "rejected")
+    context, chosen = _hh_dialogue(chosen, "chosen")
+    rejected_context, rejected = _hh_dialogue(rejected, "rejected")
+    if context != rejected_context:
+        raise BadRow("prompt_mismatch", "chosen and rejected differ before the final answer")
+    return context, chosen, rejected
+
+
+def _conversational_pair(row: dict[str, Any]) -> tuple[list[Message], str, str]:
+    prompt = _message_list(row["prompt"], "prompt") if row.get("prompt") is not None else []
+    chosen = _conversation([*prompt, *_message_list(row.get("chosen"), "chosen")], "chosen")
+    rejected = _conversation([*prompt, *_message_list(row.get("rejected"), "rejected")], "rejected")
+    if chosen[0] != rejected[0]:
+        raise BadRow("prompt_mismatch", "chosen and rejected differ before the final answer")
+    return chosen[0], chosen[1], rejected[1]
+
+
+def _answer_key(row: dict[str, Any]) -> str:
+    return "completion" if "response" not in row and "completion" in row else "response"
+
+
+def _conversational_response(row: dict[str, Any]) -> tuple[list[Message], str]:
+    key, prompt = _answer_key(row), _message_list(row.get("prompt"), "prompt")
+    answer = row.get(key)
+    if isinstance(answer, str):  # a generated answer beside a message-list prompt
+        return _conversation([*prompt, {"role": "assistant", "content": require_str(row, key).strip()}], key)
+    return _conversation([*prompt, *_message_list(answer, key)], key)
+
+
+def _string_prompt(context_of: Callable[[str], list[Message]]) -> dict[str, Callable]:
+    """The parsers of a format with a string prompt, whose context is ``context_of(prompt)``."""
+
+    def pair(row: dict[str, Any]) -> tuple[list[Message], str, str]:
+        chosen, rejected = require_str(row, "chosen"), require_str(row, "rejected")
+        return context_of(require_str(row, "prompt")), chosen.strip(), rejected.strip()
+
+    def response(row: dict[str, Any]) -> tuple[list[Message], str]:
+        prompt, answer = require_str(row, "prompt"), require_str(row, _answer_key(row)).strip()
+        return context_of(prompt), answer
+
+    return {"pairs": pair, "responses": response}
+
+
 def pair_parts(row: dict[str, Any], fmt: str) -> tuple[list[Message], str, str]:
     """``(context, chosen answer, rejected answer)`` of one preference row; raises :class:`BadRow`."""
-    if fmt == "conversational":
-        prompt = _message_list(row["prompt"], "prompt") if row.get("prompt") is not None else []
-        chosen = _conversation([*prompt, *_message_list(row.get("chosen"), "chosen")], "chosen")
-        rejected = _conversation([*prompt, *_message_list(row.get("rejected"), "rejected")], "rejected")
-        if chosen[0] != rejected[0]:
-            raise BadRow("prompt_mismatch", "chosen and rejected differ before the final answer")
-        return chosen[0], chosen[1], rejected[1]
-    chosen, rejected = require_str(row, "chosen"), require_str(row, "rejected")
-    if fmt == "raw":
-        context, chosen = _hh_dialogue(chosen, "chosen")
-        rejected_context, rejected = _hh_dialogue(rejected, "rejected")
-        if context != rejected_context:
-            raise BadRow("prompt_mismatch", "chosen and rejected differ before the final answer")
-        return context, chosen, rejected
-    prompt = require_str(row, "prompt")
-    context = _hh_prompt(prompt) if fmt == "dahoas" else [{"role": "user", "content": prompt.strip()}]
-    return context, chosen.strip(), rejected.strip()
+    return by_name(fmt, "pairs").parse["pairs"](row)
 
 
 def completion_parts(row: dict[str, Any], fmt: str) -> tuple[list[Message], str]:
     """``(context, answer)`` of one prompt/response (or prompt/completion) row; raises :class:`BadRow`."""
-    key = "completion" if "response" not in row and "completion" in row else "response"
-    if fmt == "conversational":
-        prompt = _message_list(row.get("prompt"), "prompt")
-        answer = row.get(key)
-        if isinstance(answer, str):  # a generated answer beside a message-list prompt
-            return _conversation([*prompt, {"role": "assistant", "content": require_str(row, key).strip()}], key)
-        return _conversation([*prompt, *_message_list(answer, key)], key)
-    prompt, answer = require_str(row, "prompt"), require_str(row, key).strip()
-    context = _hh_prompt(prompt) if fmt == "dahoas" else [{"role": "user", "content": prompt.strip()}]
-    return context, answer
+    return by_name(fmt, "responses").parse["responses"](row)
 
 
 def check_answers(context: list[Message], *answers: str) -> None:
@@ -319,3 +274,123 @@ def check_answers(context: list[Message], *answers: str) -> None:
         raise BadRow("empty_response", which)
     if len(answers) == 2 and answers[0] == answers[1]:
         raise BadRow("identical_responses")
+
+
+# --------------------------------------------------------------------------------------------
+# The registry and the one detection
+
+
+@dataclass(frozen=True)
+class Format:
+    """One input format: name, help summary, whether a row's ``(prompt, answers)`` show it, a parser per row kind."""
+
+    name: str
+    summary: str
+    shows: Callable[[Any, tuple[Any, ...]], bool]
+    parse: dict[str, Callable[[dict[str, Any]], tuple]]
+
+
+def _lists(prompt: Any, answers: tuple[Any, ...]) -> bool:
+    return any(isinstance(v, list) for v in (prompt, *answers))
+
+
+def _marked(text: Any) -> bool:
+    return isinstance(text, str) and formatting.has_turn_markers(text)
+
+
+# The tests are exclusive, so a row shows at most one format: message lists anywhere are conversational; else a
+# string prompt is dahoas (HH markers) or standard (none); else answers with markers are raw dialogues.
+REGISTRY = (
+    Format(
+        "raw",
+        "Anthropic's whole dialogues",
+        lambda p, a: not _lists(p, a) and not isinstance(p, str) and any(map(_marked, a)),
+        {"pairs": _raw_pair},
+    ),
+    Format(
+        "dahoas",
+        "HH-marker prompt + answers",
+        lambda p, a: not _lists(p, a) and _marked(p),
+        _string_prompt(_hh_prompt),
+    ),
+    Format(
+        "conversational",
+        "TRL's message lists (prompt implicit or explicit)",
+        _lists,
+        {"pairs": _conversational_pair, "responses": _conversational_response},
+    ),
+    Format(
+        "standard",
+        "TRL's plain strings with a plain-text prompt",
+        lambda p, a: not _lists(p, a) and isinstance(p, str) and not _marked(p),
+        _string_prompt(lambda prompt: [{"role": "user", "content": prompt.strip()}]),
+    ),
+)
+KINDS = ("pairs", "responses")
+
+
+def names(kind: str) -> tuple[str, ...]:
+    """The formats that hold ``kind`` rows, in registry order."""
+    return tuple(f.name for f in REGISTRY if kind in f.parse)
+
+
+def choices(kind: str = "pairs") -> tuple[str, ...]:
+    """What ``dataset_format`` accepts for ``kind`` rows: ``auto`` (detect) and the formats' names."""
+    return ("auto", *names(kind))
+
+
+def by_name(fmt: str, kind: str) -> Format:
+    """The format ``fmt`` for ``kind`` rows; refused, naming the choices, when it holds no such rows."""
+    found = next((f for f in REGISTRY if f.name == fmt and kind in f.parse), None)
+    if found is None:
+        raise ValueError(f"dataset_format={fmt!r}: expected one of {choices(kind)}")
+    return found
+
+
+# What detection says when no row shows a format of the kind, before the choices.
+_UNDETECTED = {
+    "pairs": "the dataset format from {found}: expected chosen/rejected (+ prompt); check dataset_name, or state the "
+    "schema",
+    "responses": "the completion format from {found}: expected prompt + response (or completion); check the input, "
+    "or state it",
+}
+
+
+def _objects(rows: Iterable[Any], limit: int) -> Iterator[dict[str, Any]]:
+    """The first ``limit`` rows that are JSON objects (not marker rows)."""
+    return itertools.islice((row for row in rows if isinstance(row, dict) and not is_marker(row)), limit)
+
+
+def detect(rows: Iterable[Any], kind: str = "pairs", limit: int = 100) -> str:
+    """The format of ``kind`` rows (``pairs`` | ``responses``): the one the first object row that shows one shows.
+
+    Only JSON objects count (the first ``limit``): other rows are counted as bad rows later. Pairs with plain-string
+    chosen/rejected and neither a prompt nor markers (TRL's implicit prompt) give no prompt: refused. Pair columns
+    whose values show no format (nulls, numbers) get ``dahoas`` (with a prompt column) or ``raw``: bad rows later.
+    """
+    formats = [f for f in REGISTRY if kind in f.parse]
+    first_keys: list[str] | None = None
+    fallback = implicit = None
+    for row in _objects(rows, limit):
+        prompt, answers = row.get("prompt"), (row.get("chosen"), row.get("rejected"))
+        if kind == "responses":
+            answers = (row.get("response", row.get("completion")),)
+        if found := next((f.name for f in formats if f.shows(prompt, answers)), None):
+            return found
+        if kind == "pairs":
+            implicit = implicit or any(isinstance(t, str) for t in answers)
+            if fallback is None and ("prompt" in row or "chosen" in row or "rejected" in row):
+                fallback = "dahoas" if "prompt" in row else "raw"
+        first_keys = sorted(map(str, row)) if first_keys is None else first_keys
+    if implicit:
+        raise ValueError(
+            "dataset_format: chosen/rejected are plain strings with no prompt column and no Human:/Assistant: "
+            "markers (TRL's standard implicit-prompt format), so nothing says where the prompt ends: add a prompt "
+            "column (dataset_format=standard) or write the rows as message lists (dataset_format=conversational)"
+        )
+    if fallback:
+        return fallback
+    found = f"columns {first_keys}" if first_keys is not None else "no row that is a JSON object"
+    raise ValueError(
+        f"cannot detect {_UNDETECTED[kind].format(found=found)} with dataset_format={'|'.join(names(kind))}"
+    )

@@ -29,8 +29,8 @@ that cannot be tokenized; 413 for the limits above; 500 if the model process fai
 process or LitServe's queue is gone (:mod:`hhrm.reward.watch`); 504 if a request got no answer within
 ``request_timeout``.
 
-Also here: the ``GET /stats`` summary, the port check, a standard-library JSON client (``request_json``) and
-``launch`` (a server in a subprocess on a free port, for the tests and the bench).
+Also here: the ``GET /stats`` summary and the port check. (A server in a subprocess for the tests and the bench, and
+their JSON client, are ``bench/servers.py``: not library.)
 """
 
 from __future__ import annotations
@@ -39,11 +39,7 @@ import json
 import pickle
 import re
 import socket
-import sys
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from hhrm.reward import conventions
@@ -270,22 +266,7 @@ def stats_summary(stats) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Sockets, and the small client the tests and the bench use (standard library only)
-
-
-def request_json(url: str, payload: Any = None, timeout: float = 60.0) -> tuple[int, Any]:
-    """``(status, decoded JSON or text)`` of a GET (``payload`` None) or a JSON POST; HTTP errors are returned."""
-    data = None if payload is None else (payload if isinstance(payload, bytes) else json.dumps(payload).encode())
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, body = resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        status, body = err.code, err.read()
-    try:
-        return status, json.loads(body)
-    except ValueError:
-        return status, body.decode(errors="replace")
+# The port check
 
 
 def check_port(host: str, port: int) -> None:
@@ -298,24 +279,3 @@ def check_port(host: str, port: int) -> None:
             raise ConnectionError(
                 f"port={port} on {host}: cannot listen there ({err.strerror}); choose another --port"
             ) from None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "serve_rm.py"  # hhrm is installed from src/
-
-
-def launch(model: str | Path, *args: str, ready_timeout: float = 600.0, log: Path | None = None):
-    """``recipes/serve_rm.py`` on 127.0.0.1 and a free port, as a subprocess (tests, the bench, scripts): a context
-    manager that yields its base URL once ``/health`` answers 200 (at most ``ready_timeout`` seconds, else
-    RuntimeError with the log's tail), and stops it whole on exit (SIGTERM, then SIGKILL to what is left of its tree
-    after 30 s)."""
-    from hhrm.reward.watch import launch_process  # LitServe's side: not needed to check a request
-
-    port = free_port()
-    cmd = [sys.executable, str(RECIPE), "--model_name_or_path", str(model), "--port", str(port), *args]
-    return launch_process(cmd, f"http://127.0.0.1:{port}", ready_timeout, log)

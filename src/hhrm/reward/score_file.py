@@ -1,6 +1,6 @@
 """The scoring command: every response of a data file scored by a reward model, written back beside its row.
 
-Input: any preference format hhrm reads (pairs: raw, dahoas, conversational, standard) or prompt/response
+Input: any preference format hhrm reads (pairs: :data:`hhrm.formats.REGISTRY`) or prompt/response
 rows (``{"prompt", "response"}`` or TRL's ``{"prompt", "completion"}``), from a local file or folder or a hub
 id. Every row goes through the one text rule (:mod:`hhrm.formats`) into (prompt, response) pairs (a pair row: (prompt,
 chosen) and (prompt, rejected)), scored by the reward source (:mod:`hhrm.reward.sources`: a folder under its
@@ -36,7 +36,7 @@ from hhrm.reward.score_output import check_writable, parquet_table, whole_or_not
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("auto", "pairs", "responses")
+KINDS = ("auto", *formats.KINDS)
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 HEADLINE = ("rows", "scored", "bad_rows", "accuracy", "reward_mean", "seconds")
 REWARD_COLUMNS = {"pairs": ("chosen_reward", "rejected_reward"), "responses": ("reward",)}
@@ -66,8 +66,8 @@ class ScoreDataArguments:
     dataset_format: str = field(
         default="auto",
         metadata={
-            "help": "Format of the rows: auto | raw | dahoas | conversational | standard (README: 'Data formats').",
-            "choices": list(data.FORMATS),
+            "help": f"Format of the rows: {' | '.join(formats.choices())} (README: 'Data formats').",
+            "choices": list(formats.choices()),
         },
     )
     use_chat_template: bool = field(
@@ -86,8 +86,8 @@ class ScoreDataArguments:
             raise ValueError("dataset_name is required: the file (or folder) of rows to score (make score DATA=...)")
         if self.input_kind not in KINDS:
             raise ValueError(f"input_kind={self.input_kind!r}: expected one of {KINDS}")
-        if self.dataset_format not in data.FORMATS:
-            raise ValueError(f"dataset_format={self.dataset_format!r}: expected one of {data.FORMATS}")
+        if self.dataset_format != "auto":
+            formats.by_name(self.dataset_format, "pairs")  # refused, naming the choices
         if self.max_rows is not None and self.max_rows < 1:
             raise ValueError(f"max_rows={self.max_rows}: must be >= 1, or left unset to score every row")
         if not 0.0 <= self.max_bad_row_fraction <= 1.0:
@@ -197,13 +197,9 @@ def read_input(args: ScoreDataArguments, tokenizer, rows: list[Any] | None = Non
     kind = detect_kind(rows, args.input_kind)
     rule = formats.text_rule(args, tokenizer)
     name = Path(args.dataset_name).name
-    fmt = args.dataset_format
-    if kind == "pairs":
-        fmt = data_io.detect_format(rows) if fmt == "auto" else fmt
-        table, drops = data.normalize_rows(rows, fmt, name, rule=rule)
-    else:
-        fmt = data_io.detect_completion_format(rows) if fmt == "auto" else fmt
-        table, drops = data.normalize_completions(rows, fmt, name, rule=rule)
+    fmt = formats.detect(rows, kind) if args.dataset_format == "auto" else args.dataset_format
+    normalize = data.normalize_rows if kind == "pairs" else data.normalize_completions
+    table, drops = normalize(rows, fmt, name, rule=rule)
     share = drops.dropped / drops.seen
     if not len(table) or share > args.max_bad_row_fraction:
         raise ValueError(

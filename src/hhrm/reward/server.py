@@ -48,14 +48,12 @@ from starlette.responses import JSONResponse
 from hhrm import finite, model_checks, runtime
 from hhrm.reward import conventions, sources
 from hhrm.reward.protocol import (
-    RECIPE,  # noqa: F401  (hhrm.reward.server.RECIPE and .launch: where the tests and the bench look)
     STATS,
     Limits,
     RequestError,
     check_port,
     encode_checked,
     get_reward_pairs,
-    launch,  # noqa: F401
     limits,
     load_object,
     score_pairs,
@@ -115,7 +113,8 @@ class ServeConfig:
         default=32_768, metadata={"help": "Padded tokens per reward-model forward, at most (RewardScorer)."}
     )
     request_timeout: float = field(
-        default=120.0, metadata={"help": "Seconds a request may wait for its rewards; then it is answered 504."}
+        default=180.0,
+        metadata={"help": "Seconds a request may wait for its rewards; then 504 (180: OpenRLHF's client wait)."},
     )
     num_threads: int | None = field(
         default=None, metadata={"help": "CPU threads of the model process (torch.set_num_threads). Default: torch's."}

@@ -16,8 +16,8 @@ too long, so a request queued when the model process or the manager dies is neve
 * Only ``/health``, ``/info`` and the spec's routes answer: no ``/`` index and no ``/docs``, ``/redoc`` or
   ``/openapi.json`` (Swagger UI would load scripts from a CDN); anything else is 404 ``{"error": "<one line>"}``.
 
-:func:`launch_process` runs a server command as a subprocess until a ``with`` block ends (tests, the bench), and
-stops its whole process tree. Foundation code: LitServe, psutil and the standard library only.
+Foundation code: LitServe, psutil and the standard library only (``bench/servers.py`` starts a server in a subprocess
+for the tests and the bench, and stops its whole tree with :func:`kill`).
 """
 
 from __future__ import annotations
@@ -26,17 +26,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import litserve as ls
 import psutil
@@ -69,7 +63,7 @@ class BackendState:
         self.down: str | None = None
 
 
-def _alive(proc: psutil.Process) -> bool:
+def alive(proc: psutil.Process) -> bool:
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -84,7 +78,7 @@ def _watched(named_pids: dict[str, int]) -> dict[str, psutil.Process]:
     return out
 
 
-def _kill(procs: Sequence[psutil.Process]) -> None:
+def kill(procs: Sequence[psutil.Process]) -> None:
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             if proc.pid != os.getpid():
@@ -149,7 +143,7 @@ class GuardedServer(ls.LitServer):
 
     async def _watch_backend(self) -> None:
         procs = _watched({"the server's main process": self._main_pid, **self._backend_pids()})
-        while not (gone := [name for name, proc in procs.items() if not _alive(proc)]):
+        while not (gone := [name for name, proc in procs.items() if not alive(proc)]):
             await asyncio.sleep(WATCH_INTERVAL)
         self.backend.down = f"{gone[0]} is gone: the server is stopping; retry once it is restarted"
         logger.warning("reward server: %s", self.backend.down)
@@ -159,7 +153,7 @@ class GuardedServer(ls.LitServer):
                 item.event.set()
         if "the server's main process" in gone:  # nobody else is left to end the server
             await asyncio.sleep(GRACE)
-            _kill(list(procs.values()))
+            kill(list(procs.values()))
             os._exit(1)
 
     # ---- in the main process
@@ -171,7 +165,7 @@ class GuardedServer(ls.LitServer):
         procs = _watched(pids)
 
         def monitor() -> None:
-            while not (gone := [name for name, proc in procs.items() if not _alive(proc)]) or self.stopping:
+            while not (gone := [name for name, proc in procs.items() if not alive(proc)]) or self.stopping:
                 time.sleep(WATCH_INTERVAL)
             time.sleep(GRACE)  # the HTTP process answers what waits with 503 first
             if not self.stopping:
@@ -183,56 +177,5 @@ class GuardedServer(ls.LitServer):
         """Kill the server's other processes and exit 1 with one line (a broken backend: nothing to shut down)."""
         print(f"hhrm: error: the reward server stopped: {reason}; restart it (see the log above)", file=sys.stderr)
         sys.stderr.flush()
-        _kill(psutil.Process().children(recursive=True))
+        kill(psutil.Process().children(recursive=True))
         os._exit(1)
-
-
-# --------------------------------------------------------------------------------------------
-# A server in a subprocess (tests, the bench, scripts): ready once /health answers 200, always stopped whole
-
-
-@contextlib.contextmanager
-def launch_process(cmd: Sequence[str], url: str, ready_timeout: float, log: Path | None = None) -> Iterator[str]:
-    """Run ``cmd`` (a server listening at ``url``) in a session of its own; yield ``url`` once ``/health`` answers
-    200 (at most ``ready_timeout`` seconds, else RuntimeError with the log's tail). On exit: SIGTERM, then after
-    30 s SIGKILL to every process of its tree (its own sessions included) that is left."""
-    out = open(log, "w+") if log else tempfile.TemporaryFile("w+")  # closed below
-    proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    tree: dict[int, psutil.Process] = {}
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while (status := health(url)) != 200:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                out.seek(0)
-                why = (
-                    f"exited with {proc.returncode}"
-                    if proc.poll() is not None
-                    else f"not ready after {ready_timeout} s"
-                )
-                raise RuntimeError(f"reward server {why} (last /health: {status}); its output:\n{out.read()[-3000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        with contextlib.suppress(psutil.Error):
-            root = psutil.Process(proc.pid)
-            tree = {p.pid: p for p in [root, *root.children(recursive=True)]}
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        _kill([p for p in tree.values() if _alive(p)])  # what its sessions left behind
-        proc.wait()
-        out.close()
-
-
-def health(url: str) -> int | None:
-    """The status of ``GET url/health`` (None: no answer within 5 s)."""
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
-            return answer.status
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:
-        return None
