@@ -11,7 +11,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCEL) --num_cpu_
 TINY := outputs/tiny
 ARGS ?=
 
-.PHONY: install embedded sft rm eval-rm score serve-rm raft overopt compare demo test test-fast bench style quality clean real-base real
+.PHONY: install embedded sft rm eval-rm score serve-rm conventions raft overopt compare demo test test-fast bench style quality clean real-base real
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -64,6 +64,12 @@ overopt: DATA ?= $(TINY)/data
 overopt: install
 	$(PY) recipes/overopt.py --model_name_or_path $(POLICY) --reward_model_name_or_path $(REWARD_MODEL) \
 		--dataset_name $(DATA) --test_offset 500 --output_dir $(OUT) $(ARGS)
+
+# How far the scoring conventions disagree on one reward model (the presets of hhrm.reward.conventions):
+# make conventions MODEL=<reward model folder> DATA=<pairs file> [OUT=matrix.md] [ARGS="--limit 200"]
+conventions: install
+	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo "usage: make conventions MODEL=<reward model folder> DATA=<pairs file> [OUT=matrix.md] [ARGS=...]"; exit 2; }
+	$(PY) scripts/conventions_matrix.py --model $(MODEL) --data $(DATA) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 # RAFT (update=sft) vs iterative DPO (update=dpo) on the same prompts and budget, several seeds (after make demo):
 # make compare [ARGS="--seeds 0 1 --overrides num_iterations=2"]; finished runs are resumed, a re-run only re-measures

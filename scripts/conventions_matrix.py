@@ -2,7 +2,7 @@
 
     python scripts/conventions_matrix.py --model RM_FOLDER --data PAIRS_FILE [--limit 200] [--out matrix.md]
 
-Reads preference pairs in any format hhrm reads (raw, dahoas, conversational, standard), renders each as hhrm's
+Reads preference pairs in any format hhrm reads (:data:`hhrm.formats.REGISTRY`), renders each as hhrm's
 ``###`` (prompt, response), scores chosen and rejected under each preset (:data:`hhrm.reward.conventions.PRESETS`) and
 prints a Markdown report: per preset the pairwise accuracy and mean reward, or why it cannot apply (the one-line
 refusal of :func:`conventions.check`); then, for every two presets, the mean |difference| of their rewards and
@@ -26,7 +26,7 @@ from hhrm.reward import conventions, scoring
 def load_pairs(path: str, limit: int) -> tuple[list[str], list[str], list[str]]:
     """``(prompts, chosen, rejected)`` of the first ``limit`` readable pairs, rendered by hhrm's ``###`` rule."""
     rows = data_io.read_rows(path, "test")
-    fmt = data_io.detect_format(rows)
+    fmt = formats.detect(rows)
     prompts, chosen, rejected = [], [], []
     for row in rows:
         try:

@@ -151,8 +151,9 @@ def normalize_completions(
     rows: Sequence[Any], fmt: str, name: str, rule: TextRule | None = None, first_index: int = 0
 ) -> tuple[Dataset, DropReport]:
     """Prompt/response rows (``{"prompt", "response"}`` or TRL's ``{"prompt", "completion"}``; ``fmt``: a format of
-    ``responses`` rows in :data:`hhrm.formats.REGISTRY`, or ``auto``: :func:`hhrm.formats.detect`) -> string columns ``prompt``, ``response`` (``prompt + response`` is the
-    full text ``rule`` renders) and int ``row`` (input index of each kept row, in order); the rest are counted.
+    ``responses`` rows in :data:`hhrm.formats.REGISTRY`, or ``auto``: :func:`hhrm.formats.detect`) -> string columns
+    ``prompt``, ``response`` (``prompt + response`` is the full text ``rule`` renders) and int ``row`` (input index
+    of each kept row, in order); the rest are counted.
     """
     fmt = detect(rows, "responses") if fmt == "auto" else formats.by_name(fmt, "responses").name
     return _normalize(rows, lambda r: normalize_completion(r, fmt, rule), ("prompt", "response"), name, first_index)
