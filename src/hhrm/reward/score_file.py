@@ -345,14 +345,8 @@ def reward_arguments(args: ScoreConfig, model_path: str | None) -> sources.Rewar
 def build_source(args: ScoreConfig, model_path: str | None, device) -> sources.RewardSource:
     """The reward source (a folder is checked and its convention resolved here; its weights load at first use)."""
     reward = reward_arguments(args, model_path)
-    dtype = runtime.torch_dtype(args.bf16)
-    if reward.reward_model_url:
-        return sources.build(reward, str(device), dtype, args.max_tokens_per_batch)
     setting = "reward_model_name_or_path" if args.reward_model_name_or_path else "model_name_or_path"
-    return sources.LocalModel(
-        reward.reward_model_name_or_path, reward.reward_convention, str(device), dtype, reward.reward_batch_size,
-        args.max_tokens_per_batch, setting=setting,
-    )  # fmt: skip
+    return sources.build(reward, str(device), runtime.torch_dtype(args.bf16), args.max_tokens_per_batch, setting)
 
 
 def run(data_args: ScoreDataArguments, args: ScoreConfig, model_path: str | None) -> dict[str, Any]:

@@ -184,16 +184,21 @@ class LocalModel:
 
 
 def build(
-    args: RewardArguments, device: str | None = None, dtype=None, max_tokens_per_batch: int = 32_768
+    args: RewardArguments,
+    device: str | None = None,
+    dtype=None,
+    max_tokens_per_batch: int = 32_768,
+    setting: str = "reward_model_name_or_path",
 ) -> RewardSource:
-    """The reward source ``args`` name, checked now (a folder's files and convention; a server answering)."""
+    """The reward source ``args`` name, checked now (a folder's files and convention; a server answering).
+    ``setting``: what a refusal calls the folder (``make score`` takes it as ``model_name_or_path`` too)."""
     args.check_reward_source()
     remote = dict(timeout=args.reward_request_timeout, retries=args.reward_request_retries)
     remote |= dict(batch_size=args.reward_batch_size, setting="reward_model_url")
     if not args.reward_model_url:
         return LocalModel(
             args.reward_model_name_or_path, args.reward_convention, device, dtype, args.reward_batch_size,
-            max_tokens_per_batch,
+            max_tokens_per_batch, setting,
         )  # fmt: skip
     if args.reward_api == "hhrm":
         return client.HhrmServer(args.reward_model_url, **remote)
@@ -201,7 +206,7 @@ def build(
         return client.OpenRLHFServer(args.reward_model_url, **remote)
     from hhrm import model_checks
 
-    tokenizer = model_checks.check_reward_model(args.reward_model_name_or_path, "reward_model_name_or_path")
+    tokenizer = model_checks.check_reward_model(args.reward_model_name_or_path, setting)
     # vLLM reads the true last token: the default is verl's convention, the way verl scores a vLLM-served RM.
     name = args.reward_convention or conventions.recorded(args.reward_model_name_or_path) or "verl-vllm"
     convention = conventions.by_name(name)
