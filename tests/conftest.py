@@ -148,3 +148,23 @@ def quick_models(tiny, tmp_path_factory) -> dict[str, Path]:
     rm.save_model(str(out / "rm"))
     tok.save_pretrained(out / "rm")
     return {"policy": tiny["base"], "rm": out / "rm", "data": tiny["data"]}
+
+
+@pytest.fixture(scope="session")
+def pad_is_eos_rm(tiny, tmp_path_factory) -> Path:
+    """A tiny Llama RM whose pad token is its EOS and whose config.json records no convention (the seed card's RM's
+    shape): a random, visible score head, so reading the wrong position shows."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("pad_is_eos") / "rm"
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    tok.pad_token = tok.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["base"], num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

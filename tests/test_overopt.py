@@ -117,23 +117,15 @@ def test_recipe_end_to_end(quick_models, tmp_path):
         overopt.OverOptConfig(reward_model_name_or_path=str(quick_models["rm"]), output_dir=str(out))
 
 
-def test_the_proxy_comes_through_the_reward_seam_under_its_convention(tiny, tmp_path):
+def test_the_proxy_comes_through_the_reward_seam_under_its_convention(pad_is_eos_rm, tiny, tmp_path):
     """The proxy is a reward source (hhrm.reward.sources): a pad == EOS RM under reward_convention=card-pipeline
     scores each sample exactly as RewardScorer does under it, and the curve records the address and convention."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import ModelConfig
 
     from hhrm.reward import scoring
 
-    folder = tmp_path / "rm"
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(tiny["base"])
-    tok.pad_token = tok.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(tiny["base"], num_labels=1)
-    model.config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = pad_is_eos_rm
     args = overopt.OverOptConfig(
         reward_model_name_or_path=str(folder), reward_convention="card-pipeline", output_dir=str(tmp_path / "curve"),
         n_max=2, heldout_prompts=3, max_new_tokens=6, progress=False,

@@ -35,29 +35,19 @@ def test_gold_agreement_stats():
     assert stats["gold_auc"] == 0.5
 
 
-def test_eval_rm_scores_a_pad_is_eos_rm_by_its_stated_convention(tiny, tmp_path):
+def test_eval_rm_scores_a_pad_is_eos_rm_by_its_stated_convention(pad_is_eos_rm, tiny, tmp_path):
     """A pad == EOS RM recording no convention (the seed card's shape) is evaluated under --reward_convention: its
     held-out rewards are RewardScorer's under that convention, pair by pair; without it, refused in one line."""
     import json
 
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import ModelConfig
 
     from hhrm import data
     from hhrm.reward import scoring
     from hhrm.rm import stage as rm
 
-    folder = tmp_path / "rm"
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(tiny["base"])
-    tok.pad_token = tok.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(tiny["base"], num_labels=1)
-    model.config.pad_token_id = tok.pad_token_id
-    with torch.no_grad():
-        model.score.weight.normal_(0, 1.0)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = pad_is_eos_rm
     recipe = load_recipe("eval_rm")
     data_args = data.DataArguments(dataset_name=str(tiny["data"]), test_offset=250)
     args = rm.RewardConfig(output_dir=str(tmp_path / "unused"), gold_prompts=0, **QUIET_CPU)
@@ -74,6 +64,7 @@ def test_eval_rm_scores_a_pad_is_eos_rm_by_its_stated_convention(tiny, tmp_path)
     result = json.loads((tmp_path / "eval" / "eval_rm.json").read_text())
     assert result["reward_convention"] == "card-pipeline"
     card = scoring.RewardScorer.from_pretrained(folder, device="cpu", dtype=torch.float32, convention="card-pipeline")
+    tok = card.tokenizer
     test = rm.prepare_pairs(data.load_splits(data_args, tok), tok, args.max_length, args.dedup_test).test
     expected = card.score_pairs(list(test["prompt"]) * 2, list(test["chosen"]) + list(test["rejected"]))
     got = result["held_out"]["rewards"]["chosen"] + result["held_out"]["rewards"]["rejected"]
