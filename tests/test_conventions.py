@@ -246,14 +246,18 @@ def _wordpiece_tokenizer() -> PreTrainedTokenizerFast:
     )  # fmt: skip
 
 
-def test_encoder_pair_equals_the_openassistant_card_snippet():
-    tok = _wordpiece_tokenizer()
+def _deberta_rm(tok) -> DebertaV2ForSequenceClassification:
     torch.manual_seed(0)
     config = DebertaV2Config(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=128, type_vocab_size=2, num_labels=1, pad_token_id=tok.pad_token_id,
     )  # fmt: skip
-    model = DebertaV2ForSequenceClassification(config).eval()
+    return DebertaV2ForSequenceClassification(config).eval()
+
+
+def test_encoder_pair_equals_the_openassistant_card_snippet():
+    tok = _wordpiece_tokenizer()
+    model = _deberta_rm(tok)
     questions = [m[-2]["content"] for m in MESSAGES[:1] + MESSAGES[2:]]  # one-turn prompts: the question
     prompts, responses = [PROMPTS[0], *PROMPTS[2:]], [RESPONSES[0], *RESPONSES[2:]]
     # OpenAssistant/reward-model-deberta-v3-large-v2's card: one (question, answer) per forward.

@@ -17,6 +17,7 @@ from test_conventions import (
     PROMPTS,
     RESPONSES,
     _card_pipeline,
+    _deberta_rm,
     _decoder_tokenizer,
     _llama_rm,
     _wordpiece_tokenizer,
@@ -205,15 +206,8 @@ def _folder_of_kind(kind: str, root: Path) -> tuple[Path, str | None]:
     recorded in the folder)."""
     folder = root / kind
     if kind == "encoder-pair":
-        from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
-
         tok = _wordpiece_tokenizer()
-        torch.manual_seed(0)
-        config = DebertaV2Config(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=128, type_vocab_size=2, num_labels=1, pad_token_id=tok.pad_token_id,
-        )  # fmt: skip
-        DebertaV2ForSequenceClassification(config).save_pretrained(folder)
+        _deberta_rm(tok).save_pretrained(folder)
         tok.save_pretrained(folder)
         return folder, "encoder-pair"
     tok = _decoder_tokenizer(pad_is_eos=kind != "hhrm")
