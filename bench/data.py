@@ -139,7 +139,7 @@ def child(folder: str, tokenizer_dir: str, test_offset: int, out: str) -> None:
     from transformers import AutoTokenizer
 
     from hhrm import data as hdata
-    from hhrm import rm as hrm
+    from hhrm.rm import stage as hrm
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     result: dict[str, Any] = {"rss_after_imports_mb": peak_rss_mb(), "seconds": {}, "peak_rss_mb_after": {}}
