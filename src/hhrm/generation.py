@@ -106,7 +106,7 @@ def generate_responses(
     if seed is not None:
         torch.manual_seed(seed)
     # An empty list is valid (a rank with no prompts): it still enters the gather context below.
-    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+    ids = prompt_ids(tokenizer, prompts)
     out: list[list[str]] = [[] for _ in prompts]
     new_tokens = 0
     batches = length_sorted_batches(ids, batch_size, progress=f"generate ({k}/prompt)" if progress else None)
@@ -120,7 +120,7 @@ def generate_responses(
             seqs = _generate(gen_model, tokenizer, input_ids.to(device), attention.to(device), config, k)
             completion = seqs[:, width:]  # the cut by token position: everything after the prompt
             new_tokens += int((completion != tokenizer.pad_token_id).sum())
-            texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+            texts = decode_completions(tokenizer, [ids[batch[j // k]] for j in range(len(completion))], completion)
             for j, text in enumerate(texts):  # generate returns prompt-major order: row j belongs to batch[j // k]
                 out[batch[j // k]].append(formatting.cut_at_next_turn(text) if sampling.stop_at_turn_marker else text)
         if was_training:
@@ -128,6 +128,25 @@ def generate_responses(
     if stats is not None:
         stats.update(generated_tokens=new_tokens, seconds=time.perf_counter() - start)
     return out
+
+
+def prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Prompt ids with the special tokens the tokenizer puts before a text (LLaMA's BOS), as TRL's SFTTrainer tokenizes
+    the prompts the policy is fine-tuned on; none after it (no EOS closes a prompt); no BOS doubled."""
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+    with_specials, plain = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    lead = next((with_specials[:i] for i in range(len(with_specials)) if with_specials[i:][: len(plain)] == plain), [])
+    return [row if row[: len(lead)] == lead else lead + row for row in ids]
+
+
+def decode_completions(tokenizer, prompts: list[list[int]], completions) -> list[str]:
+    """Each completion's text as it continues its prompt: decoded with the prompt and cut after the prompt's text. A
+    SentencePiece tokenizer (LLaMA) drops the leading space of a completion decoded alone ("Assistant:A")."""
+    completions = [[int(t) for t in row] for row in completions]
+    alone = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    heads = tokenizer.batch_decode(prompts, skip_special_tokens=True)
+    whole = tokenizer.batch_decode([p + c for p, c in zip(prompts, completions)], skip_special_tokens=True)
+    return [w[len(h) :] if w.startswith(h) else a for w, h, a in zip(whole, heads, alone)]
 
 
 def length_sorted_batches(ids: list[list[int]], batch_size: int, progress: str | None = None) -> list[list[int]]:
@@ -324,7 +343,7 @@ class VLLMBackend:
         if sampling is not None and sampling != self.sampling:
             raise ValueError("VLLMBackend was built with other sampling settings; build one per setting")
         start = time.perf_counter()
-        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+        ids = prompt_ids(self.tokenizer, prompts)
         ids = self._same_count_everywhere(ids)
         if not ids:  # no process has a prompt (each knows: the counts were gathered)
             return []
@@ -332,7 +351,9 @@ class VLLMBackend:
         repeated = [p for p in ids for _ in range(k)]
         _, completion_ids, _, _ = self.engine.generate(prompts=repeated, images=None, num_generations=k)
         completion_ids = completion_ids[: len(prompts) * k]  # drop the fillers' completions
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        texts = decode_completions(
+            self.tokenizer, [p for p in ids for _ in range(k)][: len(completion_ids)], completion_ids
+        )
         cut = [formatting.cut_at_next_turn(t) if self.sampling.stop_at_turn_marker else t for t in texts]
         if stats is not None:
             stats.update(generated_tokens=sum(len(c) for c in completion_ids), seconds=time.perf_counter() - start)

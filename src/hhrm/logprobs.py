@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hhrm.generation import length_sorted_batches
+from hhrm.generation import length_sorted_batches, prompt_ids
 
 
 def encode(
@@ -37,7 +37,7 @@ def encode(
         raise ValueError(f"eos: {len(flags)} flags for {len(prompts)} responses")
     if any(flags) and tokenizer.eos_token_id is None:
         raise ValueError("eos=True but the tokenizer has no eos_token")
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+    p_ids = prompt_ids(tokenizer, list(prompts))  # as generation tokenizes a prompt (LLaMA: BOS first)
     r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else []
     return [(p + r + ([tokenizer.eos_token_id] if e else []), len(p)) for p, r, e in zip(p_ids, r_ids, flags)]
 
