@@ -276,3 +276,25 @@ def test_a_llama_policy_generates_after_bos_and_keeps_the_responses_leading_spac
     space = [t for t in range(3, len(tok)) if tok.convert_ids_to_tokens(t).startswith("▁")][0]
     (text,) = generation.decode_completions(tok, [tok(prompt)["input_ids"]], [[space]])
     assert text.startswith(" ") and tok.decode([space]) == text.strip()  # decoded alone, the space is lost
+
+
+def test_vllm_generation_of_a_gpt_neo_policy_is_refused_at_the_start(standins):
+    """vLLM cannot run GPT-Neo; and a vLLM server holds the checkpoint's rows, so a tokenizer grown by a pad token
+    (GPT-Neo's, after hhrm adds one) cannot be pushed to it: both refused in one line before anything loads."""
+    from types import SimpleNamespace
+
+    from trl import ModelConfig
+
+    from hhrm import modeling
+    from hhrm.raft.models import check_vllm_policy
+
+    neo = ModelConfig(model_name_or_path=str(standins["gpt_neo"]))
+    tokenizer = modeling.load_tokenizer(neo)
+    with pytest.raises(ValueError, match="vLLM cannot run GPT-Neo.*generation_backend=hf"):
+        check_vllm_policy(SimpleNamespace(generation_backend="vllm", vllm_mode="colocate"), neo, tokenizer)
+    llama = ModelConfig(model_name_or_path=str(standins["llama"]))
+    grown = modeling.load_tokenizer(llama)
+    grown.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+    with pytest.raises(ValueError, match="start the vLLM server from a folder saved with the resized vocabulary"):
+        check_vllm_policy(SimpleNamespace(generation_backend="vllm", vllm_mode="server"), llama, grown)
+    check_vllm_policy(SimpleNamespace(generation_backend="hf", vllm_mode="colocate"), neo, tokenizer)  # hf: fine

@@ -17,7 +17,7 @@ import trl
 from accelerate import PartialState
 from trl import get_peft_config
 
-from hhrm import generation, modeling, runtime
+from hhrm import generation, model_checks, modeling, runtime
 from hhrm.raft.config import RaftConfig
 from hhrm.reward import sources
 
@@ -35,6 +35,30 @@ def check_reward_text(source, args: RaftConfig, model_args: trl.ModelConfig, tok
             f"use_chat_template=true, but the reward model {args.reward_model_name_or_path!r} has another "
             f"chat_template than the policy {model_args.model_name_or_path!r}: RAFT's prompts and samples are "
             "rendered with the policy's template; train the RM with the same template, or use_chat_template=false"
+        )
+
+
+def check_vllm_policy(args: RaftConfig, model_args: trl.ModelConfig, tokenizer) -> None:
+    """Refuse at the start what vLLM cannot generate from: a GPT-Neo policy (vLLM has no GPT-Neo model, and its
+    Transformers fallback needs ``_supports_attention_backend``, which transformers' GPT-Neo lacks), and, with a vLLM
+    server, a tokenizer that grew past the checkpoint's vocabulary (a pad token added to GPT-Neo's): the server holds
+    the checkpoint's embedding rows and the weight push sends more."""
+    if args.generation_backend != "vllm":
+        return
+    where = f"generation_backend=vllm with model_name_or_path={model_args.model_name_or_path!r}"
+    _, config = model_checks.model_config(
+        model_args.model_name_or_path, "model_name_or_path", "point it at a causal LM", model_args.model_revision
+    )
+    if (
+        any(a.startswith("GPTNeo") for a in getattr(config, "architectures", None) or [])
+        or config.model_type == "gpt_neo"
+    ):
+        raise ValueError(f"{where}: vLLM cannot run GPT-Neo (no native model; its Transformers fallback needs an "
+                         "attention-backend hook GPT-Neo lacks); use generation_backend=hf")  # fmt: skip
+    if args.vllm_mode == "server" and len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens (a pad token was added), the checkpoint "
+            f"{config.vocab_size} rows: start the vLLM server from a folder saved with the resized vocabulary"
         )
 
 
@@ -84,6 +108,7 @@ class ModelResidency:
         # generation. A folder's weights load only when a score stage needs them.
         self.rewards = sources.build(args, str(state.device), runtime.torch_dtype(args.bf16))
         check_reward_text(self.rewards, args, model_args, tokenizer, text_rule)
+        check_vllm_policy(args, model_args, tokenizer)
         self.offload = resolve_offload(args.offload_models, model_args.model_name_or_path)
         self._policy: Policy | None = None
         # vllm server mode: connect now (fails after vllm_server_timeout s if no server answers), not at iteration 0.
