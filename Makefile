@@ -11,7 +11,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCEL) --num_cpu_
 TINY := outputs/tiny
 ARGS ?=
 
-.PHONY: install embedded sft rm eval-rm score serve-rm conventions raft overopt compare demo test test-fast bench style quality clean real-base real
+.PHONY: install embedded sft rm eval-rm score serve-rm conventions raft overopt compare demo test test-fast bench rehearse style quality clean real-base real
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -86,7 +86,7 @@ test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow" tests $(ARGS)
 
 # ruff: format + lint (line length 119, isort order); settings in pyproject.toml.
-STYLE_PATHS := src recipes tests bench scripts
+STYLE_PATHS := src recipes tests bench rehearse scripts
 style: install
 	$(VENV)/bin/ruff format $(STYLE_PATHS)
 	$(VENV)/bin/ruff check --fix $(STYLE_PATHS)
@@ -97,6 +97,13 @@ quality: install
 
 bench: install
 	$(PY) -m bench --out bench/results.json $(ARGS)
+
+# The card's recipes at the card's model sizes (random weights, no download): a few steps of each stage, peak memory,
+# throughput, MFU, projected wall time, and the computed fit table per accelerate config and device memory.
+# make rehearse [ARGS="--scale tiny" (CI, ~1 min) | "--scale full" | "--scale full --device cuda"]
+# Writes results/rehearse/<device>[-tiny].{json,md}.
+rehearse: install
+	$(PY) -m rehearse $(ARGS)
 
 clean:
 	rm -rf outputs

@@ -1,0 +1,1 @@
+"""``make rehearse``: the card's recipes at the card's model sizes (see rehearse/__main__.py)."""
