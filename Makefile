@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 # The embedded default: generated preference data, a locally trained tokenizer, a tiny Llama.

@@ -43,7 +43,7 @@ def main(data_args: data.DataArguments, args: sft.SFTConfig, model_args: ModelCo
         peft_config=get_peft_config(model_args),
     )
     reporting.set_tensorboard_dir(trainer)  # curves in output_dir/runs, the evaluation before training included
-    before = trainer.evaluate() if eval_ds is not None else {}
+    before = sft.evaluate_before(trainer)  # not under DeepSpeed (see there)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     finite.check_trained(trainer, result, "SFT", {"learning_rate": args.learning_rate})  # no NaN model is saved
 

@@ -181,6 +181,11 @@ def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return input_ids, attention
 
 
+# The weights are whole on this rank (_whole_model): no step-by-step sync with the other ranks, which transformers
+# turns on under ZeRO-3/FSDP and which hangs when ranks run different numbers of batches (or none: SFT's gold eval).
+_LOCAL = {"synced_gpus": False}
+
+
 @torch.no_grad()
 def _generate(model, tokenizer, input_ids, attention, config: GenerationConfig, k: int) -> torch.Tensor:
     """``model.generate`` of a left-padded batch, ``k`` samples per prompt, in prompt-major order.
@@ -195,7 +200,7 @@ def _generate(model, tokenizer, input_ids, attention, config: GenerationConfig, 
     width = input_ids.shape[1]
     if not getattr(model, "_can_compile_fullgraph", False):
         return model.generate(
-            input_ids=input_ids, attention_mask=attention, generation_config=config, tokenizer=tokenizer
+            input_ids=input_ids, attention_mask=attention, generation_config=config, tokenizer=tokenizer, **_LOCAL
         )
     from transformers import StaticCache
 
@@ -223,6 +228,7 @@ def _generate(model, tokenizer, input_ids, attention, config: GenerationConfig, 
         generation_config=config,
         past_key_values=cache,
         tokenizer=tokenizer,
+        **_LOCAL,
     )
 
 

@@ -47,6 +47,12 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or bool(mps and mps.is_available())
 
 
+def deepspeed_on_cpu() -> bool:
+    """A DeepSpeed launch (``accelerate launch`` with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED) on a machine
+    without an accelerator: DeepSpeed's CPU accelerator, which talks over gloo when oneCCL is not installed."""
+    return not has_accelerator() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 @dataclass
 class StageConfigMixin:
     """Put first in a TRL config's bases: what every hhrm stage adds to TRL's config.
@@ -80,7 +86,12 @@ class StageConfigMixin:
             self.bf16 = bf16_supported()
             if not self.bf16:
                 logger.info("no bf16-capable GPU: training in fp32 (set --bf16 true to force)")
-        if not has_accelerator():
+        if deepspeed_on_cpu():
+            # Not use_cpu: under cpu=True accelerate drops DeepSpeed and trains plain DDP. Without an accelerator
+            # accelerate names no backend, and every rank would see itself as rank 0 of 1: gloo, named here.
+            self.ddp_backend = self.ddp_backend or "gloo"
+            self.dataloader_pin_memory = False
+        elif not has_accelerator():
             # Trainer then initialises gloo when launched with several processes (without it each
             # process would train alone as rank 0); and there is nothing to pin memory to.
             self.use_cpu = True
@@ -105,8 +116,11 @@ def process_state(args: Any):
 
     from accelerate import PartialState
 
+    timeout = timedelta(seconds=args.ddp_timeout)
+    if deepspeed_on_cpu():  # as in StageConfigMixin: cpu=True would drop DeepSpeed, no backend would mean 1 process
+        return PartialState(backend="gloo", timeout=timeout)
     # cpu=True without an accelerator: several processes then form a gloo group instead of each running alone.
-    return PartialState(cpu=not has_accelerator(), timeout=timedelta(seconds=args.ddp_timeout))
+    return PartialState(cpu=not has_accelerator(), timeout=timeout)
 
 
 def is_main_process() -> bool:

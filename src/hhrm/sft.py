@@ -90,12 +90,28 @@ def long_documents(train: Dataset, tokenizer, max_length: int | None, cap: int |
     return train, report
 
 
-def gold_eval(model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict[str, Any]:
-    """Greedy answers to held-out prompts, graded by the gold reward (overall and per task)."""
+def gold_eval(model, tokenizer, prompts: list[str], max_new_tokens: int, accelerator=None) -> dict[str, Any]:
+    """Greedy answers to held-out prompts, graded by the gold reward (overall and per task). ``accelerator``: the
+    trainer's, with its wrapped ``model`` (DDP/ZeRO-3), as in :func:`hhrm.generation.generate_responses`."""
     start = time.perf_counter()
     greedy = generation.SamplingArguments(max_new_tokens=max_new_tokens, do_sample=False)
-    answers = [r[0] for r in generation.generate_responses(model, tokenizer, prompts, 1, greedy, batch_size=64)]
+    responses = generation.generate_responses(model, tokenizer, prompts, 1, greedy, 64, accelerator=accelerator)
+    if not prompts:
+        return {}
+    answers = [r[0] for r in responses]
     return synthetic.gold_summary(prompts, answers) | {"gold_eval_seconds": time.perf_counter() - start}
+
+
+def evaluate_before(trainer: trl.SFTTrainer) -> dict[str, float]:
+    """The starting model's held-out metrics (``{}`` without held-out rows). Not under DeepSpeed: before ``train()``
+    transformers refuses under ZeRO-1/2 ("ZeRO inference only makes sense with ZeRO Stage 3"), and under ZeRO-3 the
+    inference engine it builds leaves ``train()`` without a training engine (``backward`` on None)."""
+    if trainer.eval_dataset is None:
+        return {}
+    if trainer.is_deepspeed_enabled:
+        logger.info("DeepSpeed: no evaluation before training (eval_loss_before not measured)")
+        return {}
+    return trainer.evaluate()
 
 
 def finish(
@@ -115,9 +131,14 @@ def finish(
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     prompts = hdata.heldout_prompts(splits, args.gold_eval_prompts)
-    if trainer.accelerator.is_main_process and synthetic.is_gold_checkable(prompts):
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        metrics.update(gold_eval(model, trainer.processing_class, prompts, args.gold_max_new_tokens))
+    if synthetic.is_gold_checkable(prompts):
+        # Every rank enters: under ZeRO-3 generation gathers the sharded weights collectively (rank 0 alone would
+        # hang). The main process answers all the prompts, the others none.
+        acc = trainer.accelerator
+        mine = prompts if acc.is_main_process else []
+        gold = gold_eval(trainer.model_wrapped, trainer.processing_class, mine, args.gold_max_new_tokens, acc)
+        if acc.is_main_process:
+            metrics.update(gold)
     if trainer.accelerator.is_main_process:
         report = hdata.data_report(splits, trainer.processing_class, {"sft_train_texts": len(splits.train)})
         card = reporting.ModelCard(
