@@ -55,14 +55,14 @@ raft: embedded
 	$(LAUNCH) recipes/raft.py --config $(CONFIG) $(ARGS)
 
 # Best-of-n over-optimisation curve (proxy and gold against sqrt(KL)) of a policy and a reward model, one process:
-# make overopt [POLICY=outputs/tiny/sft] [RM=outputs/tiny/rm] [OUT=outputs/tiny/overopt] [DATA=outputs/tiny/data] [ARGS="--n_max 32 ..."]
+# make overopt [POLICY=outputs/tiny/sft] [RM=outputs/tiny/rm | ENSEMBLE="rm_a rm_b ..."] [OUT=outputs/tiny/overopt] [DATA=outputs/tiny/data] [ARGS="--n_max 32 --reward_aggregation uwo ..."]
 overopt: POLICY ?= $(TINY)/sft
 # (make's own RM is `rm -f`: the reward model defaults only when RM is not given)
 overopt: REWARD_MODEL = $(if $(filter default,$(origin RM)),$(TINY)/rm,$(RM))
 overopt: OUT ?= $(TINY)/overopt
 overopt: DATA ?= $(TINY)/data
 overopt: install
-	$(PY) recipes/overopt.py --model_name_or_path $(POLICY) --reward_model_name_or_path $(REWARD_MODEL) \
+	$(PY) recipes/overopt.py --model_name_or_path $(POLICY) $(if $(ENSEMBLE),--reward_ensemble $(ENSEMBLE),--reward_model_name_or_path $(REWARD_MODEL)) \
 		--dataset_name $(DATA) --test_offset 500 --output_dir $(OUT) $(ARGS)
 
 # How far the scoring conventions disagree on one reward model (the presets of hhrm.reward.conventions):

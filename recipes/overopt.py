@@ -9,9 +9,15 @@ the gold accuracy of the RM's best-of-n pick (exact over all n-subsets, 95% inte
 bound log n - (n-1)/n and the gold pick's ceiling: overopt.json, overopt.md, overopt.png (against sqrt(KL)) and
 samples.jsonl (to recompute the curve: hhrm.overopt.curve_from_samples). One process; a config file works too.
 The reward model comes through hhrm.reward.sources: --reward_model_name_or_path (with --reward_convention for a
-pad == EOS RM that records none) or --reward_model_url (a reward server, make serve-rm).
+pad == EOS RM that records none) or --reward_model_url (a reward server, make serve-rm), or an ensemble of E folders
+that picks by a rule (overopt.json's reward_aggregation; samples.jsonl keeps each member's reward):
+    python recipes/overopt.py ... --reward_ensemble outputs/tiny/rm_s0 outputs/tiny/rm_s1 outputs/tiny/rm_s2 \
+        --reward_aggregation uwo --reward_uwo_lambda 0.5
 """
 
+import hhrm  # noqa: F401  (first: quiets bitsandbytes' optional-kernels warning)
+
+# isort: split
 from trl import ModelConfig, TrlParser
 
 from hhrm import data, overopt, reporting

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from hhrm import data, finite, generation, model_checks, modeling, outputs, reporting, runtime, synthetic
-from hhrm.reward import sources
+from hhrm.reward import ensemble, sources
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ Z95 = 1.96
 class OverOptConfig(sources.RewardArguments):
     """The curve's settings. The policy is ``model_name_or_path`` (TRL's ModelConfig); prompts: DataArguments. The
     reward (:class:`hhrm.reward.sources.RewardArguments`) is the proxy that picks the best of n: a reward model folder
-    (``reward_model_name_or_path``, scored under its ``reward_convention``) or a reward server (``reward_model_url``).
+    (``reward_model_name_or_path``, scored under its ``reward_convention``), a reward server (``reward_model_url``)
+    or an ensemble of folders (``reward_ensemble``) whose ``reward_aggregation`` picks.
     """
 
     output_dir: str = field(
@@ -222,7 +223,13 @@ def sample_and_score(args: OverOptConfig, data_args: data.DataArguments, model_a
     del policy
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    flat = source.score_pairs([p for p in prompts for _ in range(args.n_max)], [r for rs in responses for r in rs])
+    pairs = [p for p in prompts for _ in range(args.n_max)], [r for rs in responses for r in rs]
+    members = None
+    if isinstance(source, ensemble.Ensemble):  # keep each member's reward: another rule is a recomputation away
+        scored = source.score_members(*pairs)
+        flat, members = scored["reward"], np.array(scored["members"]).reshape(len(prompts), args.n_max, -1)
+    else:
+        flat = source.score_pairs(*pairs)
     proxy = np.array(flat, dtype=np.float64).reshape(len(prompts), args.n_max)
     checkable = synthetic.is_gold_checkable(prompts)
     gold = None
@@ -231,13 +238,15 @@ def sample_and_score(args: OverOptConfig, data_args: data.DataArguments, model_a
     else:
         logger.warning("the prompts are not the embedded data set's: no gold reward, the curve has the proxy only")
     out = {"prompts": prompts, "responses": responses, "proxy": proxy, "gold": gold, "generation": stats}
+    out["members"] = members
     return out | {"reward": source.identity()}
 
 
 def sample_rows(sampled: dict[str, Any]) -> list[dict[str, Any]]:
-    """``samples.jsonl``: one row per prompt, its responses in draw order with their proxy and gold rewards."""
-    gold = sampled["gold"]
-    return [
+    """``samples.jsonl``: one row per prompt, its responses in draw order with their proxy and gold rewards (and,
+    from an ensemble, ``proxy_members``: per response its E members' rewards)."""
+    gold, members = sampled["gold"], sampled.get("members")
+    rows = [
         {
             "prompt_index": i,
             "prompt": p,
@@ -247,6 +256,9 @@ def sample_rows(sampled: dict[str, Any]) -> list[dict[str, Any]]:
         }
         for i, (p, rs) in enumerate(zip(sampled["prompts"], sampled["responses"]))
     ]
+    for row, ms in zip(rows, members if members is not None else []):
+        row["proxy_members"] = ms.tolist()
+    return rows
 
 
 def curve_from_samples(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -319,7 +331,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if key != "proxy":
             ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=8)
-    axes[0][0].set_title(f"best-of-n, {result['prompts']} prompts x {result['n_max']} samples", fontsize=9)
+    rule = result.get("reward_aggregation")
+    rule = f", ensemble {rule}" + (f" (lambda {result['config']['reward_uwo_lambda']})" if rule == "uwo" else "")
+    title = f"best-of-n, {result['prompts']} prompts x {result['n_max']} samples"
+    axes[0][0].set_title(title + (rule if result.get("reward_aggregation") else ""), fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -345,6 +360,7 @@ def run(args: OverOptConfig, data_args: data.DataArguments, model_args) -> dict[
         "reward_model": sources.address(args),
         "reward": sampled["reward"],  # what scored: weight files and convention, or the served model
         "reward_convention": sampled["reward"].get("convention"),
+        "reward_aggregation": sampled["reward"].get("aggregation"),  # an ensemble's rule (None: one model)
         "dataset_name": data_args.dataset_name,
         "prompts": len(sampled["prompts"]),
         "n_max": args.n_max,

@@ -9,10 +9,11 @@ a score here equals the score the RM was evaluated with and RAFT scores with.
 
 Output: the input rows, in input order and all of them, with ``chosen_reward``/``rejected_reward`` (pairs)
 or ``reward`` (responses) added; a row that could not be read or rendered keeps null rewards and says why
-in ``bad_row``. JSON lines or Parquet (by the file's suffix), plus ``<output_file>.metrics.json`` (``a.jsonl`` and
-``a.parquet`` each keep their own) with the counts, the reward statistics, what scored (``reward``: the source's
-identity, its convention included) and, for pairs, the pairwise accuracy (ties count as wrong, as in
-:mod:`hhrm.rm.evaluation`). What would only fail at the end is refused before the model is
+in ``bad_row``; from an ensemble (``reward_ensemble``) each reward column ``c`` also has ``c_mean``, ``c_std``
+and ``c_members``. JSON lines or Parquet (by the file's suffix), plus ``<output_file>.metrics.json`` (``a.jsonl``
+and ``a.parquet`` each keep their own) with the counts, the reward statistics, what scored (``reward``: the source's
+identity, its convention and an ensemble's rule included) and, for pairs, the pairwise accuracy (ties count as
+wrong, as in :mod:`hhrm.rm.evaluation`). What would only fail at the end is refused before the model is
 loaded: an output folder that cannot be written, rows that do not fit one Parquet schema. A failed write (a full
 disk) leaves no partial file behind, and an existing output whole.
 
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from hhrm import data, data_io, finite, formats, reporting, runtime
-from hhrm.reward import conventions, sources
+from hhrm.reward import conventions, ensemble, sources
 from hhrm.reward.score_output import check_writable, parquet_table, whole_or_nothing, write_rows
 
 logger = logging.getLogger(__name__)
@@ -224,6 +225,8 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
 def fits_model(source: sources.RewardSource):
     """``fits(prompts, responses) -> [bool]``: whether each pair's input by the folder's convention fits the model's
     positions. A server checks its own (and refuses, 413)."""
+    if isinstance(source, ensemble.Ensemble):  # a text must fit every member
+        return lambda ps, rs: [all(f) for f in zip(*(fits_model(m)(ps, rs) for m in source.members))]
     if not isinstance(source, sources.LocalModel):
         return lambda prompts, responses: [True] * len(prompts)
     limit = getattr(source.scorer.model.config, "max_position_embeddings", None)
@@ -235,26 +238,28 @@ def fits_model(source: sources.RewardSource):
 
 def score_shard(
     source: sources.RewardSource, inp: ScoreInput, start: int, stop: int, progress: bool, batch_size: int = 64
-) -> list[tuple[int, list[float | None], str | None]]:
-    """``(input row, rewards, why not)`` for table rows ``start:stop``; a text longer than a folder's model
-    positions gets no reward (``too_long``) instead of failing the run."""
+) -> list[tuple[int, list[float | None], str | None, dict]]:
+    """``(input row, rewards, why not, uncertainty columns)`` for table rows ``start:stop``; a text longer than a
+    folder's model positions gets no reward (``too_long``) instead of failing the run."""
     from tqdm.auto import tqdm
 
     per_row = 2 if inp.kind == "pairs" else 1
     fits_of = fits_model(source)
     chunk = max(batch_size * 16, 1024) // per_row
-    out: list[tuple[int, list[float | None], str | None]] = []
+    out: list[tuple[int, list[float | None], str | None, dict]] = []
     with tqdm(total=stop - start, desc="scoring", unit="row", disable=not progress) as bar:
         for lo in range(start, stop, chunk):
             hi = min(lo + chunk, stop)
             prompts, responses = inp.pairs(lo, hi)
             fits = fits_of(prompts, responses)
             kept = [i for i, ok in enumerate(fits) if ok]
-            scores = iter(source.score_pairs([prompts[i] for i in kept], [responses[i] for i in kept]))
-            values = [next(scores) if ok else None for ok in fits]
+            scores = iter(ensemble.per_text(source, [prompts[i] for i in kept], [responses[i] for i in kept]))
+            values = [next(scores) if ok else (None, {}) for ok in fits]
             for j, row in enumerate(inp.table[lo:hi]["row"]):
                 mine = values[j * per_row : (j + 1) * per_row]
-                out.append((row, mine, None if None not in mine else "too_long"))
+                rewards = [r for r, _ in mine]
+                extra = {f"{c}_{k}": v for c, (_, e) in zip(REWARD_COLUMNS[inp.kind], mine) for k, v in e.items()}
+                out.append((row, rewards, None if None not in rewards else "too_long", extra))
             bar.update(hi - lo)
     return out
 
@@ -263,17 +268,21 @@ def score_shard(
 # Output
 
 
-def output_rows(inp: ScoreInput, scored: dict[int, tuple[list[float | None], str | None]]) -> list[dict]:
-    """Every input row, in order, with its reward columns (null and ``bad_row`` when it has none)."""
+def output_rows(
+    inp: ScoreInput, scored: dict[int, tuple[list[float | None], str | None, dict]], ensemble_size: int = 0
+) -> list[dict]:
+    """Every input row, in order, with its reward columns (null and ``bad_row`` when it has none); from an ensemble
+    of ``ensemble_size`` members also ``<column>_mean``, ``_std`` and ``_members`` (null where not scored)."""
     columns = REWARD_COLUMNS[inp.kind]
+    missing = {f"{c}_{k}": None for c in columns for k in ensemble.COLUMNS} if ensemble_size else {}
     fmt_rows: list[dict] = []
     for i, row in enumerate(inp.rows):
         out = _as_object(row)
         if i in scored:
-            rewards, why = scored[i]
+            rewards, why, extra = scored[i]
         else:
-            rewards, why = [None] * len(columns), _why_bad(row, inp)
-        out |= dict(zip(columns, rewards)) | {"bad_row": why}
+            rewards, why, extra = [None] * len(columns), _why_bad(row, inp), {}
+        out |= dict(zip(columns, rewards)) | missing | extra | {"bad_row": why}
         fmt_rows.append(out)
     return fmt_rows
 
@@ -290,11 +299,13 @@ def _as_object(row: Any) -> dict:
     return dict(row) if isinstance(row, dict) else {"value": row}
 
 
-def check_output_schema(rows: list[Any], kind: str, output_file: str) -> None:
+def check_output_schema(rows: list[Any], kind: str, output_file: str, ensemble_size: int = 0) -> None:
     """Refuse now, not after scoring every row, rows that Parquet cannot hold as one table: the output rows are
     built with placeholder rewards (float) and reasons (string), the types the real ones have."""
     if Path(output_file).suffix == ".parquet":
         placeholder = dict.fromkeys(REWARD_COLUMNS[kind], 0.0) | {"bad_row": ""}
+        for c in REWARD_COLUMNS[kind] if ensemble_size else ():
+            placeholder |= {f"{c}_mean": 0.0, f"{c}_std": 0.0, f"{c}_members": [0.0] * ensemble_size}
         parquet_table([_as_object(row) | placeholder for row in rows], output_file)
 
 
@@ -358,7 +369,8 @@ def run(data_args: ScoreDataArguments, args: ScoreConfig, model_path: str | None
     start = time.perf_counter()
     state = runtime.process_state(args)
     rows = load_rows(data_args)  # before the model: what cannot be written is refused before any work
-    check_output_schema(rows, detect_kind(rows, data_args.input_kind), args.output_file)
+    size = len(args.reward_ensemble or [])  # an ensemble's members and std are columns too
+    check_output_schema(rows, detect_kind(rows, data_args.input_kind), args.output_file, size)
     source = build_source(args, model_path, state.device)
     if data_args.use_chat_template and not hasattr(source, "tokenizer"):
         raise ValueError(
@@ -371,10 +383,10 @@ def run(data_args: ScoreDataArguments, args: ScoreConfig, model_path: str | None
     everything = gather_object(mine) if state.num_processes > 1 else mine
     metrics: dict[str, Any] = {}
     if state.is_main_process:
-        scored = {row: (rewards, why) for row, rewards, why in everything}
+        scored = {row: (rewards, why, extra) for row, rewards, why, extra in everything}
         if len(scored) != len(everything) or sorted(scored) != list(inp.table["row"]):
             raise RuntimeError(f"gathered {len(everything)} scored rows for {len(inp.table)} rows: a shard was lost")
-        rows = output_rows(inp, scored)
+        rows = output_rows(inp, scored, size)
         write_rows(rows, args.output_file)
         metrics = summarize(inp, rows, time.perf_counter() - start)
         identity = source.identity()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-from hhrm.reward import client, conventions
+from hhrm.reward import client, conventions, ensemble
 
 APIS = ("hhrm", "openrlhf", "vllm-classify", "vllm-pooling")
 
@@ -88,15 +88,34 @@ class RewardArguments:
     reward_served_model: str | None = field(
         default=None, metadata={"help": "reward_api=vllm-*: the served model's name (vLLM's --served-model-name)."}
     )
+    reward_ensemble: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "E reward-model folders scored as one reward (e.g. one RM recipe with E seeds), instead of "
+            "reward_model_name_or_path: one reward per text by reward_aggregation (hhrm.reward.ensemble)."
+        },
+    )
+    reward_aggregation: str = field(
+        default="mean",
+        metadata={
+            "help": "reward_ensemble's rule: mean | worst (minimum over members) | uwo (mean - reward_uwo_lambda x "
+            "variance over members; Coste et al. 2023).",
+            "choices": ["mean", "worst", "uwo"],
+        },
+    )
+    reward_uwo_lambda: float = field(
+        default=0.5, metadata={"help": "reward_aggregation=uwo: weight of the members' variance (>= 0)."}
+    )
 
     def check_reward_source(self) -> None:
         """Refuse, in one line naming the setting, a source that cannot be built (before anything loads)."""
+        ensemble.check_settings(self)  # reward_ensemble and its rule
         folder, url = self.reward_model_name_or_path, self.reward_model_url
         vllm = self.reward_api.startswith("vllm-")
         checks = [
             (self.reward_api in APIS, f"reward_api={self.reward_api!r}: one of {', '.join(APIS)}"),
-            (bool(folder or url), "reward_model_name_or_path is not set: give the reward model folder "
-             "(recipes/rm.py output), or reward_model_url for a reward server"),
+            (bool(folder or url or self.reward_ensemble), "reward_model_name_or_path is not set: give the reward "
+             "model folder (recipes/rm.py output), reward_model_url for a reward server, or reward_ensemble"),
             (not (folder and url) or vllm, "reward_model_name_or_path and reward_model_url are both set: give one "
              "(both only with reward_api=vllm-*: the folder is the served model's, for its tokenizer)"),
             (not vllm or bool(folder and url), f"reward_api={self.reward_api}: set reward_model_url (the vLLM "
@@ -195,6 +214,8 @@ def build(
     args.check_reward_source()
     remote = dict(timeout=args.reward_request_timeout, retries=args.reward_request_retries)
     remote |= dict(batch_size=args.reward_batch_size, setting="reward_model_url")
+    if args.reward_ensemble:
+        return ensemble.build(args, LocalModel, device, dtype, max_tokens_per_batch)
     if not args.reward_model_url:
         return LocalModel(
             args.reward_model_name_or_path, args.reward_convention, device, dtype, args.reward_batch_size,
@@ -221,10 +242,13 @@ def build(
 # Settings that change how the reward model is reached, never a reward (a run may resume with other values).
 HOW_TO_REACH = ("reward_model_url", "reward_batch_size", "reward_request_timeout", "reward_request_retries")
 # The settings that say which reward model scores: a comparison of runs requires them equal.
-WHICH_MODEL = ("reward_model_name_or_path", "reward_model_url", "reward_api", "reward_convention")
+WHICH_MODEL = ("reward_model_name_or_path", "reward_model_url", "reward_api", "reward_convention", "reward_ensemble")
+WHICH_MODEL += ("reward_aggregation", "reward_uwo_lambda")
 
 
 def address(args: Any) -> str:
     """The source's address as the user wrote it (reports, without building a source): the URL, else the folder."""
     get = args.get if isinstance(args, dict) else lambda k: getattr(args, k, None)
+    if get("reward_ensemble"):
+        return ensemble.address(args)
     return str(get("reward_model_url") or Path(get("reward_model_name_or_path") or ""))

@@ -1,0 +1,174 @@
+"""A reward ensemble as one reward source: E reward-model folders scored alike, one reward per text by a rule.
+
+Coste et al. (2023, "Reward Model Ensembles Help Mitigate Overoptimization") train E reward models by one recipe
+with other seeds and select by a conservative aggregate of their rewards. Per text, with member rewards r_1..r_E:
+
+- ``mean``: (1/E) sum r_e;
+- ``worst``: min_e r_e (their WCO);
+- ``uwo``: mean - lambda * var, var = (1/E) sum (r_e - mean)^2 (their UWO; lambda 0.5 is their best-of-n value).
+
+``std`` is sqrt(var), the same population statistic. The members are folders built by
+:class:`hhrm.reward.sources.LocalModel`; they must read the same token ids at the same position (one convention,
+one tokenizer), else the ensemble would average rewards of different texts, so that is refused when built.
+:class:`Ensemble` has the source's five methods (``make overopt``, ``make score``, RAFT, ``make compare`` get it
+through :func:`hhrm.reward.sources.build`) and ``score_members``: the members, mean and std per text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+AGGREGATIONS = ("mean", "worst", "uwo")
+COLUMNS = ("mean", "std", "members")  # make score: per reward column c, also c_mean, c_std, c_members
+
+
+def check_settings(args) -> None:
+    """Refuse, in one line naming the setting, an ensemble that cannot be built (before anything loads)."""
+    members, rule, lam = args.reward_ensemble, args.reward_aggregation, args.reward_uwo_lambda
+    checks = [
+        (rule in AGGREGATIONS, f"reward_aggregation={rule!r}: one of {', '.join(AGGREGATIONS)}"),
+        (members is None or bool(members), "reward_ensemble is empty: give E >= 1 reward-model folders"),
+        (not (members and (args.reward_model_name_or_path or args.reward_model_url)),
+         "reward_ensemble and reward_model_name_or_path/reward_model_url are both set: give the ensemble's folders "
+         "only (one folder is reward_ensemble with E=1)"),
+        (lam >= 0, f"reward_uwo_lambda={lam}: must be >= 0 (0 is the mean; larger penalises disagreement more)"),
+        (rule == "mean" or len(members or []) >= 2,
+         f"reward_aggregation={rule} with {'one reward model' if members else 'no reward_ensemble'}: {rule} needs "
+         "reward_ensemble with E >= 2 folders (one model has no disagreement); use mean, or add members"),
+        (len(set(map(str, members or []))) == len(members or []),
+         "reward_ensemble names a folder twice: each member must be its own reward model"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def aggregate(members: np.ndarray, rule: str, uwo_lambda: float = 0.5) -> np.ndarray:
+    """``members``: ``[E, N]`` rewards; one reward per text (column) by ``rule``."""
+    members = np.asarray(members, dtype=np.float64)
+    if rule == "mean":
+        return members.mean(axis=0)
+    if rule == "worst":
+        return members.min(axis=0)
+    if rule == "uwo":
+        return members.mean(axis=0) - uwo_lambda * members.var(axis=0)
+    raise ValueError(f"reward_aggregation={rule!r}: one of {', '.join(AGGREGATIONS)}")
+
+
+def address(args: Any) -> str:
+    """How the reports name an ensemble: its rule and its folders."""
+    get = args.get if isinstance(args, dict) else lambda k: getattr(args, k, None)
+    rule = get("reward_aggregation") or "mean"
+    if rule == "uwo":
+        rule += f", lambda {get('reward_uwo_lambda')}"
+    return f"ensemble ({rule}) of " + ", ".join(str(Path(m)) for m in get("reward_ensemble"))
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    """What decides the token ids a member reads: its vocabulary and its special tokens."""
+    return {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special tokens": sorted(map(str, tokenizer.all_special_tokens)),
+        "special token ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+    }
+
+
+def check_members(members: list, setting: str = "reward_ensemble") -> None:
+    """Refuse members that would score different token ids or read another position than the first member."""
+    first = members[0]
+    first_tokens = tokenizer_fingerprint(first.tokenizer)
+    for i, member in enumerate(members[1:], start=2):
+        if member.convention != first.convention:
+            raise ValueError(
+                f"{setting}: member {i} ({member.describe()}) is scored by reward_convention "
+                f"{member.convention.name}, member 1 ({first.describe()}) by {first.convention.name}: an ensemble's "
+                "members must read the same position of the same text (train them by one recipe)"
+            )
+        theirs = tokenizer_fingerprint(member.tokenizer)
+        differ = [k for k in first_tokens if first_tokens[k] != theirs[k]]
+        if differ:
+            raise ValueError(
+                f"{setting}: member {i} ({member.describe()}) has another tokenizer than member 1 "
+                f"({first.describe()}): its {' and '.join(differ)} differ; an ensemble's members must share one "
+                "tokenizer (train them from the same SFT start)"
+            )
+
+
+class Ensemble:
+    """E reward-model sources scored on the same pairs; ``score_pairs`` is the rule's aggregate."""
+
+    def __init__(self, members: list, rule: str = "mean", uwo_lambda: float = 0.5):
+        if not members:
+            raise ValueError("reward_ensemble is empty: give E >= 1 reward-model folders")
+        check_members(members)
+        self.members, self.rule, self.uwo_lambda = list(members), rule, float(uwo_lambda)
+
+    @property
+    def tokenizer(self):
+        return self.members[0].tokenizer  # all members' are equal (checked)
+
+    @property
+    def convention(self):
+        return self.members[0].convention
+
+    def score_members(self, prompts: list[str], responses: list[str]) -> dict[str, list]:
+        """Per text: ``reward`` (by the rule), ``mean``, ``std`` and ``members`` (E rewards, in member order)."""
+        table = np.array([m.score_pairs(prompts, responses) for m in self.members], dtype=np.float64)
+        table = table.reshape(len(self.members), len(prompts))
+        return {
+            "reward": aggregate(table, self.rule, self.uwo_lambda).tolist(),
+            "mean": table.mean(axis=0).tolist(),
+            "std": table.std(axis=0).tolist(),
+            "members": table.T.tolist(),
+        }
+
+    def score_pairs(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return self.score_members(prompts, responses)["reward"]
+
+    def identity(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ensemble": [m.identity() for m in self.members], "aggregation": self.rule}
+        if self.rule == "uwo":
+            out["uwo_lambda"] = self.uwo_lambda
+        return out | {"convention": self.convention.name}
+
+    def describe(self) -> str:
+        rule = self.rule + (f", lambda {self.uwo_lambda}" if self.rule == "uwo" else "")
+        return f"ensemble ({rule}) of " + ", ".join(m.describe() for m in self.members)
+
+    @contextlib.contextmanager
+    def gathered(self):
+        with contextlib.ExitStack() as stack:
+            for member in self.members:
+                stack.enter_context(member.gathered())
+            yield
+
+    def release(self) -> None:
+        for member in self.members:
+            member.release()
+
+    @property
+    def resident(self) -> bool:
+        return all(m.resident for m in self.members)
+
+
+def per_text(source, prompts: list[str], responses: list[str]) -> list[tuple[float, dict[str, Any]]]:
+    """Per text, its reward and, from an :class:`Ensemble`, its mean, std and members (``make score``'s columns)."""
+    if not isinstance(source, Ensemble):
+        return [(r, {}) for r in source.score_pairs(prompts, responses)]
+    got = source.score_members(prompts, responses)
+    return [(r, dict(zip(COLUMNS, rest))) for r, *rest in zip(got["reward"], *(got[k] for k in COLUMNS))]
+
+
+def build(args, member, device=None, dtype=None, max_tokens_per_batch: int = 32_768) -> Ensemble:
+    """The ensemble ``args.reward_ensemble`` names, each folder a ``member`` (:class:`hhrm.reward.sources.LocalModel`,
+    passed in: sources imports this module) checked (files, convention) and none loaded yet."""
+    members = [
+        member(path, args.reward_convention, device, dtype, args.reward_batch_size, max_tokens_per_batch,
+               f"reward_ensemble[{i}]")
+        for i, path in enumerate(args.reward_ensemble)
+    ]  # fmt: skip
+    return Ensemble(members, args.reward_aggregation, args.reward_uwo_lambda)
