@@ -9,6 +9,9 @@ a finished run is resumed, so a second invocation only re-measures. Writes compa
 std over seeds per update, then one row per run) and prints the table.
 """
 
+import hhrm  # noqa: F401  (first: quiets bitsandbytes' optional-kernels warning)
+
+# isort: split
 from pathlib import Path
 
 from trl import TrlParser

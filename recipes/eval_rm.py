@@ -11,6 +11,9 @@ under ``--reward_convention`` (unset: what it records, else hhrm's), so another 
 ``--eval_output_dir``).
 """
 
+import hhrm  # noqa: F401  (first: quiets bitsandbytes' optional-kernels warning)
+
+# isort: split
 import json
 from dataclasses import dataclass, field
 from pathlib import Path

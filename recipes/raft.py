@@ -6,6 +6,9 @@
 Re-running the same command after an interruption resumes at the first unfinished stage.
 """
 
+import hhrm  # noqa: F401  (first: quiets bitsandbytes' optional-kernels warning)
+
+# isort: split
 from trl import ModelConfig, TrlParser
 
 from hhrm import data, reporting

@@ -4,6 +4,9 @@ accelerate launch --config_file accelerate_configs/cpu.yaml recipes/rm.py --conf
 make rm [CONFIG=...] [ARGS="--field value ..."]
 """
 
+import hhrm  # noqa: F401  (first: quiets bitsandbytes' optional-kernels warning)
+
+# isort: split
 from trl import ModelConfig, TrlParser
 
 from hhrm import data, finite, modeling, outputs, reporting

@@ -14,6 +14,9 @@ scored under --reward_convention (unset: what the folder records, else hhrm's); 
 config file works too: --config scoring.yaml.
 """
 
+import hhrm  # noqa: F401  (first: quiets bitsandbytes' optional-kernels warning)
+
+# isort: split
 from trl import ModelConfig, TrlParser
 
 from hhrm import reporting

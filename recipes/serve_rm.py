@@ -31,6 +31,9 @@ See hhrm.reward.server.
 
 from __future__ import annotations
 
+import hhrm  # noqa: F401  (first: quiets bitsandbytes' optional-kernels warning)
+
+# isort: split
 import os
 import sys
 

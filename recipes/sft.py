@@ -4,6 +4,9 @@ accelerate launch --config_file accelerate_configs/cpu.yaml recipes/sft.py --con
 make sft [CONFIG=...] [ARGS="--field value ..."]
 """
 
+import hhrm  # noqa: F401  (first: quiets bitsandbytes' optional-kernels warning)
+
+# isort: split
 from transformers import AutoModelForCausalLM
 from trl import ModelConfig, SFTTrainer, TrlParser, get_peft_config
 

@@ -31,18 +31,9 @@ from hhrm.runtime import refusals_in_one_line
 from . import fit, report
 from .models import CARD_RECIPES, KNOWN, ROOT, arch_for, count, read_recipe, recipe_key
 from .stages import BYTES, COMPUTE, Stage, available_gb, gpu_name, peak_matmul_flops, plan, run
+from bench.common import cpu_name
 
 SCALES = ("tiny", "full")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
 
 
 PRELOAD = ("transformers.models.llama.modeling_llama", "transformers.models.gpt_neo.modeling_gpt_neo")

@@ -198,7 +198,10 @@ def _generate(model, tokenizer, input_ids, attention, config: GenerationConfig, 
     Other models (GPT-Neo's local attention needs a hybrid cache) use plain ``generate``.
     """
     width = input_ids.shape[1]
-    if not getattr(model, "_can_compile_fullgraph", False):
+    # Under accelerate's autocast (mixed precision over fp32 weights: hasattr _original_forward) RoPE leaves the keys
+    # fp32 and the values bf16, and a static cache takes one dtype from the first keys: the values then fail to copy.
+    autocast = hasattr(model, "_original_forward")
+    if autocast or not getattr(model, "_can_compile_fullgraph", False):
         return model.generate(
             input_ids=input_ids, attention_mask=attention, generation_config=config, tokenizer=tokenizer, **_LOCAL
         )

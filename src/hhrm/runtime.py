@@ -53,13 +53,42 @@ def deepspeed_on_cpu() -> bool:
     return not has_accelerator() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def check_fsdp_device() -> None:
+    """Refuse an FSDP launch (``accelerate launch`` with an FSDP config sets ACCELERATE_USE_FSDP) without a GPU:
+    accelerate 1.16 applies FSDP only to GPU-like processes, so on a CPU the run would silently train DDP."""
+    if not has_accelerator() and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError(
+            "FSDP needs a GPU: accelerate applies FSDP only to GPU processes, and on this CPU the run would train "
+            "plain DDP instead; launch with accelerate_configs/deepspeed_zero3.yaml (DS_ACCELERATOR=cpu) for "
+            "sharded training on a CPU, or multi_cpu.yaml for DDP"
+        )
+
+
+@contextmanager
+def whole_models() -> Iterator[None]:
+    """Models loaded inside are whole on this process even under a ZeRO-3 launch, and their ``generate`` does not
+    sync per token across ranks. Under ZeRO-3 transformers' ``from_pretrained`` partitions a new model over every
+    rank (``deepspeed.zero.Init``): one rank loading alone (an evaluation on the main process) waits forever."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # what the public is_deepspeed_zero3_enabled() reads
+    config = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
+
+
 @dataclass
 class StageConfigMixin:
     """Put first in a TRL config's bases: what every hhrm stage adds to TRL's config.
 
     * ``bf16=None`` is resolved from the device before TRL sees it (TRL's default is True even on a CPU);
     * ``report_to`` defaults to TensorBoard (TRL's is none): a run of hours shows its curves;
-    * on a machine without an accelerator, ``use_cpu`` (so several processes initialise gloo);
+    * on a machine without an accelerator, ``use_cpu`` (so several processes initialise gloo); a DeepSpeed launch
+      keeps DeepSpeed over gloo; an FSDP launch is refused (:func:`check_fsdp_device`);
     * ``overwrite_output_dir``: a folder that holds a model is only replaced when asked (``hhrm.outputs``);
     * ``resume_from_checkpoint: true`` means the latest checkpoint in ``output_dir``, as in TRL's scripts
       (transformers parses it as a path string);
@@ -82,6 +111,7 @@ class StageConfigMixin:
 
     def __post_init__(self) -> None:
         check_finite_settings(self)  # --beta inf / --learning_rate nan pass every range check, then train to NaN
+        check_fsdp_device()
         if getattr(self, "bf16", None) is None and not getattr(self, "fp16", False):
             self.bf16 = bf16_supported()
             if not self.bf16:

@@ -93,7 +93,7 @@ class RaftConfig(StageConfigMixin, RewardArguments, trl.SFTConfig):
         metadata={
             "help": "update=dpo: compute the reference log-probs before training, with the policy itself (it is the "
             "reference: the iteration's starting policy), so no second model is held. false: DPOTrainer loads a "
-            "reference copy from the policy's folder."
+            "reference copy from the policy's folder (always under ZeRO-3: DeepSpeed cannot run the precompute pass)."
         },
     )
     max_new_tokens: int = field(default=128, metadata={"help": "Sampling: max new tokens per response."})

@@ -9,6 +9,7 @@ the completion only), ``{prompt, chosen, rejected}`` for DPO.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,14 @@ import transformers
 import trl
 from accelerate import PartialState
 from datasets import Dataset
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import get_peft_config
 
 from hhrm import finite
 from hhrm.raft.config import RaftConfig
 from hhrm.reporting import read_jsonl
+
+logger = logging.getLogger(__name__)
 
 # Per-step DPO metrics (TRL's names) averaged over the logged steps into train.stats.json.
 DPO_STATS = {"rewards/accuracies": "dpo_reward_accuracy", "rewards/margins": "dpo_reward_margin"}
@@ -62,12 +66,19 @@ def dpo_config(args: RaftConfig, output_dir: Path, seed: int) -> trl.DPOConfig:
     """A ``DPOConfig`` with every ``TrainingArguments`` setting of ``args`` and DPO's own from ``args``."""
     shared = {f.name: getattr(args, f.name) for f in fields(transformers.TrainingArguments) if f.init}
     shared |= {"output_dir": str(output_dir), "seed": seed}
+    # ZeRO-3: TRL's precompute pass (a no-grad forward of the engine before training) leaves DeepSpeed's parameter
+    # trace out of step with training, which fails at the first step ("pop from an empty deque"): load the copy.
+    precompute = args.precompute_ref_log_probs and not is_deepspeed_zero3_enabled()
+    if args.precompute_ref_log_probs and not precompute:
+        logger.info(
+            "ZeRO-3: precompute_ref_log_probs off (DeepSpeed cannot run it); the reference is loaded as a copy"
+        )
     return trl.DPOConfig(
         **shared,
         beta=args.beta,
         loss_type=list(args.dpo_loss_type),
         max_length=args.max_length,
-        precompute_ref_log_probs=args.precompute_ref_log_probs,
+        precompute_ref_log_probs=precompute,
         dataset_num_proc=args.dataset_num_proc,
     )
 

@@ -379,17 +379,13 @@ def finish(
     folder = Path(folder or output_dir)
     metrics = metrics | pairs.counts
     if trainer.accelerator.is_main_process:
-        # Evaluate what was exported (reloaded from disk), not the in-memory training copy.
-        scorer = scoring.RewardScorer.from_pretrained(
-            folder, dtype=runtime.torch_dtype(args.bf16), batch_size=args.reward_batch_size
-        )
-        result = rm_eval.evaluate(
-            scorer,
-            pairs.test,
-            args,
-            policy_path=configs["model"].model_name_or_path,
-            train_prompts=set(pairs.train["prompt"]),
-        )
+        # Evaluate what was exported (reloaded from disk), not the in-memory training copy: whole on this rank.
+        with runtime.whole_models():
+            scorer = scoring.RewardScorer.from_pretrained(
+                folder, dtype=runtime.torch_dtype(args.bf16), batch_size=args.reward_batch_size
+            )
+            policy, train_prompts = configs["model"].model_name_or_path, set(pairs.train["prompt"])
+            result = rm_eval.evaluate(scorer, pairs.test, args, policy_path=policy, train_prompts=train_prompts)
         metrics.update(result["metrics"])
         rm_eval.write_results(result | {"counts": pairs.counts}, folder / "eval_rm.json")
         report = hdata.data_report(pairs.splits, trainer.processing_class, pairs.counts, lengths=pairs.lengths)
