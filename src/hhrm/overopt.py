@@ -48,7 +48,7 @@ Z95 = 1.96
 class OverOptConfig(sources.RewardArguments):
     """The curve's settings. The policy is ``model_name_or_path`` (TRL's ModelConfig); prompts: DataArguments. The
     reward (:class:`hhrm.reward.sources.RewardArguments`) is the proxy that picks the best of n: a reward model folder
-    (``reward_model_name_or_path``, scored under its ``reward_convention``), a reward server (``reward_model_url``)
+    (``reward_model_name_or_path``, scored under its ``reward_convention``), a reward server
     or an ensemble of folders (``reward_ensemble``) whose ``reward_aggregation`` picks.
     """
 

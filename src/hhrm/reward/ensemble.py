@@ -32,9 +32,6 @@ def check_settings(args) -> None:
     checks = [
         (rule in AGGREGATIONS, f"reward_aggregation={rule!r}: one of {', '.join(AGGREGATIONS)}"),
         (members is None or bool(members), "reward_ensemble is empty: give E >= 1 reward-model folders"),
-        (not (members and (args.reward_model_name_or_path or args.reward_model_url)),
-         "reward_ensemble and reward_model_name_or_path/reward_model_url are both set: give the ensemble's folders "
-         "only (one folder is reward_ensemble with E=1)"),
         (lam >= 0, f"reward_uwo_lambda={lam}: must be >= 0 (0 is the mean; larger penalises disagreement more)"),
         (rule == "mean" or len(members or []) >= 2,
          f"reward_aggregation={rule} with {'one reward model' if members else 'no reward_ensemble'}: {rule} needs "

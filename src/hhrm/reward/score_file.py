@@ -4,7 +4,7 @@ Input: any preference format hhrm reads (pairs: :data:`hhrm.formats.REGISTRY`) o
 rows (``{"prompt", "response"}`` or TRL's ``{"prompt", "completion"}``), from a local file or folder or a hub
 id. Every row goes through the one text rule (:mod:`hhrm.formats`) into (prompt, response) pairs (a pair row: (prompt,
 chosen) and (prompt, rejected)), scored by the reward source (:mod:`hhrm.reward.sources`: a folder under its
-``reward_convention``, hhrm's by default: text + EOS, read at the EOS; or a reward server, ``reward_model_url``), so
+``reward_convention``, hhrm's by default: text + EOS, read at the EOS; or a reward server), so
 a score here equals the score the RM was evaluated with and RAFT scores with.
 
 Output: the input rows, in input order and all of them, with ``chosen_reward``/``rejected_reward`` (pairs)
@@ -98,7 +98,7 @@ class ScoreDataArguments:
 @dataclass
 class ScoreConfig(sources.RewardArguments):
     """Where the scores go and how they are computed. The reward model: ``model_name_or_path`` (ModelConfig, ``make
-    score MODEL=``) or ``reward_model_name_or_path`` (the same folder), or a reward server (``reward_model_url``)."""
+    score MODEL=``) or ``reward_model_name_or_path`` (the same folder), or a reward server (``RewardArguments``)."""
 
     output_file: str = field(
         default=None, metadata={"help": "Output file: .jsonl or .parquet (the input rows with reward columns)."}

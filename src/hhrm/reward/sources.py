@@ -109,6 +109,11 @@ class RewardArguments:
 
     def check_reward_source(self) -> None:
         """Refuse, in one line naming the setting, a source that cannot be built (before anything loads)."""
+        if self.reward_ensemble and (self.reward_model_name_or_path or self.reward_model_url):
+            raise ValueError(
+                "reward_ensemble and reward_model_name_or_path/reward_model_url are both set: give the ensemble's "
+                "folders only (one folder is reward_ensemble with E=1)"
+            )
         ensemble.check_settings(self)  # reward_ensemble and its rule
         folder, url = self.reward_model_name_or_path, self.reward_model_url
         vllm = self.reward_api.startswith("vllm-")
