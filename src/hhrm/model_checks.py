@@ -13,6 +13,7 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hhrm.hub import hub_reachable, offline_variable
+from hhrm.runtime import whole_models
 from hhrm.weight_files import check_weight_files
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def head_parameter_names(config) -> list[str] | None:
     from transformers import AutoModelForSequenceClassification
 
     try:
-        with torch.device("meta"):
+        with whole_models(), torch.device("meta"):  # under ZeRO-3, not partitioned by deepspeed.zero.Init
             model = AutoModelForSequenceClassification.from_config(config)
     except Exception as err:  # custom code, an unknown architecture: the head is not checked
         logger.warning("cannot build %s on the meta device (%s): reward head not checked", type(config).__name__, err)
@@ -282,7 +283,7 @@ def missing_parameters(config, keys: set[str], trust_remote_code: bool = False) 
     if getattr(config, "quantization_config", None):
         return []
     try:
-        with torch.device("meta"):
+        with whole_models(), torch.device("meta"):  # under ZeRO-3, not partitioned by deepspeed.zero.Init
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as err:  # custom code, an unknown architecture: the weights are not checked
         logger.warning(
