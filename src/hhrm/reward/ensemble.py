@@ -115,7 +115,15 @@ class Ensemble:
     def score_members(self, prompts: list[str], responses: list[str]) -> dict[str, list]:
         """Per text: ``reward`` (by the rule), ``mean``, ``std`` and ``members`` (E rewards, in member order)."""
         table = np.array([m.score_pairs(prompts, responses) for m in self.members], dtype=np.float64)
-        table = table.reshape(len(self.members), len(prompts))
+        return self.summary(table.reshape(len(self.members), len(prompts)))
+
+    def table_ids(self, ids: list[list[int]], token_type_ids: list[list[int]] | None = None) -> np.ndarray:
+        """``[E, N]`` member rewards of texts already encoded by the (shared) convention: the server's path."""
+        rows = [m.scorer.score_ids(ids, token_type_ids) for m in self.members]
+        return np.array(rows, dtype=np.float64).reshape(len(self.members), len(ids))
+
+    def summary(self, table: np.ndarray) -> dict[str, list]:
+        """``[E, N]`` member rewards -> per text ``reward`` (by the rule), ``mean``, ``std`` and ``members``."""
         return {
             "reward": aggregate(table, self.rule, self.uwo_lambda).tolist(),
             "mean": table.mean(axis=0).tolist(),
