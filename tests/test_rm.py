@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hhrm import data
+from hhrm import data, model_checks
 from hhrm.reward import conventions, scoring
 from hhrm.rm import card as rm_card
 from hhrm.rm import evaluation as rm_eval
@@ -246,7 +246,11 @@ def test_export_records_hhrms_convention_and_loads_without_a_setting(saved_rm, t
     )
     out = rm.export(trainer, tmp_path / "export", tok, model_args)
     assert (out / "adapter").is_dir() == use_peft  # LoRA: the merged export path
-    assert json.loads((out / "config.json").read_text())["reward_convention"] == "hhrm"
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["reward_convention"] == "hhrm"
+    # the start it was fine-tuned from (WARM averages only RMs of one start)
+    assert recorded["reward_start"]["model"] == model_args.model_name_or_path
+    assert recorded["reward_start"]["weights"] == model_checks.weights_identity(model_args.model_name_or_path)
     assert conventions.recorded(out) == "hhrm"
     scorer = scoring.RewardScorer.from_pretrained(out, device="cpu")
     assert scorer.convention is conventions.PRESETS["hhrm"]

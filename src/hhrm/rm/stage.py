@@ -318,7 +318,7 @@ def export(trainer: trl.RewardTrainer, output_dir: str | Path, tokenizer, model_
     applies the saved adapter and merges that."""
     output_dir = Path(output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    record(model.config, tokenizer)
+    record(model.config, tokenizer, model_args.model_name_or_path)
     is_peft = hasattr(model, "peft_config")
     if is_peft:
         trainer.save_model(str(output_dir / "adapter"))
@@ -335,10 +335,12 @@ def export(trainer: trl.RewardTrainer, output_dir: str | Path, tokenizer, model_
     return output_dir
 
 
-def record(config, tokenizer) -> None:
-    """The pad id the head reads past and hhrm's convention, on the config (so a later save keeps them)."""
+def record(config, tokenizer, start: str) -> None:
+    """The pad id the head reads past, hhrm's convention and the start it was fine-tuned from (WARM averages only
+    RMs of one start), on the config (so a later save keeps them)."""
     config.pad_token_id = tokenizer.pad_token_id
     setattr(config, conventions.CONFIG_KEY, conventions.HHRM.name)
+    config.reward_start = {"model": str(start), "weights": model_checks.weights_identity(start)}
 
 
 def _merge_from_adapter(output_dir: Path, model_args: ModelConfig, tokenizer, args: RewardConfig) -> None:
@@ -353,7 +355,7 @@ def _merge_from_adapter(output_dir: Path, model_args: ModelConfig, tokenizer, ar
         )
     modeling.match_vocab(base, tokenizer)
     merged = PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload()
-    record(merged.config, tokenizer)
+    record(merged.config, tokenizer, model_args.model_name_or_path)
     merged.save_pretrained(output_dir, safe_serialization=True)
 
 
