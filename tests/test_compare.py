@@ -13,9 +13,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hhrm import compare, logprobs
+from hhrm import compare, logprobs, reporting
 from hhrm.generation import SamplingArguments, generate_responses
 from hhrm.reporting import read_json
+from hhrm.reward import ensemble, sources
 
 from conftest import QUICK_TEST_OFFSET, ROOT
 
@@ -157,6 +158,33 @@ def test_launch_commands_run_the_raft_recipe_per_update_and_seed(tmp_path):
     assert compare.launch_command(args, "recipes/raft.py", "sft", 0)[:2] == [sys.executable, "recipes/raft.py"]
 
 
+def test_a_reward_arm_changes_only_the_reward_source(tmp_path):
+    sft = write_yaml(tmp_path / "sft.yaml", **arm(PLACES))
+    dpo = write_yaml(tmp_path / "dpo.yaml", **arm(PLACES, update="dpo"))
+    args = compare.CompareConfig(
+        sft_config=sft, dpo_config=dpo, output_dir="out/cmp", updates=["sft"],
+        reward_overrides=["reward_ensemble=rm_a rm_b rm_c", "reward_aggregation=worst"],
+    )  # fmt: skip
+    assert args.arms() == [("sft", None), ("sft", "ensemble")]
+    single = compare.launch_command(args, "recipes/raft.py", "sft", 0)
+    ensemble = compare.launch_command(args, "recipes/raft.py", "sft", 0, "ensemble")
+    assert "--reward_ensemble" not in single and single[-1] == str(Path("out/cmp") / "sft_seed0")
+    at = ensemble.index("--reward_ensemble")
+    assert ensemble[at + 1 : at + 4] == ["rm_a", "rm_b", "rm_c"]  # a list setting: one argument per folder
+    assert ensemble[ensemble.index("--reward_aggregation") + 1] == "worst"
+    # the ensemble replaces the configs' single folder (both set would be refused by the RAFT recipe)
+    assert ensemble[ensemble.index("--reward_model_name_or_path") + 1] == ""
+    assert ensemble[-1] == str(Path("out/cmp") / "sft_ensemble_seed0")
+    for bad, message in (
+        (dict(reward_overrides=["learning_rate=1e-4"]), "'learning_rate' is not a reward-source setting"),
+        (dict(reward_overrides=["reward_aggregation=median"]), r"reward_aggregation='median': expected one of"),
+        (dict(reward_overrides=["reward_ensemble=a"], reward_arm="../x"), "reward_arm='../x': letters"),
+        (dict(updates=["ppo"]), r"updates=\['ppo'\]: give sft, dpo or both"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            compare.CompareConfig(sft_config=sft, dpo_config=dpo, **bad)
+
+
 def test_summary_is_mean_and_sample_std_over_seeds():
     runs = [
         {"update": "sft", "seed": s, "metrics": {"own_reward": v, "kl_to_start": None}}
@@ -225,3 +253,33 @@ def test_compare_end_to_end_reuses_finished_runs_and_refuses_unequal_budgets(mod
     done = subprocess.run(cmd + ["--output_dir", str(tmp_path / "bad")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("hhrm: error: sft_config=")
     assert "heldout_prompts (12 vs 8)" in done.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_compare_runs_the_single_rm_against_its_ensemble(models, tmp_path):
+    from test_ensemble import _member
+
+    members = [str(models["rm"]), str(_member(models["rm"], tmp_path / "m1", 1))]
+    sft = write_yaml(tmp_path / "sft.yaml", **arm(models))
+    dpo = write_yaml(tmp_path / "dpo.yaml", **arm(models, update="dpo"))
+    out = tmp_path / "cmp"
+    args = compare.CompareConfig(
+        sft_config=sft, dpo_config=dpo, seeds=[0], output_dir=str(out), overrides=["num_iterations=1"],
+        updates=["sft"], reward_overrides=[f"reward_ensemble={' '.join(members)}", "reward_aggregation=worst"],
+        launcher="python",
+    )  # fmt: skip
+    result = compare.run(args, ROOT / "recipes" / "raft.py")
+    assert [(r["arm"], r["reward"]) for r in result["runs"]] == [("sft", "single"), ("sft+ensemble", "ensemble")]
+    single, both = (Path(r["run_dir"]) for r in result["runs"])
+    # the same draws; only the rewards differ: the ensemble arm scored every sample as min over its two members
+    assert (single / "iter_000" / "prompts.jsonl").read_text() == (both / "iter_000" / "prompts.jsonl").read_text()
+    assert (single / "iter_000" / "samples.jsonl").read_text() == (both / "iter_000" / "samples.jsonl").read_text()
+    samples = reporting.read_jsonl(both / "iter_000" / "scored.jsonl")[:2]
+    prompts = [r["prompt"] for r in samples for _ in r["responses"]]
+    responses = [x for r in samples for x in r["responses"]]
+    alone = [sources.LocalModel(m).score_pairs(prompts, responses) for m in members]
+    got = [x for r in samples for x in r["rewards"]]
+    assert got == pytest.approx(ensemble.aggregate(alone, "worst").tolist(), abs=1e-4)
+    assert set(result["summary"]) == {"sft", "sft+ensemble"}
+    table = (out / compare.TABLE_FILE).read_text()
+    assert "| sft+ensemble | 1 |" in table and "ensemble (worst) of" in table
