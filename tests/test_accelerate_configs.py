@@ -2,8 +2,9 @@
 (DS_ACCELERATOR=cpu: DeepSpeed's CPU accelerator talks over gloo without oneCCL). A ZeRO run leaves one optimizer
 shard per rank in its checkpoint, which DDP does not: the proof that DeepSpeed, not a silent DDP fallback, trained.
 Under ZeRO-2/3 also the RM stage and one RAFT iteration with each update (sft, dpo); FSDP, which accelerate applies
-to GPU processes only, is refused at the start; a bf16 SFT run on the CPU. And: a recipe's startup prints no warning a
-user cannot act on (bitsandbytes' "No module named 'kernels'")."""
+to GPU processes only, is refused at the start (tests/test_fsdp_cpu.py takes its config as far as a CPU allows);
+a bf16 SFT run on the CPU. And: a recipe's startup prints no warning a user cannot act on (bitsandbytes' "No module
+named 'kernels'")."""
 
 from __future__ import annotations
 
@@ -129,7 +130,8 @@ def test_rm_and_raft_run_on_two_cpu_processes_under_zero(config, tiny, tmp_path)
 @pytest.mark.slow
 def test_fsdp_without_a_gpu_is_refused_at_the_start(tiny, tmp_path):
     """accelerate 1.16 applies FSDP only to GPU processes: on a CPU the launch would train plain DDP (or, without
-    use_cpu, each process alone). The config is accepted by accelerate; hhrm refuses in one line before loading."""
+    use_cpu, each process alone). The config is accepted by accelerate; hhrm refuses in one line before loading.
+    tests/test_fsdp_cpu.py shows the gate and runs the rest of the way (sharding, one step, the gathered export)."""
     import torch
 
     if torch.cuda.is_available():

@@ -55,7 +55,9 @@ def deepspeed_on_cpu() -> bool:
 
 def check_fsdp_device() -> None:
     """Refuse an FSDP launch (``accelerate launch`` with an FSDP config sets ACCELERATE_USE_FSDP) without a GPU:
-    accelerate 1.16 applies FSDP only to GPU-like processes, so on a CPU the run would silently train DDP."""
+    accelerate 1.16 applies FSDP only to GPU-like processes (``AcceleratorState.__init__`` sets DistributedType.FSDP
+    only in its MULTI_GPU/MULTI_XPU/... branch, which lists no MULTI_CPU), so on a CPU the run would silently train
+    DDP. tests/test_fsdp_cpu.py checks that gate and shards, steps and exports the config's way on a CPU."""
     if not has_accelerator() and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise ValueError(
             "FSDP needs a GPU: accelerate applies FSDP only to GPU processes, and on this CPU the run would train "
