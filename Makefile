@@ -11,7 +11,7 @@ LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCEL) --num_cpu_
 TINY := outputs/tiny
 ARGS ?=
 
-.PHONY: install embedded sft rm eval-rm score serve-rm conventions raft overopt compare demo test test-fast bench rehearse style quality clean real-base real
+.PHONY: install embedded sft rm eval-rm warm-rm score serve-rm conventions raft overopt compare demo test test-fast bench rehearse style quality clean real-base real
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -36,6 +36,12 @@ eval-rm: CONFIG ?= recipes/configs/tiny/rm.yaml
 eval-rm: install
 	$(PY) recipes/eval_rm.py --config $(CONFIG) $(if $(MODEL),--reward_model $(MODEL)) $(ARGS)
 
+# WARM: one reward model, the weight average of E RMs fine-tuned from one start (Rame et al. 2024), one model's cost:
+# make warm-rm [CONFIG=recipes/configs/tiny/warm_rm.yaml] [MEMBERS="rm_a rm_b ..."] [OUT=dir] [ARGS="--weights 0.5 0.5"]
+warm-rm: CONFIG ?= recipes/configs/tiny/warm_rm.yaml
+warm-rm: install
+	$(PY) recipes/warm_rm.py --config $(CONFIG) $(if $(MEMBERS),--members $(MEMBERS)) $(if $(OUT),--output_dir $(OUT)) $(ARGS)
+
 # Score a file with a reward model: make score MODEL=outputs/tiny/rm DATA=pairs.jsonl OUT=scores.jsonl
 # (or URL=http://host:8000 for a reward server; ARGS="--reward_convention card-pipeline" for a pad == EOS RM)
 # (several processes: ACCEL=accelerate_configs/multi_cpu.yaml; each scores one shard of the rows)
@@ -44,11 +50,11 @@ score: install
 	$(LAUNCH) recipes/score.py $(if $(MODEL),--model_name_or_path $(MODEL)) $(if $(URL),--reward_model_url $(URL)) --dataset_name $(DATA) --output_file $(OUT) $(ARGS)
 
 # Serve a reward model over HTTP (LitServe; one model process on one device, no accelerate; Ctrl-C stops it):
-# make serve-rm MODEL=outputs/tiny/rm [PORT=8000] [ARGS="--device cuda --max_batch_size 32"]
+# make serve-rm MODEL=outputs/tiny/rm | ENSEMBLE="rm_a rm_b ..." [PORT=8000] [ARGS="--device cuda --max_batch_size 32 --reward_aggregation uwo"]
 PORT ?= 8000
 serve-rm: install
-	@test -n "$(MODEL)" || { echo "usage: make serve-rm MODEL=<reward model folder> [PORT=8000] [ARGS=...]"; exit 2; }
-	$(PY) recipes/serve_rm.py --model_name_or_path $(MODEL) --port $(PORT) $(ARGS)
+	@test -n "$(MODEL)$(ENSEMBLE)" || { echo "usage: make serve-rm MODEL=<reward model folder> | ENSEMBLE=\"<folders>\" [PORT=8000] [ARGS=...]"; exit 2; }
+	$(PY) recipes/serve_rm.py $(if $(ENSEMBLE),--reward_ensemble $(ENSEMBLE),--model_name_or_path $(MODEL)) --port $(PORT) $(ARGS)
 
 raft: CONFIG ?= recipes/configs/tiny/raft.yaml
 raft: embedded
@@ -72,7 +78,7 @@ conventions: install
 	$(PY) scripts/conventions_matrix.py --model $(MODEL) --data $(DATA) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 # RAFT (update=sft) vs iterative DPO (update=dpo) on the same prompts and budget, several seeds (after make demo):
-# make compare [ARGS="--seeds 0 1 --overrides num_iterations=2"]; finished runs are resumed, a re-run only re-measures
+# make compare [ARGS="--seeds 0 1 --overrides num_iterations=2 --reward_overrides ..."]; finished runs are resumed, a re-run only re-measures
 compare: embedded
 	$(PY) recipes/compare.py --accelerate_config $(ACCEL) $(ARGS)
 
@@ -80,7 +86,7 @@ demo: install
 	$(PY) scripts/demo.py --out $(TINY)
 
 test: install quality
-	$(PY) -m pytest -q -ra tests $(ARGS)
+	$(PY) -m pytest -q -ra --durations=30 tests $(ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow" tests $(ARGS)

@@ -3,6 +3,9 @@
     python recipes/serve_rm.py --model_name_or_path outputs/tiny/rm [--port 8000] [--device cuda] [--bf16 true]
         [--reward_convention card-pipeline]    (how the RM is scored; unset: what the folder records, else hhrm's)
     make serve-rm MODEL=outputs/tiny/rm [PORT=8000] [ARGS="--max_batch_size 32 --max_texts_per_request 512"]
+    python recipes/serve_rm.py --reward_ensemble rm_s0 rm_s1 rm_s2 [--reward_aggregation uwo --reward_uwo_lambda 0.5]
+        (E folders, one reward by the rule; /score adds mean, std and members per text, /get_reward's extra_logs
+        reward_mean and reward_std)
 
 One model process on one device, no accelerate; a config file works too (--config serve.yaml). Listens on
 127.0.0.1 unless --host 0.0.0.0 (the server has no authentication). Stop it with Ctrl-C (or SIGTERM).
@@ -51,7 +54,8 @@ def main(args) -> None:
     ################
     server = serve_rm.build_server(args)
     print(
-        f"serving reward model {args.model_name_or_path} (reward_convention={server.model_metadata['convention']}) "
+        f"serving reward model {server.model_metadata['model_name_or_path']} "
+        f"(reward_convention={server.model_metadata['convention']}) "
         f"on {args.device} at http://{args.host}:{args.port} "
         "(POST /score, POST /get_reward; GET /health, /info, /stats)",
         flush=True,

@@ -524,3 +524,123 @@ def test_get_reward_splits_queries_for_conventions_that_need_the_prompt(scorer):
         with pytest.raises(protocol.RequestError, match=fragment) as err:
             protocol.get_reward_pairs(bad, 4, tok, verl)
         assert err.value.status == 400 and "reward_convention='verl-vllm'" in err.value.message
+
+
+# --------------------------------------------------------------------------------------------
+# A reward ensemble served: the rule's rewards and, per text, the members' mean, std and rewards
+
+
+@pytest.fixture(scope="module")
+def ensemble_folders(rm_folder, tmp_path_factory) -> list[str]:
+    """``rm_folder`` and a copy whose score head is moved by seeded noise: two members that disagree."""
+    folder = tmp_path_factory.mktemp("serve_rm_member") / "rm"
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(rm_folder)
+    with torch.no_grad():
+        model.score.weight.add_(torch.randn_like(model.score.weight) * 0.1 * model.score.weight.std())
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(rm_folder).save_pretrained(folder)
+    return [str(rm_folder), str(folder)]
+
+
+ENSEMBLE_ARGS = ("--reward_aggregation", "uwo", "--reward_uwo_lambda", "0.5")
+
+
+@pytest.fixture(scope="module")
+def ensemble_server(ensemble_folders, tmp_path_factory):
+    from bench.servers import launch_process
+
+    log = tmp_path_factory.mktemp("serve_rm_ensemble_log") / "server.log"
+    port = free_port()
+    cmd = [sys.executable, str(RECIPE), "--reward_ensemble", *ensemble_folders, "--port", str(port)]
+    with launch_process([*cmd, *ENSEMBLE_ARGS, *SERVER_ARGS], f"http://127.0.0.1:{port}", 600, log) as url:
+        yield url
+
+
+def check_summary(body: dict, expected: dict, keys: dict) -> None:
+    """``body``'s fields (``keys``: field -> summary key) equal the in-process summary within 1e-5."""
+    for field, key in keys.items():
+        got, want = body[field], expected[key]
+        assert len(got) == len(want), field
+        if key == "members":
+            assert [len(m) for m in got] == [len(m) for m in want] == [2] * len(want)
+            got, want = [r for m in got for r in m], [r for m in want for r in m]
+        assert got == pytest.approx(want, abs=1e-5), field
+
+
+def test_an_ensemble_answers_its_members_mean_and_std(ensemble_server, ensemble_folders):
+    from hhrm.reward import sources
+
+    args = sources.RewardArguments(
+        reward_ensemble=ensemble_folders, reward_aggregation="uwo", reward_uwo_lambda=0.5, reward_batch_size=4
+    )
+    source = sources.build(args, "cpu", torch.float32)
+    requests, expected = [], []
+    for i, (n, offset) in enumerate(((1, 0), (3, 1), (5, 4), (MAX_TEXTS, 9))):  # released together: batched
+        prompts, responses = pairs(n, offset)
+        expected.append(source.score_members(prompts, responses))
+        payload = {"prompts": prompts, "responses": responses}
+        requests.append(
+            ("/get_reward", {"query": [p + r for p, r in zip(prompts, responses)]}) if i % 2 else ("/score", payload)
+        )
+    for (path, _), (status, body), want in zip(requests, wave(ensemble_server, requests), expected):
+        assert status == 200, body
+        if path == "/score":
+            assert list(body) == ["rewards", "mean", "std", "members"], body
+            check_summary(body, want, {"rewards": "reward", "mean": "mean", "std": "std", "members": "members"})
+        else:
+            assert set(body) == {"rewards", "scores", "extra_logs"} and body["scores"] == body["rewards"], body
+            assert set(body["extra_logs"]) == set(protocol.EXTRA_LOGS), body
+            logs = body["extra_logs"] | {"rewards": body["rewards"]}
+            check_summary(logs, want, {"rewards": "reward", "dummy_scores": "reward", "reward_mean": "mean"})
+            check_summary(logs, want, {"reward_std": "std"})
+        assert min(want["std"]) > 1e-3 and want["reward"] != pytest.approx(want["mean"], abs=1e-4)  # uwo: not mean
+    info = request_json(f"{ensemble_server}/info")[1]["model"]
+    assert info["ensemble"] == {"members": ensemble_folders, "aggregation": "uwo", "uwo_lambda": 0.5}
+    assert info["model_name_or_path"].startswith("ensemble (uwo, lambda 0.5) of ") and len(info["weights"]) == 2
+    assert request_json(f"{ensemble_server}/stats")[1]["texts"] >= 1 + 3 + 5 + MAX_TEXTS
+    # hhrm's client reads the member rewards too, a request of at most batch_size texts at a time
+    from hhrm.reward.client import HhrmServer
+
+    client = HhrmServer(ensemble_server, batch_size=3)
+    prompts, responses = pairs(7, 2)
+    got, want = client.score_members(prompts, responses), source.score_members(prompts, responses)
+    check_summary(got, want, {"reward": "reward", "mean": "mean", "std": "std", "members": "members"})
+    assert client.score_pairs(prompts, responses) == pytest.approx(want["reward"], abs=1e-5)
+    assert client.identity()["ensemble"] == info["ensemble"]
+
+
+def test_a_single_rm_answers_no_ensemble_fields(server, scorer):
+    prompts, responses = pairs(2)
+    status, body = post(f"{server}/score", {"prompts": prompts, "responses": responses})
+    assert status == 200 and list(body) == ["rewards"], body
+    status, body = post(f"{server}/get_reward", {"query": [p + r for p, r in zip(prompts, responses)]})
+    assert status == 200 and list(body["extra_logs"]) == ["dummy_scores"], body
+    check_rewards(body["rewards"], scorer.score_pairs(prompts, responses))
+    info = request_json(f"{server}/info")[1]["model"]
+    assert "ensemble" not in info and "fields" not in info
+    from hhrm.reward.client import HhrmServer
+
+    client = HhrmServer(server)
+    assert "ensemble" not in client.identity() and not client.with_members
+    with pytest.raises(ValueError, match="serves one reward model: it has no member rewards"):
+        client.score_members(prompts, responses)
+
+
+def test_ensemble_settings_are_refused_in_one_line(rm_folder, ensemble_folders, pad_is_eos_folder):
+    cases = [
+        (dict(model_name_or_path=str(rm_folder), reward_ensemble=ensemble_folders), "both set"),
+        (dict(reward_ensemble=ensemble_folders[:1], reward_aggregation="worst"), "needs reward_ensemble with E >= 2"),
+        (dict(reward_ensemble=ensemble_folders, reward_uwo_lambda=-1.0), "reward_uwo_lambda=-1.0: must be >= 0"),
+        (dict(), "model_name_or_path is required"),
+    ]
+    for kwargs, fragment in cases:
+        with pytest.raises(ValueError, match=fragment) as err:
+            serve_rm.ServeConfig(device="cpu", **kwargs)
+        assert "\n" not in str(err.value)
+    members = [str(rm_folder), str(pad_is_eos_folder)]  # one convention, but the pad tokens differ
+    config = serve_rm.ServeConfig(
+        device="cpu", port=free_port(), reward_ensemble=members, reward_convention="card-pipeline"
+    )
+    with pytest.raises(ValueError, match=r"reward_ensemble: member 2 .* has another tokenizer than member 1"):
+        serve_rm.build_server(config)  # refused before anything starts

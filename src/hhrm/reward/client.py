@@ -127,10 +127,36 @@ class HhrmServer(HttpSource):
         """What the server serves (its model folder, that folder's weight files, its convention), not where: a run
         resumes against the same model served at another address."""
         keys = ("model_name_or_path", "weights", "max_length", "dtype", "text_rule", "convention")
-        return {"api": self.api} | {k: self.info.get(k) for k in keys}
+        extra = ("ensemble",)  # only where served: a single-model server's identity is as it always was
+        return (
+            {"api": self.api}
+            | {k: self.info.get(k) for k in keys}
+            | {k: self.info[k] for k in extra if k in self.info}
+        )
+
+    @property
+    def with_members(self) -> bool:
+        """Whether the server answers member rewards (an ensemble: ``make serve-rm`` with ``reward_ensemble``)."""
+        return "fields" in self.info
 
     def score_chunk(self, prompts: list[str], responses: list[str]) -> list:
         return self.request("POST", "/score", {"prompts": prompts, "responses": responses}).get("rewards")
+
+    def score_members(self, prompts: list[str], responses: list[str]) -> dict[str, list]:
+        """An ensemble server's ``Ensemble.score_members``: per text ``reward`` (by its rule), ``mean``, ``std`` and
+        ``members`` (E rewards), ``batch_size`` pairs per request."""
+        if not self.with_members:
+            raise ValueError(f"{self.setting}={self.url!r} serves one reward model: it has no member rewards")
+        out: dict[str, list] = {"reward": [], "mean": [], "std": [], "members": []}
+        for start in range(0, len(prompts), self.batch_size):
+            body = {
+                "prompts": prompts[start : start + self.batch_size],
+                "responses": responses[start : start + self.batch_size],
+            }
+            got = self.request("POST", "/score", body)
+            for key, field in (("reward", "rewards"), ("mean", "mean"), ("std", "std"), ("members", "members")):
+                out[key] += got[field]
+        return out
 
 
 class OpenRLHFServer(HttpSource):

@@ -6,11 +6,12 @@ and never joins a batch. Each (prompt, response) is tokenized once, by the serve
 (:func:`hhrm.reward.conventions.encode_full`: hhrm's is text + EOS, the tokenizer's own special tokens kept), and the
 model process scores those ids (and a text pair's token type ids) with ``RewardScorer`` under the same convention.
 
-* ``/score``: ``{"prompts": [str], "responses": [str]}``, as many of each.
+* ``/score``: ``{"prompts": [str], "responses": [str]}``, as many of each; answered by :func:`score_body`.
 * ``/get_reward`` (OpenRLHF's remote reward protocol): ``{"query": [str], "prompts": [str] (optional)}``; each query
   is a full prompt + response text, pad and EOS strings stripped from its ends. A convention that concatenates
   (``text="concat"``, hhrm's) scores the query as the text; one that needs the prompt apart (a chat template, a text
   pair) splits each query after its prompt, so ``prompts`` is required there and each query must start with its own.
+  Answered by :func:`get_reward_body` (an ensemble's uncertainty goes in ``extra_logs``).
 
 What a request may cost is bounded before any work that grows with it (:class:`Limits`, fixed at start):
 
@@ -190,6 +191,28 @@ def get_reward_pairs(data: dict, limit: int, tokenizer, convention: conventions.
     if wrong is not None:
         raise RequestError(400, f"query {wrong} does not start with its prompt: {where} splits each query after it")
     return prompts, [q[len(p) :] for p, q in zip(prompts, queries)]
+
+
+# /get_reward's extra_logs from a source with members: per text, as OpenRLHF logs each extra_logs list per sample
+EXTRA_LOGS = ["dummy_scores", "reward_mean", "reward_std"]
+
+
+def score_body(scored: list[float] | dict) -> dict[str, Any]:
+    """``POST /score``'s answer: ``rewards``; from a source with members (its summary) also ``mean``, ``std`` and
+    ``members`` (E rewards) per text."""
+    if not isinstance(scored, dict):
+        return {"rewards": scored}
+    return {"rewards": scored["reward"], "mean": scored["mean"], "std": scored["std"], "members": scored["members"]}
+
+
+def get_reward_body(scored: list[float] | dict) -> dict[str, Any]:
+    """``POST /get_reward``'s answer, OpenRLHF's fields; a source with members adds its per-text ``reward_mean`` and
+    ``reward_std`` to ``extra_logs`` (which OpenRLHF's client passes through to its logs)."""
+    rewards = scored["reward"] if isinstance(scored, dict) else scored
+    extra: dict[str, Any] = {"dummy_scores": rewards}
+    if isinstance(scored, dict):
+        extra |= {"reward_mean": scored["mean"], "reward_std": scored["std"]}
+    return {"rewards": rewards, "scores": rewards, "extra_logs": extra}
 
 
 def strip_special(text: str, tokens: tuple[str, ...]) -> str:

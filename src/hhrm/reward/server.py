@@ -1,4 +1,5 @@
-"""The reward-model server: a reward model folder behind HTTP on LitServe, scored by its reward convention.
+"""The reward-model server: a reward model folder (or a reward ensemble) behind HTTP on LitServe, scored by its
+reward convention.
 
 Endpoints (JSON in and out; every refusal is ``{"error": "<one line>"}`` with a 4xx status, see
 :mod:`hhrm.reward.protocol`):
@@ -10,6 +11,10 @@ Endpoints (JSON in and out; every refusal is ``{"error": "<one line>"}`` with a 
   "prompts": [str]}`` -> ``{"rewards": [float], "scores": [float], "extra_logs": {"dummy_scores": [float]}}``,
   what OpenRLHF's ``serve_rm`` answers; other keys (``labels``, ``metas``) are ignored. A convention that needs the
   prompt apart (a chat template, a text pair) requires ``prompts`` (:func:`hhrm.reward.protocol.get_reward_pairs`).
+* An ensemble (``reward_ensemble``: E folders, one reward by ``reward_aggregation``; or any source with member
+  rewards, :mod:`hhrm.reward.server_model`): ``/score`` also answers ``mean``, ``std`` and ``members`` (E rewards)
+  per text, and ``/get_reward`` adds ``reward_mean`` and ``reward_std`` (per text) to ``extra_logs``; ``rewards``
+  is the rule's. A single folder answers exactly as above.
 * ``GET /health`` (200 ``ok`` once the model is loaded; 503 before, and once the model process or LitServe's queue
   is gone), ``GET /info`` (LitServe's; under ``model``: the model path, its ``convention`` and the text rule that
   follows, max length, the limits),
@@ -22,10 +27,11 @@ what ``max_texts_per_request`` texts at the character cap need), its JSON outsid
 characters (``max_length`` x the longest token, so a text that fits is never refused and a huge one is never
 tokenized). LitServe's dynamic batching hands the model process up to ``max_batch_size`` queued requests (waiting
 at most ``batch_timeout``); their texts are flattened into one :meth:`RewardScorer.score_ids` call (which sorts them
-by length and cuts forwards of at most ``reward_batch_size`` texts and ``max_tokens_per_batch`` padded tokens), and the
-rewards are split back per request. A request gets no answer within ``request_timeout``: 504; a dead model process
-or queue: 503 within a second, and the server ends (exit 1) so that whoever runs it restarts it
-(:mod:`hhrm.reward.watch`). ``recipes/serve_rm.py`` runs the server as a child that dies with it, whole.
+by length and cuts forwards of at most ``reward_batch_size`` texts and ``max_tokens_per_batch`` padded tokens; an
+ensemble: one per member), and the rewards are split back per request. A request gets no answer within
+``request_timeout``: 504; a dead model process or queue: 503 within a second, and the server ends (exit 1) so that
+whoever runs it restarts it (:mod:`hhrm.reward.watch`). ``recipes/serve_rm.py`` runs the server as a child that
+dies with it, whole.
 """
 
 from __future__ import annotations
@@ -38,7 +44,6 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
-import litserve as ls
 import torch
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
@@ -46,22 +51,28 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from hhrm import finite, model_checks, runtime
-from hhrm.reward import conventions, sources
+from hhrm.reward import conventions, ensemble, sources
 from hhrm.reward.protocol import (
+    EXTRA_LOGS,
     STATS,
     Limits,
     RequestError,
     check_port,
     encode_checked,
+    get_reward_body,
     get_reward_pairs,
     limits,
     load_object,
+    score_body,
     score_pairs,
     stats_summary,
     text_rule,
     worker_error,
 )
+from hhrm.reward.server_model import RewardAPI, build_source, with_members
 from hhrm.reward.watch import BackendState, GuardedServer
+
+__all__ = ["RewardAPI", "RewardSpec", "ServeConfig", "build_server", "serve"]  # RewardAPI: server_model's
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServer.run binds
 
@@ -71,8 +82,12 @@ class ServeConfig:
     """The reward-model server: which model, where it listens, its device, and its limits."""
 
     model_name_or_path: str = field(
-        default=None, metadata={"help": "Reward model folder (the output of `make rm`) or hub id (required)."}
+        default=None,
+        metadata={"help": "Reward model folder (the output of `make rm`) or hub id (required, or reward_ensemble)."},
     )
+    reward_ensemble: list[str] | None = sources.setting("reward_ensemble")
+    reward_aggregation: str = sources.setting("reward_aggregation")
+    reward_uwo_lambda: float = sources.setting("reward_uwo_lambda")
     host: str = field(
         default="127.0.0.1",
         metadata={
@@ -126,10 +141,16 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         finite.check_finite_settings(self)
-        if not self.model_name_or_path:
+        if self.model_name_or_path and self.reward_ensemble:
             raise ValueError(
-                "model_name_or_path is required: the reward model folder to serve (make serve-rm MODEL=...)"
+                "model_name_or_path and reward_ensemble are both set: give one folder, or the ensemble's folders only"
             )
+        if not (self.model_name_or_path or self.reward_ensemble):
+            raise ValueError(
+                "model_name_or_path is required: the reward model folder to serve (make serve-rm MODEL=...), or "
+                "reward_ensemble: its folders"
+            )
+        ensemble.check_settings(self)  # the ensemble's rule and its members' count
         if self.host not in HOSTS:
             raise ValueError(f"host={self.host!r}: LitServe binds one of {HOSTS} (127.0.0.1: this machine only)")
         if not 1024 <= self.port <= 65535:
@@ -167,7 +188,7 @@ class RewardSpec(LitSpec):
     """``/score``, ``/get_reward`` and ``/stats`` in LitServe's HTTP process, all feeding the one model queue; each
     request is checked against :class:`Limits` (fixed at start) before it is queued."""
 
-    def __init__(self, model: sources.LocalModel, config: ServeConfig, limits: Limits, stats, backend: BackendState):
+    def __init__(self, model: sources.RewardSource, config: ServeConfig, limits: Limits, stats, backend: BackendState):
         super().__init__()
         self.api_path = "/score"  # LitServe keys the model queue and the worker by this path
         self.tokenizer, self.convention = model.tokenizer, model.convention
@@ -191,17 +212,16 @@ class RewardSpec(LitSpec):
         return output
 
     async def score(self, request: Request) -> JSONResponse:
-        rewards = await self.serve(request, score_pairs)
-        return rewards if isinstance(rewards, JSONResponse) else JSONResponse({"rewards": rewards})
+        scored = await self.serve(request, score_pairs)
+        return scored if isinstance(scored, JSONResponse) else JSONResponse(score_body(scored))
 
     async def get_reward(self, request: Request) -> JSONResponse:
-        rewards = await self.serve(request, get_reward_pairs)
-        if isinstance(rewards, JSONResponse):
-            return rewards
-        return JSONResponse({"rewards": rewards, "scores": rewards, "extra_logs": {"dummy_scores": rewards}})
+        scored = await self.serve(request, get_reward_pairs)
+        return scored if isinstance(scored, JSONResponse) else JSONResponse(get_reward_body(scored))
 
-    async def serve(self, request: Request, pairs_of) -> list[float] | JSONResponse:
-        """Rewards of the request's texts, or the error response (the request never reaches the model then)."""
+    async def serve(self, request: Request, pairs_of) -> list[float] | dict | JSONResponse:
+        """Rewards of the request's texts (a source with members: its summary), or the error response (the request
+        never reaches the model then)."""
         try:
             try:
                 body = await request.body()
@@ -224,7 +244,7 @@ class RewardSpec(LitSpec):
         pairs = pairs_of(data, self.limits.max_texts_per_request, self.tokenizer, self.convention)
         return encode_checked(self.tokenizer, pairs, self.convention, self.limits)
 
-    async def rewards(self, ids: tuple) -> list[float]:
+    async def rewards(self, ids: tuple) -> list[float] | dict:
         """Queue one request for the model process and wait for its rewards (as LitServe's own specs do), at most
         ``request_timeout`` seconds (504); 503 once the model process or LitServe's queue is gone."""
         if self.backend.down:
@@ -252,56 +272,6 @@ class RewardSpec(LitSpec):
         return JSONResponse(stats_summary(self.stats) | {"errors": dict(self.errors)})
 
 
-class RewardAPI(ls.LitAPI):
-    """The model process: one :class:`RewardScorer` on one device; each LitServe batch is one ``score_ids`` call."""
-
-    def __init__(self, config: ServeConfig, spec: RewardSpec, stats):
-        super().__init__(max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout, spec=spec)
-        self.config, self.stats = config, stats
-
-    def setup(self, device) -> None:
-        # Ctrl-C reaches the whole process group; the main process stops this one (SIGTERM) in its graceful shutdown
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
-        c = self.config
-        self.scorer = sources.LocalModel(
-            c.model_name_or_path, c.reward_convention, c.device, c.dtype, c.reward_batch_size, c.max_tokens_per_batch,
-            setting="model_name_or_path",
-        ).scorer  # fmt: skip
-        self.scorer.model.register_forward_pre_hook(self.count_forward, with_kwargs=True)
-
-    def count_forward(self, module, args, kwargs) -> None:
-        mask = kwargs["attention_mask"]
-        self.add(forwards=1, tokens=int(mask.sum()), padded_tokens=mask.numel())
-
-    def add(self, **counts) -> None:
-        """Count into the shared array (written by this process only, read by the HTTP process's /stats)."""
-        for key, value in counts.items():
-            self.stats[STATS.index(key)] += value
-
-    def decode_request(self, request, **kwargs):
-        return request  # (token ids, token type ids or None), checked by RewardSpec
-
-    def predict(self, batch, **kwargs):
-        requests = batch if self.max_batch_size > 1 else [batch]  # LitServe's single loop passes one request
-        start = time.perf_counter()
-        types = None if requests[0][1] is None else [t for _, ts in requests for t in ts]  # one tokenizer: all or none
-        rewards = self.scorer.score_ids([ids for r, _ in requests for ids in r], types)
-        seconds = time.perf_counter() - start
-        self.add(model_calls=1, requests=len(requests), texts=len(rewards), predict_seconds=seconds)
-        i = STATS.index("max_requests")
-        self.stats[i] = max(self.stats[i], len(requests))
-        out, start = [], 0
-        for r, _ in requests:
-            out.append(rewards[start : start + len(r)])
-            start += len(r)
-        return out if self.max_batch_size > 1 else out[0]
-
-    def encode_response(self, output, **kwargs):
-        return output
-
-
 # --------------------------------------------------------------------------------------------
 # The server
 
@@ -314,12 +284,13 @@ def model_positions(path: str) -> int | None:
 
 
 def build_server(config: ServeConfig) -> GuardedServer:
-    """The LitServer, after the checks that refuse to start: not a reward model, a convention that cannot score it,
-    a length over the model's positions, a port in use. Nothing is loaded here but the tokenizer; the model process
-    loads the model."""
-    model = sources.LocalModel(config.model_name_or_path, config.reward_convention, setting="model_name_or_path")
-    tokenizer = model.tokenizer
-    positions = model_positions(config.model_name_or_path)
+    """The LitServer, after the checks that refuse to start: not a reward model (or members that cannot be one
+    ensemble), a convention that cannot score it, a length over the model's positions, a port in use. Nothing is
+    loaded here but the tokenizer; the model process loads the model(s)."""
+    source = build_source(config)
+    tokenizer = source.tokenizer
+    known = [p for p in map(model_positions, config.reward_ensemble or [config.model_name_or_path]) if p is not None]
+    positions = min(known) if known else None  # an ensemble's: its members' fewest
     max_length = config.max_length or positions
     if max_length is None:
         raise ValueError("max_length: the model's config states no positions (max_position_embeddings); set it")
@@ -329,25 +300,10 @@ def build_server(config: ServeConfig) -> GuardedServer:
     request_limits = limits(tokenizer, max_length, config.max_texts_per_request, config.max_request_bytes)
     stats = multiprocessing.get_context("spawn").Array("d", len(STATS), lock=False)  # one writer: the model process
     backend = BackendState()
-    spec = RewardSpec(model, config, request_limits, stats, backend)
+    spec = RewardSpec(source, config, request_limits, stats, backend)
     api = RewardAPI(config, spec, stats)
-    batching = {k: getattr(config, k) for k in ("max_batch_size", "batch_timeout", "request_timeout")}
     endpoints = ["POST /score", "POST /get_reward", "GET /health", "GET /info", "GET /stats"]
-    metadata = {
-        "model_name_or_path": str(config.model_name_or_path),
-        "weights": model_checks.weights_identity(str(config.model_name_or_path)),  # a client's resume check reads it
-        "convention": model.convention.name,  # hhrm's client reads it into the source's identity
-        "text_rule": text_rule(model.convention),
-        "eos_token": tokenizer.eos_token,
-        "pad_token": tokenizer.pad_token,
-        "max_length": max_length,
-        "model_positions": positions,
-        "device": config.device,
-        "dtype": str(config.dtype).removeprefix("torch."),
-        "limits": asdict(request_limits) | batching,
-        "scorer": {"reward_batch_size": config.reward_batch_size, "max_tokens_per_batch": config.max_tokens_per_batch},
-        "endpoints": endpoints,
-    }
+    metadata = server_metadata(config, source, request_limits, positions) | {"endpoints": endpoints}
     return GuardedServer(
         api,
         backend=backend,
@@ -359,6 +315,40 @@ def build_server(config: ServeConfig) -> GuardedServer:
         model_metadata=metadata,
         max_payload_size=request_limits.max_request_bytes,
     )
+
+
+def server_metadata(config: ServeConfig, source, request_limits: Limits, positions: int | None) -> dict:
+    """What ``GET /info`` says under ``model``: what scores (hhrm's client reads ``weights`` and ``convention`` into
+    the source's identity), how, and the limits. An ensemble adds ``ensemble``: its folders and rule."""
+    tokenizer, convention = source.tokenizer, source.convention
+    batching = {k: getattr(config, k) for k in ("max_batch_size", "batch_timeout", "request_timeout")}
+    if config.reward_ensemble:
+        what = {
+            "model_name_or_path": source.describe(),
+            "weights": [model_checks.weights_identity(str(m)) for m in config.reward_ensemble],
+            "ensemble": {
+                "members": [str(m) for m in config.reward_ensemble],
+                "aggregation": config.reward_aggregation,
+                "uwo_lambda": config.reward_uwo_lambda,
+            },
+        }
+    else:
+        path = str(config.model_name_or_path)
+        what = {"model_name_or_path": path, "weights": model_checks.weights_identity(path)}
+    if with_members(source):  # what each answer holds beyond the rewards
+        what["fields"] = {"/score": ["rewards", "mean", "std", "members"], "/get_reward extra_logs": EXTRA_LOGS}
+    return what | {
+        "convention": convention.name,
+        "text_rule": text_rule(convention),
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "max_length": request_limits.max_length,
+        "model_positions": positions,
+        "device": config.device,
+        "dtype": str(config.dtype).removeprefix("torch."),
+        "limits": asdict(request_limits) | batching,
+        "scorer": {"reward_batch_size": config.reward_batch_size, "max_tokens_per_batch": config.max_tokens_per_batch},
+    }
 
 
 def serve(server: GuardedServer, config: ServeConfig) -> None:
