@@ -14,6 +14,8 @@ Sections (``--sections``, default all; one file each under bench/):
              batches of the same documents; the share of non-pad tokens of each.
 * ``rm``:    reward-model training pairs/s and padding share, length-grouped batches (what
              ``train_sampling_strategy="group_by_length"`` does) vs random order.
+* ``heads``: a multi-head RM ensemble (``ensemble_kind=heads``, E=5) vs a one-head RM: training and scoring pairs/s
+             on the same pairs and backbone (goal >= 0.9: E heads cost about one RM).
 * ``gen``:   RAFT sampling, generated tokens/s: hhrm.generation.generate_responses with many
              prompts x K per call vs one prompt x K per call (the original RAFT aligner) vs one sequence
              per call.
@@ -52,7 +54,7 @@ from typing import Any
 import datasets
 import torch
 
-from . import data, demo, gen, mfu, rm, score, serve, sft
+from . import data, demo, gen, heads, mfu, rm, score, serve, sft
 from .common import (
     DEFAULT_DEMO_SUMMARY,
     PRESETS,
@@ -65,10 +67,11 @@ from .common import (
     usable_cpus,
 )
 
-SECTIONS = ("sft", "rm", "gen", "score", "serve", "openrlhf", "mfu", "demo", "data")
+SECTIONS = ("sft", "rm", "heads", "gen", "score", "serve", "openrlhf", "mfu", "demo", "data")
 RUNNERS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "sft": sft.run,
     "rm": rm.run,
+    "heads": heads.run,
     "gen": gen.run,
     "score": score.run,
     "serve": serve.run,

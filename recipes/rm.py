@@ -2,6 +2,8 @@
 
 accelerate launch --config_file accelerate_configs/cpu.yaml recipes/rm.py --config recipes/configs/tiny/rm.yaml
 make rm [CONFIG=...] [ARGS="--field value ..."]
+A reward ensemble: ARGS="--ensemble_size 5" (5 bootstrapped score heads, one run) or add "--ensemble_kind seeds"
+(5 whole RMs into output_dir/member-<e>); either folder is then scored as an ensemble (reward_aggregation).
 """
 
 import hhrm  # noqa: F401  (first: quiets bitsandbytes' optional-kernels warning)
@@ -12,11 +14,16 @@ from trl import ModelConfig, TrlParser
 from hhrm import data, finite, modeling, outputs, reporting
 from hhrm.reward import scoring
 from hhrm.rm import evaluation as rm_eval
+from hhrm.rm import seeds
 from hhrm.rm import stage as rm
 from hhrm.runtime import setup_logging
 
 
 def main(data_args: data.DataArguments, args: rm.RewardConfig, model_args: ModelConfig) -> dict:
+    if args.ensemble_kind == "seeds" and args.ensemble_size > 1:
+        # E whole RMs by this recipe, seeds seed..seed+E-1, into output_dir/member-<e>; output_dir/ensemble.json
+        return seeds.train(main, data_args, args, model_args)
+
     ################
     # Output folder, tokenizer and pairs: tokenized once (text + EOS), pairs over max_length dropped and counted
     ################
@@ -26,7 +33,7 @@ def main(data_args: data.DataArguments, args: rm.RewardConfig, model_args: Model
     pairs = rm.prepare_pairs(data.load_splits(data_args, tokenizer), tokenizer, args.max_length, args.dedup_test)
 
     ################
-    # Model: a sequence classifier with one label, its head freshly initialised
+    # Model: a sequence classifier with one label (E bootstrapped heads: ensemble_kind=heads), freshly initialised
     ################
     model = rm.load_reward_model(model_args, args, tokenizer)
     outputs.check_free_space(args.output_dir, outputs.model_bytes(model))  # the new model must fit beside the old

@@ -47,6 +47,8 @@ def test_bench_tiny_writes_wellformed_json(tmp_path):
         "sft_packing_efficiency",
         "rm_grouped_pairs_per_s",
         "rm_padding_share",
+        "rm_heads_train_pairs_per_s",
+        "rm_heads_score_pairs_per_s",
         "gen_batched_vs_prompt_x_k",
         "gen_batched_vs_one_sequence",
         "score_scorer_vs_pipeline",

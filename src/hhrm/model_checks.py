@@ -164,16 +164,28 @@ def model_config(
         raise ValueError(f"{where}: cannot read its config ({err}); {fix}") from err
 
 
+def reward_heads(path: str | Path | None) -> int:
+    """The score heads a reward-model folder records (config.json ``reward_heads``: hhrm's multi-head ensemble RM),
+    read without loading anything; 1 for any other folder, or when it cannot be read (its checks refuse it later)."""
+    try:
+        config = json.loads((Path(str(path)).expanduser() / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return 1
+    heads = config.get("reward_heads", 1) if isinstance(config, dict) else 1
+    return heads if isinstance(heads, int) and heads >= 1 else 1
+
+
 def check_reward_model(
     path: str | Path | None, setting: str = "reward_model_name_or_path", revision: str | None = None
 ) -> PreTrainedTokenizerBase:
     """Refuse, with a ``ValueError`` naming ``setting``, a folder that is not a reward model; returns its tokenizer.
 
     A reward model folder (the RM recipe's output) has a config.json whose ``architectures`` is a
-    ``*ForSequenceClassification`` with ``num_labels == 1``, weights that hold that head (read from the
-    safetensors headers, nothing is loaded), and a tokenizer with a pad token. A causal LM would otherwise
-    be scored by a randomly initialised head, and RAFT would fine-tune against noise. Whether pad == EOS can work
-    depends on how the model is scored: :func:`hhrm.reward.conventions.resolve` judges that.
+    ``*ForSequenceClassification`` with ``num_labels == 1`` (or the E heads it records, :func:`reward_heads`),
+    weights that hold that head (read from the safetensors headers, nothing is loaded), and a tokenizer with a
+    pad token. A causal LM would otherwise be scored by a randomly initialised head, and RAFT would fine-tune against
+    noise. Whether pad == EOS can work depends on how the model is scored: :func:`hhrm.reward.conventions.resolve`
+    judges that.
     """
     fix = "point it at a reward model folder (the output of recipes/rm.py, `make rm`)"
     where = f"{setting}={str(path)!r}"
@@ -185,7 +197,7 @@ def check_reward_model(
             f"model: a *ForSequenceClassification with num_labels=1 is needed (a causal LM would be scored by a "
             f"randomly initialised head); {fix}"
         )
-    if config.num_labels != 1:
+    if config.num_labels != getattr(config, "reward_heads", 1):  # hhrm's multi-head RM records its E heads
         raise ValueError(f"{where}: num_labels={config.num_labels}, a reward model has num_labels=1; {fix}")
     keys = checkpoint_keys(path, revision)
     head = head_parameter_names(config) if keys else None

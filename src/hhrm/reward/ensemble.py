@@ -7,7 +7,11 @@ with other seeds and select by a conservative aggregate of their rewards. Per te
 - ``worst``: min_e r_e (their WCO);
 - ``uwo``: mean - lambda * var, var = (1/E) sum (r_e - mean)^2 (their UWO; lambda 0.5 is their best-of-n value).
 
-``std`` is sqrt(var), the same population statistic. The members are folders built by
+``std`` is sqrt(var), the same population statistic. Members are reward-model sources, E in all: a folder counts as
+its heads (hhrm's multi-head RM, ``ensemble_kind=heads``: one backbone, E bootstrapped score heads, all from one
+forward), and a folder holding :data:`RECORD` (the RM recipe's ``ensemble_kind=seeds`` output) expands to the member
+folders it lists; a multi-head or seeds folder given as ``reward_model_name_or_path`` is such an ensemble too.
+The member folders are built by
 :class:`hhrm.reward.sources.LocalModel`; they must read the same token ids at the same position (one convention,
 one tokenizer), else the ensemble would average rewards of different texts, so that is refused when built.
 :class:`Ensemble` has the source's five methods (``make overopt``, ``make score``, RAFT, ``make compare`` get it
@@ -17,26 +21,60 @@ through :func:`hhrm.reward.sources.build`) and ``score_members``: the members, m
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 AGGREGATIONS = ("mean", "worst", "uwo")
+RECORD = "ensemble.json"  # the RM recipe's ensemble_kind=seeds record: {"kind": "seeds", "members": [...]}
 COLUMNS = ("mean", "std", "members")  # make score: per reward column c, also c_mean, c_std, c_members
+
+
+def expand(paths: list) -> list[str]:
+    """The member folders ``paths`` name: a folder holding :data:`RECORD` stands for the folders it lists."""
+    out: list[str] = []
+    for path in map(str, paths):
+        record = Path(path).expanduser() / RECORD
+        if record.is_file():
+            out += [str(Path(path) / m) for m in json.loads(record.read_text())["members"]]
+        else:
+            out.append(path)
+    return out
+
+
+def is_ensemble_folder(path) -> bool:
+    """Whether one folder scores as an ensemble: E >= 2 heads recorded, or a seeds record (read, nothing loaded)."""
+    from hhrm.model_checks import reward_heads
+
+    return bool(path) and (reward_heads(path) > 1 or (Path(str(path)).expanduser() / RECORD).is_file())
+
+
+def size_of(args, folder=None) -> int:
+    """How many member rewards ``args`` score per text (heads counted): 0 for one one-head model or a server."""
+    from hhrm.model_checks import reward_heads
+
+    # The server's config names its one folder model_name_or_path.
+    folder = getattr(args, "reward_model_name_or_path", None) or getattr(args, "model_name_or_path", None) or folder
+    if getattr(args, "reward_model_url", None) or not (args.reward_ensemble or is_ensemble_folder(folder)):
+        return 0
+    return sum(reward_heads(p) for p in expand(args.reward_ensemble or [folder]))
 
 
 def check_settings(args) -> None:
     """Refuse, in one line naming the setting, an ensemble that cannot be built (before anything loads)."""
     members, rule, lam = args.reward_ensemble, args.reward_aggregation, args.reward_uwo_lambda
+    folders = expand(members or [])
     checks = [
         (rule in AGGREGATIONS, f"reward_aggregation={rule!r}: one of {', '.join(AGGREGATIONS)}"),
         (members is None or bool(members), "reward_ensemble is empty: give E >= 1 reward-model folders"),
         (lam >= 0, f"reward_uwo_lambda={lam}: must be >= 0 (0 is the mean; larger penalises disagreement more)"),
-        (rule == "mean" or len(members or []) >= 2,
+        (rule == "mean" or size_of(args) >= 2,  # heads count: config.json is read, no weight loaded
          f"reward_aggregation={rule} with {'one reward model' if members else 'no reward_ensemble'}: {rule} needs "
-         "reward_ensemble with E >= 2 folders (one model has no disagreement); use mean, or add members"),
-        (len(set(map(str, members or []))) == len(members or []),
+         "reward_ensemble with E >= 2 folders or a multi-head RM (one model has no disagreement); use mean, or add "
+         "members"),
+        (len(set(folders)) == len(folders),
          "reward_ensemble names a folder twice: each member must be its own reward model"),
     ]  # fmt: skip
     for ok, message in checks:
@@ -57,12 +95,13 @@ def aggregate(members: np.ndarray, rule: str, uwo_lambda: float = 0.5) -> np.nda
 
 
 def address(args: Any) -> str:
-    """How the reports name an ensemble: its rule and its folders."""
+    """How the reports name an ensemble: its rule and its folders (or its one multi-head folder)."""
     get = args.get if isinstance(args, dict) else lambda k: getattr(args, k, None)
     rule = get("reward_aggregation") or "mean"
     if rule == "uwo":
         rule += f", lambda {get('reward_uwo_lambda')}"
-    return f"ensemble ({rule}) of " + ", ".join(str(Path(m)) for m in get("reward_ensemble"))
+    folders = get("reward_ensemble") or [get("reward_model_name_or_path")]
+    return f"ensemble ({rule}) of " + ", ".join(str(Path(m)) for m in folders)
 
 
 def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
@@ -95,14 +134,20 @@ def check_members(members: list, setting: str = "reward_ensemble") -> None:
             )
 
 
+def heads_of(member) -> int:
+    return getattr(member, "heads", 1)
+
+
 class Ensemble:
-    """E reward-model sources scored on the same pairs; ``score_pairs`` is the rule's aggregate."""
+    """Reward-model sources scored on the same pairs, E rewards per text in all (a member with H heads gives H);
+    ``score_pairs`` is the rule's aggregate."""
 
     def __init__(self, members: list, rule: str = "mean", uwo_lambda: float = 0.5):
         if not members:
             raise ValueError("reward_ensemble is empty: give E >= 1 reward-model folders")
         check_members(members)
         self.members, self.rule, self.uwo_lambda = list(members), rule, float(uwo_lambda)
+        self.size = sum(heads_of(m) for m in self.members)  # E: the rows of table_ids
 
     @property
     def tokenizer(self):
@@ -114,13 +159,27 @@ class Ensemble:
 
     def score_members(self, prompts: list[str], responses: list[str]) -> dict[str, list]:
         """Per text: ``reward`` (by the rule), ``mean``, ``std`` and ``members`` (E rewards, in member order)."""
-        table = np.array([m.score_pairs(prompts, responses) for m in self.members], dtype=np.float64)
-        return self.summary(table.reshape(len(self.members), len(prompts)))
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        rows = []
+        for m in self.members:
+            if heads_of(m) == 1:  # any source: its own score_pairs
+                rows.append(np.asarray(m.score_pairs(prompts, responses), dtype=np.float64).reshape(1, -1))
+            else:  # all heads from one forward, by the member's convention
+                got = m.scorer.score_pairs_heads(prompts, responses)
+                rows.append(np.asarray(got, dtype=np.float64).reshape(len(prompts), heads_of(m)).T)
+        return self.summary(np.concatenate(rows).reshape(self.size, len(prompts)))
+
+    @staticmethod
+    def _heads(member, ids, types) -> np.ndarray:
+        """``[H, N]``: a member's heads' rewards of encoded texts."""
+        got = member.scorer.score_ids_heads(ids, types)
+        return np.asarray(got, dtype=np.float64).reshape(len(ids), heads_of(member)).T
 
     def table_ids(self, ids: list[list[int]], token_type_ids: list[list[int]] | None = None) -> np.ndarray:
         """``[E, N]`` member rewards of texts already encoded by the (shared) convention: the server's path."""
-        rows = [m.scorer.score_ids(ids, token_type_ids) for m in self.members]
-        return np.array(rows, dtype=np.float64).reshape(len(self.members), len(ids))
+        rows = [self._heads(m, ids, token_type_ids) for m in self.members]
+        return np.concatenate(rows).reshape(self.size, len(ids))
 
     def summary(self, table: np.ndarray) -> dict[str, list]:
         """``[E, N]`` member rewards -> per text ``reward`` (by the rule), ``mean``, ``std`` and ``members``."""
@@ -142,7 +201,8 @@ class Ensemble:
 
     def describe(self) -> str:
         rule = self.rule + (f", lambda {self.uwo_lambda}" if self.rule == "uwo" else "")
-        return f"ensemble ({rule}) of " + ", ".join(m.describe() for m in self.members)
+        named = [m.describe() + (f" ({heads_of(m)} heads)" if heads_of(m) > 1 else "") for m in self.members]
+        return f"ensemble ({rule}) of " + ", ".join(named)
 
     @contextlib.contextmanager
     def gathered(self):
@@ -168,12 +228,17 @@ def per_text(source, prompts: list[str], responses: list[str]) -> list[tuple[flo
     return [(r, dict(zip(COLUMNS, rest))) for r, *rest in zip(got["reward"], *(got[k] for k in COLUMNS))]
 
 
-def build(args, member, device=None, dtype=None, max_tokens_per_batch: int = 32_768) -> Ensemble:
-    """The ensemble ``args.reward_ensemble`` names, each folder a ``member`` (:class:`hhrm.reward.sources.LocalModel`,
-    passed in: sources imports this module) checked (files, convention) and none loaded yet."""
+def build(
+    args, member, device=None, dtype=None, max_tokens_per_batch: int = 32_768, setting="reward_model_name_or_path"
+) -> Ensemble:
+    """The ensemble ``args.reward_ensemble`` (else the one multi-head or seeds folder ``setting`` names) stands for,
+    each folder a ``member`` (:class:`hhrm.reward.sources.LocalModel`, passed in: sources imports this module)
+    checked (files, convention) and none loaded yet."""
+    named = [(f"reward_ensemble[{i}]", p) for i, p in enumerate(args.reward_ensemble or [])]
+    named = named or [(setting, args.reward_model_name_or_path)]
     members = [
-        member(path, args.reward_convention, device, dtype, args.reward_batch_size, max_tokens_per_batch,
-               f"reward_ensemble[{i}]")
-        for i, path in enumerate(args.reward_ensemble)
-    ]  # fmt: skip
+        member(path, args.reward_convention, device, dtype, args.reward_batch_size, max_tokens_per_batch, name)
+        for name, folder in named
+        for path in expand([folder])
+    ]
     return Ensemble(members, args.reward_aggregation, args.reward_uwo_lambda)

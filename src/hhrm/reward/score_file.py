@@ -369,7 +369,7 @@ def run(data_args: ScoreDataArguments, args: ScoreConfig, model_path: str | None
     start = time.perf_counter()
     state = runtime.process_state(args)
     rows = load_rows(data_args)  # before the model: what cannot be written is refused before any work
-    size = len(args.reward_ensemble or [])  # an ensemble's members and std are columns too
+    size = ensemble.size_of(args, model_path)  # an ensemble's members (a multi-head RM's heads) are columns too
     check_output_schema(rows, detect_kind(rows, data_args.input_kind), args.output_file, size)
     source = build_source(args, model_path, state.device)
     if data_args.use_chat_template and not hasattr(source, "tokenizer"):

@@ -53,7 +53,9 @@ def check_pad(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 class RewardScorer:
-    """Scores texts with a sequence-classification reward model (``num_labels == 1``).
+    """Scores texts with a sequence-classification reward model (``num_labels == 1``, or hhrm's multi-head ensemble
+    RM: ``num_labels == E`` recorded as ``reward_heads``, where a reward is the heads' mean and
+    :meth:`score_ids_heads` gives all E from the same forward).
 
     Texts are sorted by token length and cut into batches of at most ``max_tokens_per_batch``
     padded tokens (and ``batch_size`` rows), so short texts are not padded to the longest one.
@@ -70,7 +72,8 @@ class RewardScorer:
         convention: conventions.Convention = conventions.HHRM,
         setting: str = "reward_convention",
     ):
-        if getattr(model.config, "num_labels", 1) != 1:
+        self.heads = getattr(model.config, "reward_heads", 1)
+        if getattr(model.config, "num_labels", 1) != self.heads:
             raise ValueError(f"reward model must have num_labels=1, got {model.config.num_labels}")
         if convention == conventions.HHRM:
             check_pad(tokenizer)  # hhrm's own message, unchanged
@@ -105,7 +108,9 @@ class RewardScorer:
         rule = conventions.resolve(path, convention, tokenizer, convention_setting)
         device = device or runtime.default_device()
         dtype = runtime.torch_dtype() if dtype is None else dtype
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype).to(device).eval()
+        heads = model_checks.reward_heads(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=heads, dtype=dtype)
+        model = model.to(device).eval()
         return cls(model, tokenizer, convention=rule, setting=convention_setting, **kwargs)
 
     def with_eos(self, texts: list[str]) -> list[str]:
@@ -122,12 +127,18 @@ class RewardScorer:
             )
         return self.score_ids(conventions.encode(self.tokenizer, texts, [""] * len(texts), self.convention))
 
-    @torch.no_grad()
     def score_ids(self, ids: list[list[int]], token_type_ids: list[list[int]] | None = None) -> list[float]:
         """Rewards of already-encoded texts (from :func:`encode` or :func:`conventions.encode_full`), read and
-        activated by the convention, in input order."""
+        activated by the convention, in input order (a multi-head model: the mean of its heads)."""
+        return [sum(row) / len(row) for row in self.score_ids_heads(ids, token_type_ids)]
+
+    @torch.no_grad()
+    def score_ids_heads(
+        self, ids: list[list[int]], token_type_ids: list[list[int]] | None = None
+    ) -> list[list[float]]:
+        """``[N][E]``: every head's reward of each encoded text, all from one forward per batch (E=1: one each)."""
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        rewards = [0.0] * len(ids)
+        rewards: list[list[float]] = [[0.0]] * len(ids)
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
@@ -138,11 +149,13 @@ class RewardScorer:
         if was_training:
             self.model.train()
         if self.convention.activation == "sigmoid":
-            rewards = [float(torch.sigmoid(torch.tensor(r))) for r in rewards]
+            rewards = torch.sigmoid(torch.tensor(rewards)).tolist()
         return rewards
 
-    def _forward(self, rows: list[list[int]], types: list[list[int]] | None, batch: list[int], device) -> list[float]:
-        """One right-padded forward; the score of each row at the convention's position."""
+    def _forward(
+        self, rows: list[list[int]], types: list[list[int]] | None, batch: list[int], device
+    ) -> list[list[float]]:
+        """One right-padded forward; each row's scores (one per head) at the convention's position."""
         config = self.model.config.get_text_config()
         pad = self.tokenizer.pad_token_id
         if self.convention.read_at == "last_token":
@@ -169,13 +182,19 @@ class RewardScorer:
             logits = self.model(**inputs, use_cache=False).logits
         finally:
             config.pad_token_id = saved
-        return logits[:, 0].float().tolist()
+        return logits.float().tolist()
 
     def score_pairs(self, prompts: list[str], responses: list[str]) -> list[float]:
         """Reward of each ``(prompt, response)`` under the convention (``prompt + response`` for hhrm's)."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         return self.score_ids(*conventions.encode_full(self.tokenizer, prompts, responses, self.convention))
+
+    def score_pairs_heads(self, prompts: list[str], responses: list[str]) -> list[list[float]]:
+        """``[N][E]``: :meth:`score_pairs` of every head (E=1: one each), from one forward per batch."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        return self.score_ids_heads(*conventions.encode_full(self.tokenizer, prompts, responses, self.convention))
 
     def _batches(self, order: list[int], ids: list[list[int]]) -> Iterator[list[int]]:
         batch: list[int] = []

@@ -46,8 +46,9 @@ class RewardArguments:
     reward_model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Reward model folder (recipes/rm.py's output, or any one-label sequence classifier). With "
-            "reward_api=vllm-*: the folder the vLLM server serves, for its tokenizer. Or reward_model_url."
+            "help": "Reward model folder (recipes/rm.py's output, or any one-label sequence classifier; a multi-head "
+            "or seeds ensemble RM scores as an ensemble by reward_aggregation). With reward_api=vllm-*: the folder "
+            "the vLLM server serves, for its tokenizer. Or reward_model_url."
         },
     )
     reward_model_url: str | None = field(
@@ -91,15 +92,16 @@ class RewardArguments:
     reward_ensemble: list[str] | None = field(
         default=None,
         metadata={
-            "help": "E reward-model folders scored as one reward (e.g. one RM recipe with E seeds), instead of "
-            "reward_model_name_or_path: one reward per text by reward_aggregation (hhrm.reward.ensemble)."
+            "help": "E reward-model folders scored as one reward, instead of reward_model_name_or_path: one reward "
+            "per text by reward_aggregation (hhrm.reward.ensemble). A multi-head RM counts its heads; the RM "
+            "recipe's ensemble_kind=seeds output_dir stands for its member-<e> folders."
         },
     )
     reward_aggregation: str = field(
         default="mean",
         metadata={
-            "help": "reward_ensemble's rule: mean | worst (minimum over members) | uwo (mean - reward_uwo_lambda x "
-            "variance over members; Coste et al. 2023).",
+            "help": "An ensemble's rule (reward_ensemble, or a multi-head RM's heads): mean | worst (minimum over "
+            "members) | uwo (mean - reward_uwo_lambda x variance over members; Coste et al. 2023).",
             "choices": ["mean", "worst", "uwo"],
         },
     )
@@ -170,6 +172,7 @@ class LocalModel:
         self.scorer_kwargs = dict(batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch)
         self.tokenizer = model_checks.check_reward_model(path, setting)
         self.convention = conventions.resolve(path, convention, self.tokenizer)
+        self.heads = model_checks.reward_heads(path)  # > 1: a multi-head RM, scored through ensemble.Ensemble
         self._scorer = None
 
     @property
@@ -189,7 +192,8 @@ class LocalModel:
     def identity(self) -> dict[str, Any]:
         from hhrm import model_checks
 
-        return {"weights": model_checks.weights_identity(self.path), "convention": self.convention.name}
+        out = {"weights": model_checks.weights_identity(self.path), "convention": self.convention.name}
+        return out | ({"heads": self.heads} if self.heads > 1 else {})
 
     def describe(self) -> str:
         return self.path
@@ -219,8 +223,10 @@ def build(
     args.check_reward_source()
     remote = dict(timeout=args.reward_request_timeout, retries=args.reward_request_retries)
     remote |= dict(batch_size=args.reward_batch_size, setting="reward_model_url")
-    if args.reward_ensemble:
-        return ensemble.build(args, LocalModel, device, dtype, max_tokens_per_batch)
+    if args.reward_ensemble or (
+        not args.reward_model_url and ensemble.is_ensemble_folder(args.reward_model_name_or_path)
+    ):
+        return ensemble.build(args, LocalModel, device, dtype, max_tokens_per_batch, setting)
     if not args.reward_model_url:
         return LocalModel(
             args.reward_model_name_or_path, args.reward_convention, device, dtype, args.reward_batch_size,
@@ -254,6 +260,8 @@ WHICH_MODEL += ("reward_aggregation", "reward_uwo_lambda")
 def address(args: Any) -> str:
     """The source's address as the user wrote it (reports, without building a source): the URL, else the folder."""
     get = args.get if isinstance(args, dict) else lambda k: getattr(args, k, None)
-    if get("reward_ensemble"):
+    if get("reward_ensemble") or (
+        not get("reward_model_url") and ensemble.is_ensemble_folder(get("reward_model_name_or_path"))
+    ):
         return ensemble.address(args)
     return str(get("reward_model_url") or Path(get("reward_model_name_or_path") or ""))

@@ -77,9 +77,20 @@ def pipeline_snippet(path: str | Path, batch_size: int = 1, convention: str = "h
     return PIPELINE_SNIPPET.format(path=str(path), batch_size=batch_size, inputs=PIPELINE_INPUTS[rule.eos])
 
 
-def usage(path: str | Path, convention: str = "hhrm") -> str:
+HEADS_NOTE = (
+    "An ensemble of {heads} score heads on one backbone (config.json `reward_heads`; ensemble_kind=heads), each "
+    "trained on its own bootstrap of the pairs. hhrm scores it as an ensemble (`--reward_model_name_or_path` "
+    "{path}, `--reward_aggregation mean|worst|uwo`); `RewardScorer` below gives the heads' mean, and "
+    "`scorer.score_pairs_heads(prompts, responses)` every head. The `pipeline` snippet does not apply: it would "
+    "report the largest head.\n\n"
+)
+
+
+def usage(path: str | Path, convention: str = "hhrm", heads: int = 1) -> str:
     scorer = SCORER_SNIPPET.format(path=path, name=convention)
     text = f"hhrm's batched scorer (what RAFT uses):\n\n```python\n{scorer}```\n"
+    if heads > 1:
+        return HEADS_NOTE.format(heads=heads, path=path) + text
     if not pipeline_reproduces(rule := conventions.by_name(convention)):
         return text
     return (
@@ -96,6 +107,7 @@ def model_card(
     metrics: dict[str, Any],
     report: dict[str, Any],
     convention: str = "hhrm",
+    heads: int = 1,
 ) -> reporting.ModelCard:
     args = configs["training"]
     steps = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -105,10 +117,10 @@ def model_card(
         title=f"Reward model from {configs['model'].model_name_or_path} on HH-RLHF pairs (hhrm)",
         summary=(
             "Bradley-Terry reward model trained with TRL `RewardTrainer` (`AutoModelForSequenceClassification`, "
-            f"`num_labels=1`) on the RM-train pairs of the card's split, {metrics.get('train_pairs')} pairs after "
-            f"dropping {metrics.get('pairs_dropped_long')} over {metrics.get('max_pair_tokens')} tokens (dropped, "
-            f"never truncated). lr {args.learning_rate}, {args.num_train_epochs} epoch(s), `{schedule}` schedule, "
-            f"{steps} pairs per optimizer step. The reward of a text is the score at its final EOS token "
+            f"`num_labels={heads}`) on the RM-train pairs of the card's split, {metrics.get('train_pairs')} pairs "
+            f"after dropping {metrics.get('pairs_dropped_long')} over {metrics.get('max_pair_tokens')} tokens "
+            f"(dropped, never truncated). lr {args.learning_rate}, {args.num_train_epochs} epoch(s), `{schedule}` "
+            f"schedule, {steps} pairs per optimizer step. The reward of a text is the score at its final EOS token "
             "(the text is `###Human: ... ###Assistant: ...` + EOS).\n\n"
             f"Held-out (RM-test, {metrics.get('eval_pairs')} pairs, none also in RM-train): exact accuracy "
             f"{metrics.get('eval_accuracy_exact', nan):.4f} (ties count as wrong), mean Bradley-Terry loss "
@@ -125,6 +137,6 @@ def model_card(
             "bad_rows": report["bad_rows"],
             **{k: report[k] for k in ("train", "test") if k in report},
         },
-        usage=usage(output_dir, convention),
+        usage=usage(output_dir, convention, heads),
         pipeline_tag="text-classification",
     )

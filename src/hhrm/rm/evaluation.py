@@ -123,6 +123,16 @@ def scored_pairs(scorer: scoring.RewardScorer, ds: Dataset) -> tuple[list, list,
     )
 
 
+def scored_heads(scorer: scoring.RewardScorer, ds: Dataset) -> tuple[list, list, np.ndarray, np.ndarray, dict]:
+    """:func:`scored_pairs` of a multi-head RM (hhrm's convention): rewards are the heads' mean (the ensemble's
+    default rule), and each head's exact accuracy (``accuracy_exact_head_<e>``) comes from the same forward."""
+    chosen_ids, rejected_ids = pair_ids(scorer.tokenizer, ds)
+    table = np.asarray(scorer.score_ids_heads(chosen_ids + rejected_ids), dtype=np.float64)
+    hc, hr = table[: len(chosen_ids)], table[len(chosen_ids) :]
+    per_head = {f"accuracy_exact_head_{e}": exact_accuracy(hc[:, e], hr[:, e]) for e in range(table.shape[1])}
+    return chosen_ids, rejected_ids, hc.mean(axis=1), hr.mean(axis=1), per_head
+
+
 def evaluate_pairs(
     scorer: scoring.RewardScorer, ds: Dataset, n_buckets: int = 4, prefix: str = "eval_"
 ) -> tuple[dict[str, float], dict[str, Any]]:
@@ -133,7 +143,10 @@ def evaluate_pairs(
     if len(ds) == 0:
         raise ValueError("no held-out pairs to evaluate (RM-test is empty after filtering)")
     tok = scorer.tokenizer
-    chosen_ids, rejected_ids, rc, rr = scored_pairs(scorer, ds)
+    if getattr(scorer, "heads", 1) > 1 and getattr(scorer, "convention", conventions.HHRM) == conventions.HHRM:
+        chosen_ids, rejected_ids, rc, rr, per_head = scored_heads(scorer, ds)
+    else:
+        (chosen_ids, rejected_ids, rc, rr), per_head = scored_pairs(scorer, ds), {}
     pair_len = np.array([max(len(c), len(r)) for c, r in zip(chosen_ids, rejected_ids)])
     resp_c = np.array([len(x) for x in tok(list(ds["chosen"]), add_special_tokens=False)["input_ids"]])
     resp_r = np.array([len(x) for x in tok(list(ds["rejected"]), add_special_tokens=False)["input_ids"]])
@@ -155,6 +168,7 @@ def evaluate_pairs(
     m["longer_preferred_rate"] = (
         float(np.mean(np.where(resp_c > resp_r, rc > rr, rr > rc)[differ])) if differ.any() else float("nan")
     )
+    m |= per_head  # a multi-head RM: accuracy_exact is the heads' mean's; each head's too
     m["data_chosen_longer_rate"] = float(np.mean((resp_c > resp_r)[differ])) if differ.any() else float("nan")
     edges = quantile_edges(pair_len, n_buckets)
     buckets = []

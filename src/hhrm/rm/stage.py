@@ -10,7 +10,7 @@ to drop. :func:`make_trainer` builds :class:`hhrm.rm.trainer.RewardTrainer`: len
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,8 @@ import hhrm.rm.evaluation as rm_eval
 import hhrm.rm.trainer as rm_trainer
 from hhrm import data as hdata
 from hhrm import model_checks, modeling, reporting, runtime
-from hhrm.reward import conventions, scoring, sources
-from hhrm.runtime import StageConfigMixin
+from hhrm.reward import conventions, scoring
+from hhrm.rm.config import RewardConfig, gradient_accumulation, heads  # noqa: F401  (kept importable here)
 
 logger = logging.getLogger(__name__)
 
@@ -41,108 +41,6 @@ HEADLINE = (
     "gold_best_of_k_accuracy",
     "train_runtime",
 )
-
-
-@dataclass
-class RewardConfig(StageConfigMixin, trl.RewardConfig):
-    """TRL's RewardConfig with device-chosen precision, a global batch size and hhrm's evaluation settings."""
-
-    bf16: bool | None = field(default=None, metadata={"help": "None: bf16 on a bf16-capable GPU, fp32 elsewhere."})
-    max_length: int = field(
-        default=512,
-        metadata={
-            "help": "Pairs whose chosen or rejected text (tokens incl. EOS) is longer are dropped, never "
-            "truncated, and counted (card: 512). The one length limit of the RM stage: filter, trainer, eval."
-        },
-    )
-    global_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Pairs per optimizer step over all processes. When set, gradient_accumulation_steps is derived: "
-            "global_batch_size / (per_device_train_batch_size * number of processes)."
-        },
-    )
-    train_sampling_strategy: str = field(
-        default="group_by_length",
-        metadata={
-            "help": "Training batch order. hhrm's default, group_by_length: pairs of similar length share a batch "
-            "(transformers' LengthGroupedSampler over a `length` column = max(chosen, rejected) tokens), about 1.7x "
-            "the pairs/s of random order on HH-RLHF lengths (bench rm_grouped_pairs_per_s). random, sequential, "
-            "batch_rebalance: Trainer's.",
-            "choices": ["random", "sequential", "group_by_length", "batch_rebalance"],
-        },
-    )
-    remove_unused_columns: bool = field(
-        default=False,
-        metadata={
-            "help": "False (hhrm): the length column reaches the sampler even under a plain trl.RewardTrainer (its "
-            "collator reads only chosen_ids/rejected_ids/margin, so nothing else reaches the model)."
-        },
-    )
-    padding_free: bool = field(
-        default=False,
-        metadata={
-            "help": "Pack each micro-batch's chosen and rejected texts into one row without padding (position_ids "
-            "restart per text, block-diagonal attention, each reward read at its text's EOS): the same loss and "
-            "rewards as padded batches. Off by default: under sdpa (and eager) a packed row attends through a dense "
-            "T x T mask, and on the CPU bench that cost more than the padding it saves (~0.75x the pairs/s of "
-            "length-grouped padded batches, bench rm_padding_free_vs_grouped). On a GPU use it with "
-            "attn_implementation=flash_attention_2 (varlen kernels; TRL's recommendation) and "
-            "train_sampling_strategy=random: without padding, grouping saves nothing and under sdpa costs more."
-        },
-    )
-    dedup_test: bool = field(
-        default=True,
-        metadata={"help": "Remove RM-test pairs that also occur (exactly) in RM-train before evaluating."},
-    )
-    eval_before_training: bool = field(
-        default=True, metadata={"help": "Also report the held-out accuracy of the untrained reward head."}
-    )
-    length_buckets: int = field(default=4, metadata={"help": "Accuracy by pair length: number of quantile buckets."})
-    reward_batch_size: int = sources.setting("reward_batch_size")  # the evaluation's scorer
-    gold_prompts: int = field(
-        default=200,
-        metadata={"help": "Embedded data: held-out prompts answered by the SFT policy for gold agreement."},
-    )
-    gold_samples_per_prompt: int = field(default=4, metadata={"help": "Sampled responses per gold prompt."})
-    gold_max_new_tokens: int = field(default=32, metadata={"help": "Max new tokens of those sampled responses."})
-    gold_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of those responses."})
-
-    def __post_init__(self) -> None:
-        if self.max_length is None or self.max_length <= 0:
-            raise ValueError(f"max_length={self.max_length}: must be > 0 (card: 512)")
-        if self.length_buckets < 1:
-            raise ValueError(f"length_buckets={self.length_buckets}: must be >= 1")
-        if self.gold_prompts < 0 or self.gold_samples_per_prompt < 1:
-            raise ValueError(
-                f"gold_prompts={self.gold_prompts}, gold_samples_per_prompt={self.gold_samples_per_prompt}: "
-                "need gold_prompts >= 0 and gold_samples_per_prompt >= 1"
-            )
-        super().__post_init__()
-        if self.global_batch_size is not None:
-            self.gradient_accumulation_steps = gradient_accumulation(
-                self.global_batch_size, self.per_device_train_batch_size, self.world_size
-            )
-            logger.info(
-                "global_batch_size=%d = %d per device x %d processes x %d accumulation steps",
-                self.global_batch_size,
-                self.per_device_train_batch_size,
-                self.world_size,
-                self.gradient_accumulation_steps,
-            )
-
-
-def gradient_accumulation(global_batch_size: int, per_device: int, world_size: int) -> int:
-    """Accumulation steps that make ``per_device * world_size * steps == global_batch_size`` exactly."""
-    if global_batch_size <= 0:
-        raise ValueError(f"global_batch_size={global_batch_size}: must be > 0")
-    per_step = per_device * world_size
-    if global_batch_size % per_step:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} is not a multiple of per_device_train_batch_size={per_device} "
-            f"x {world_size} process(es) = {per_step}; change per_device_train_batch_size or the number of processes"
-        )
-    return global_batch_size // per_step
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +195,8 @@ def check_model_path(model_args: ModelConfig) -> None:
 
 
 def load_reward_model(model_args: ModelConfig, args: RewardConfig, tokenizer):
-    """``AutoModelForSequenceClassification`` with one label, its pad id set from ``tokenizer``."""
+    """``AutoModelForSequenceClassification`` with one label (E with ``ensemble_kind=heads``: recorded as
+    ``reward_heads``, so the scorer takes them for an ensemble), its pad id set from ``tokenizer``."""
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
@@ -305,9 +204,11 @@ def load_reward_model(model_args: ModelConfig, args: RewardConfig, tokenizer):
     set_seed(args.seed)  # the score head is initialised randomly at load time
     with suppress_seqcls_warning():  # "score.weight MISSING / lm_head UNEXPECTED" is expected from a causal LM
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_args.model_name_or_path, num_labels=1, **modeling.model_init_kwargs(model_args, args)
+            model_args.model_name_or_path, num_labels=heads(args), **modeling.model_init_kwargs(model_args, args)
         )
     modeling.match_vocab(model, tokenizer)
+    if heads(args) > 1:
+        model.config.reward_heads = heads(args)
     return model
 
 
@@ -318,7 +219,7 @@ def export(trainer: trl.RewardTrainer, output_dir: str | Path, tokenizer, model_
     applies the saved adapter and merges that."""
     output_dir = Path(output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    record(model.config, tokenizer, model_args.model_name_or_path)
+    record(model.config, tokenizer, model_args.model_name_or_path, heads(trainer.args))
     is_peft = hasattr(model, "peft_config")
     if is_peft:
         trainer.save_model(str(output_dir / "adapter"))
@@ -335,10 +236,13 @@ def export(trainer: trl.RewardTrainer, output_dir: str | Path, tokenizer, model_
     return output_dir
 
 
-def record(config, tokenizer, start: str) -> None:
-    """The pad id the head reads past, hhrm's convention and the start it was fine-tuned from (WARM averages only
-    RMs of one start), on the config (so a later save keeps them)."""
+def record(config, tokenizer, start: str, reward_heads: int = 1) -> None:
+    """The pad id the head reads past, hhrm's convention, the start it was fine-tuned from (WARM averages only
+    RMs of one start) and, for E > 1 score heads, ``reward_heads`` = E (what makes the folder an ensemble: a
+    plain ``num_labels=2`` classifier is still refused), on the config (so a later save keeps them)."""
     config.pad_token_id = tokenizer.pad_token_id
+    if reward_heads > 1:
+        config.reward_heads = reward_heads
     setattr(config, conventions.CONFIG_KEY, conventions.HHRM.name)
     config.reward_start = {"model": str(start), "weights": model_checks.weights_identity(start)}
 
@@ -351,11 +255,11 @@ def _merge_from_adapter(output_dir: Path, model_args: ModelConfig, tokenizer, ar
     dtype = runtime.torch_dtype(args.bf16)
     with suppress_seqcls_warning():
         base = AutoModelForSequenceClassification.from_pretrained(
-            model_args.model_name_or_path, num_labels=1, dtype=dtype
+            model_args.model_name_or_path, num_labels=heads(args), dtype=dtype
         )
     modeling.match_vocab(base, tokenizer)
     merged = PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload()
-    record(merged.config, tokenizer, model_args.model_name_or_path)
+    record(merged.config, tokenizer, model_args.model_name_or_path, heads(args))
     merged.save_pretrained(output_dir, safe_serialization=True)
 
 
@@ -391,7 +295,7 @@ def finish(
         metrics.update(result["metrics"])
         rm_eval.write_results(result | {"counts": pairs.counts}, folder / "eval_rm.json")
         report = hdata.data_report(pairs.splits, trainer.processing_class, pairs.counts, lengths=pairs.lengths)
-        card = rm_card.model_card(output_dir, configs, metrics, report, scorer.convention.name)
+        card = rm_card.model_card(output_dir, configs, metrics, report, scorer.convention.name, scorer.heads)
         card.sections = (rm_eval.card_section(result["metrics"], result["held_out"], str(output_dir)),)
         reporting.write_stage_outputs(folder, metrics, card, report)
     trainer.accelerator.wait_for_everyone()

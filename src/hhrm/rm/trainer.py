@@ -14,6 +14,8 @@
   DeepSpeed and PEFT's ``modules_to_save`` wrapper) and read at each sequence's last token: the EOS that
   :func:`hhrm.reward.scoring.encode` appends, the token the padded path reads. Those ``(2B, 1)`` rewards, chosen
   first, go through TRL's own ``compute_loss``: the same Bradley-Terry loss, margin, centring and metrics.
+* **E score heads** (``ensemble_size=E``, ``ensemble_kind=heads``; :mod:`hhrm.rm.heads`). The collator also
+  hands each pair's bootstrap weights, and the ``(2B, E)`` rewards of either path go through the weighted loss.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from datasets import Dataset
 from torch import nn
 from transformers import DataCollatorWithFlattening
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+from hhrm.rm import config as rm_config
+from hhrm.rm import heads as rm_heads
 
 # The strategies whose sampler reads ``length_column_name``.
 LENGTH_STRATEGIES = ("group_by_length", "batch_rebalance")
@@ -133,7 +138,19 @@ class RewardTrainer(trl.RewardTrainer):
     def __init__(self, model, args, data_collator=None, **kwargs):
         if data_collator is None and getattr(args, "padding_free", False):
             data_collator = PackedPreferenceCollator()
-        super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        heads = rm_config.heads(args)
+        if heads == 1:
+            super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+            return
+        labels = getattr(getattr(model, "config", None), "num_labels", None)
+        if labels != heads:
+            raise ValueError(
+                f"ensemble_size={heads} (ensemble_kind=heads) needs a loaded model with num_labels={heads}, got "
+                f"{labels or model!r}: load it with hhrm.rm.stage.load_reward_model"
+            )
+        with rm_heads.one_label_for_trl(model.config):
+            super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        self.data_collator = rm_heads.BootstrapCollator(self.data_collator, args.seed, heads)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -148,10 +165,11 @@ class RewardTrainer(trl.RewardTrainer):
             self._signature_columns = [*self._signature_columns, self.args.length_column_name]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        ends = inputs.pop(SEQUENCE_ENDS, None)
-        if ends is None:  # a padded batch
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # TRL counts the batch's tokens with the attention mask: a packed row has no padding.
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        packed = PackedRewards(model, score_head(self.accelerator.unwrap_model(model)), ends)
-        return super().compute_loss(packed, inputs, return_outputs, num_items_in_batch)
+        ends, weights = inputs.pop(SEQUENCE_ENDS, None), inputs.pop(rm_heads.WEIGHTS, None)
+        if ends is not None:
+            # TRL counts the batch's tokens with the attention mask: a packed row has no padding.
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+            model = PackedRewards(model, score_head(self.accelerator.unwrap_model(model)), ends)
+        if weights is not None:  # E heads: the bootstrap-weighted loss
+            return rm_heads.compute_loss(self, model, inputs, weights, return_outputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
