@@ -13,6 +13,9 @@ pad == EOS RM that records none) or --reward_model_url (a reward server, make se
 that picks by a rule (overopt.json's reward_aggregation; samples.jsonl keeps each member's reward):
     python recipes/overopt.py ... --reward_ensemble outputs/tiny/rm_s0 outputs/tiny/rm_s1 outputs/tiny/rm_s2 \
         --reward_aggregation uwo --reward_uwo_lambda 0.5
+Regularised best-of-n (RBoN-KL, Jinnai et al. 2024) beside the plain curve, on the same samples: --kl_betas 0.1 0.3
+picks argmax proxy + beta * log pi(y|x) (log pi under the policy, summed over the response tokens; samples.jsonl then
+records it as logprobs; overopt.json's regularised, overopt.md's second table).
 """
 
 import hhrm  # noqa: F401  (first: quiets bitsandbytes' optional-kernels warning)
@@ -34,6 +37,11 @@ def main(data_args: data.DataArguments, args: overopt.OverOptConfig, model_args:
     result = overopt.run(args, data_args, model_args)
     for row in result["curve"]:
         print(reporting.headline(row, HEADLINE))
+    key = "gold" if result["gold"] else "proxy"
+    for beta, rows in (result["regularised"] or {}).items():  # kl_betas: the RBoN-KL pick's gold accuracy per n
+        print(
+            f"RBoN-KL beta {beta}, {key}: " + ", ".join(f"n={r['n']} {reporting.fmt(r[key + '_mean'])}" for r in rows)
+        )
     print(f"curve written to {args.output_dir} ({overopt.JSON_FILE}, {overopt.TABLE_FILE}, {overopt.PLOT_FILE})")
     return result
 

@@ -87,6 +87,49 @@ def test_existing_curve_refused(tmp_path):
     overopt.OverOptConfig(reward_model_name_or_path="rm", output_dir=str(tmp_path), overwrite_output_dir=True)
 
 
+def test_regularised_best_of_n_picks_the_argmax_of_proxy_plus_beta_logprob():
+    rng = np.random.default_rng(0)
+    proxy = rng.normal(size=(6, 8))
+    logps = rng.normal(-20.0, 4.0, size=(6, 8))
+    gold = (rng.random((6, 8)) > 0.5).astype(float)
+    curves = overopt.regularised_curves(proxy, logps, gold, [0.1, 100.0])
+    assert list(curves) == ["0", "0.1", "100"]
+    plain = overopt.curve(proxy, gold)
+    assert [{k: r[k] for k in plain[0]} for r in curves["0"]] == plain  # beta 0: plain best-of-n
+    for n in overopt.ns(8):
+        row = curves["0.1"][int(math.log2(n))]
+        score = proxy + 0.1 * logps
+        assert row["gold_mean"] == pytest.approx(brute_force(score, gold, n).mean())
+        assert row["proxy_mean"] == pytest.approx(brute_force(score, proxy, n).mean())  # the pick's proxy reward
+        assert row["logprob_mean"] == pytest.approx(brute_force(score, logps, n).mean())
+    # a large beta picks the likeliest sample: at n = n_max its log pi is each prompt's highest
+    assert curves["100"][-1]["logprob_mean"] == pytest.approx(logps.max(-1).mean())
+    assert curves["100"][-1]["logprob_mean"] > curves["0"][-1]["logprob_mean"]
+    rows = [{"proxy": p.tolist(), "gold": g.tolist(), "logprobs": lp.tolist()} for p, g, lp in zip(proxy, gold, logps)]
+    assert overopt.regularised_from_samples(rows, [0.1, 100.0]) == curves
+    assert "| 0.1 |" in overopt.regularised_markdown(curves, True)
+    with pytest.raises(ValueError, match="no logprobs: run make overopt with kl_betas"):
+        overopt.regularised_from_samples([{"proxy": [1.0, 2.0], "gold": None}], [0.1])
+    with pytest.raises(ValueError, match=r"kl_betas=\[-0.1\]: each must be > 0"):
+        overopt.OverOptConfig(reward_model_name_or_path="rm", output_dir="unused", kl_betas=[0.1, -0.1])
+
+
+def assert_logprobs_are_the_policys(policy_path, samples: list[dict], max_new_tokens: int) -> None:
+    from transformers import AutoModelForCausalLM
+    from trl import ModelConfig
+
+    from hhrm import logprobs, modeling
+
+    tok = modeling.load_tokenizer(ModelConfig(model_name_or_path=str(policy_path)), padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(policy_path)
+    modeling.match_vocab(policy, tok)
+    responses = [r for s in samples for r in s["responses"]]
+    eos = [len(ids) < max_new_tokens for ids in tok(responses, add_special_tokens=False)["input_ids"]]
+    prompts = [s["prompt"] for s in samples for _ in s["responses"]]
+    expected = logprobs.sequence_logprobs(policy, tok, prompts, responses, 1.0, eos=eos)
+    assert [x for s in samples for x in s["logprobs"]] == pytest.approx(expected, abs=1e-4)
+
+
 @pytest.mark.slow
 def test_recipe_end_to_end(quick_models, tmp_path):
     from trl import ModelConfig
@@ -94,7 +137,7 @@ def test_recipe_end_to_end(quick_models, tmp_path):
     out = tmp_path / "curve"
     args = overopt.OverOptConfig(
         reward_model_name_or_path=str(quick_models["rm"]), output_dir=str(out), n_max=4, heldout_prompts=12,
-        max_new_tokens=12, progress=False,
+        max_new_tokens=12, progress=False, kl_betas=[0.5, 5.0],
     )  # fmt: skip
     data_args = hdata.DataArguments(dataset_name=str(quick_models["data"]), test_offset=TEST_OFFSET)
     result = load_recipe("overopt").main(data_args, args, ModelConfig(model_name_or_path=str(quick_models["policy"])))
@@ -113,6 +156,14 @@ def test_recipe_end_to_end(quick_models, tmp_path):
         overopt.curve_from_samples(out / overopt.SAMPLES_FILE) == reporting.read_json(out / overopt.JSON_FILE)["curve"]
     )
     assert "| n | KL bound |" in (out / overopt.TABLE_FILE).read_text()
+    # kl_betas: each sample's log pi under the policy is recorded (as hhrm.logprobs computes it), and the regularised
+    # curves are recomputed from the samples file alone
+    assert_logprobs_are_the_policys(quick_models["policy"], samples, max_new_tokens=12)
+    assert overopt.regularised_from_samples(samples, [0.5, 5.0]) == result["regularised"]
+    assert list(result["regularised"]) == ["0", "0.5", "5"] and result["regularised"]["0"][0]["gold_mean"] == (
+        pytest.approx(first["gold_mean"])
+    )
+    assert "## Regularised best-of-n (RBoN-KL)" in (out / overopt.TABLE_FILE).read_text()
     with pytest.raises(ValueError, match="already holds a curve"):
         overopt.OverOptConfig(reward_model_name_or_path=str(quick_models["rm"]), output_dir=str(out))
 

@@ -17,6 +17,9 @@ gold-correct samples, the probability that an n-subset holds one is 1 - C(n_max 
 Ties in proxy reward go to the earlier-drawn sample (lower sample index), as ``numpy.argmax`` over a subset
 in draw order picks it; the samples are i.i.d., so draw order is a random order.
 
+With ``kl_betas`` set, regularised best-of-n curves (RBoN-KL, :mod:`hhrm.overopt_curves`) come beside it on the
+same samples: the pick is the argmax of proxy + beta * log pi(y|x) under the sampling policy.
+
 Gold numbers need prompts of the embedded data set (:func:`hhrm.synthetic.is_gold_checkable`); on any other
 data the curve has the proxy only, and the files say so.
 """
@@ -24,7 +27,6 @@ data the curve has the proxy only, and the files say so.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,7 +35,23 @@ from typing import Any
 
 import numpy as np
 
-from hhrm import data, finite, generation, model_checks, modeling, outputs, reporting, runtime, synthetic
+from hhrm import data, finite, generation, logprobs, model_checks, modeling, outputs, reporting, runtime, synthetic
+from hhrm.overopt_curves import (  # noqa: F401  (the estimator's names, re-exported: hhrm.overopt.curve etc.)
+    Z95,
+    best_of_n,
+    check_kl_betas,
+    check_n_max,
+    curve,
+    gold_ceiling,
+    kl_bound,
+    mean_ci,
+    ns,
+    pick_weights,
+    rank_order,
+    regularised_curves,
+    regularised_from_samples,
+    regularised_markdown,
+)
 from hhrm.reward import ensemble, sources
 
 logger = logging.getLogger(__name__)
@@ -41,7 +59,6 @@ logger = logging.getLogger(__name__)
 JSON_FILE, TABLE_FILE, PLOT_FILE, SAMPLES_FILE = "overopt.json", "overopt.md", "overopt.png", "samples.jsonl"
 RESULT_FILES = (JSON_FILE, TABLE_FILE, PLOT_FILE, SAMPLES_FILE)
 TIE_BREAK = "ties in proxy reward go to the earlier-drawn sample (lower sample index)"
-Z95 = 1.96
 
 
 @dataclass
@@ -73,6 +90,15 @@ class OverOptConfig(sources.RewardArguments):
         default=32, metadata={"help": "Prompts per generate call (each expanded to n_max sequences)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the sampling (the same settings give the same samples)."})
+    kl_betas: list[float] = field(
+        default_factory=list,
+        metadata={
+            "help": "Regularised best-of-n (RBoN-KL, Jinnai et al. 2024) curves beside the plain one, one per "
+            "beta > 0: the pick is argmax proxy + beta * log pi(y|x), log pi the sample's log-prob under the "
+            "sampling policy summed over its tokens at the sampling temperature (-log pi(y|x) is the KL of the "
+            "one-point distribution on y to the policy). Set: samples.jsonl records each sample's log-prob (logprobs)."
+        },
+    )
     bf16: bool | None = field(default=None, metadata={"help": "None: bf16 on a bf16-capable GPU, fp32 elsewhere."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
@@ -82,6 +108,7 @@ class OverOptConfig(sources.RewardArguments):
         if not self.output_dir:
             raise ValueError("output_dir is required: the folder for the curve's files")
         check_n_max(self.n_max)
+        check_kl_betas(list(self.kl_betas or []))
         for name in ("heldout_prompts", "generation_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
@@ -100,95 +127,6 @@ class OverOptConfig(sources.RewardArguments):
         return generation.SamplingArguments(
             max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature, top_p=self.top_p
         )
-
-
-def check_n_max(n_max: int) -> None:
-    """Refuse an ``n_max`` that is not a power of 2 of at least 2 (n = 1 alone is no curve)."""
-    if n_max < 2 or n_max & (n_max - 1):
-        raise ValueError(f"n_max={n_max}: must be a power of 2 and >= 2 (the curve has n = 1, 2, 4, ..., n_max)")
-
-
-def ns(n_max: int) -> list[int]:
-    """1, 2, 4, ..., n_max."""
-    check_n_max(n_max)
-    return [2**j for j in range(int(math.log2(n_max)) + 1)]
-
-
-def kl_bound(n: int) -> float:
-    """The analytic bound on KL(best-of-n || policy): log n - (n - 1) / n (0 for n = 1)."""
-    if n < 1:
-        raise ValueError(f"n={n}: must be >= 1")
-    return math.log(n) - (n - 1) / n
-
-
-# --------------------------------------------------------------------------------------------
-# The estimator
-
-
-def pick_weights(n_max: int, n: int) -> np.ndarray:
-    """``w[i]``: probability that the sample of ascending rank ``i + 1`` is the max of a random n-subset."""
-    if not 1 <= n <= n_max:
-        raise ValueError(f"n={n}: must be within [1, n_max={n_max}]")
-    total = math.comb(n_max, n)
-    return np.array([math.comb(i, n - 1) / total for i in range(n_max)], dtype=np.float64)
-
-
-def rank_order(proxy: np.ndarray) -> np.ndarray:
-    """Per row, the sample indices in ascending proxy order; among ties the lower index ranks higher."""
-    proxy = np.asarray(proxy, dtype=np.float64)
-    index = np.broadcast_to(np.arange(proxy.shape[-1]), proxy.shape)
-    return np.lexsort((-index, proxy), axis=-1)
-
-
-def best_of_n(proxy: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
-    """Per prompt (row), the expected ``values`` of the proxy's best-of-n pick over all n-subsets of the samples.
-
-    ``proxy`` and ``values``: ``[prompts, n_max]``. ``values = proxy`` gives the pick's proxy reward.
-    """
-    proxy, values = np.asarray(proxy, dtype=np.float64), np.asarray(values, dtype=np.float64)
-    order = rank_order(proxy)
-    ranked = np.take_along_axis(values, order, axis=-1)
-    return ranked @ pick_weights(proxy.shape[-1], n)
-
-
-def gold_ceiling(gold: np.ndarray, n: int) -> np.ndarray:
-    """Per prompt, the gold accuracy of the gold reward's own best-of-n pick: P(at least one of n is correct)."""
-    gold = np.asarray(gold, dtype=np.float64)
-    n_max = gold.shape[-1]
-    correct = (gold > 0).sum(axis=-1)
-    total = math.comb(n_max, n)
-    return np.array([1.0 - math.comb(n_max - int(c), n) / total for c in correct])
-
-
-def mean_ci(values: np.ndarray) -> tuple[float, float | None]:
-    """Mean over prompts and the 95% half-width 1.96 * std / sqrt(prompts) (None for one prompt)."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) < 2:
-        return float(values.mean()), None
-    return float(values.mean()), float(Z95 * values.std(ddof=1) / math.sqrt(len(values)))
-
-
-def _interval(name: str, values: np.ndarray) -> dict[str, Any]:
-    mean, half = mean_ci(values)
-    ci = None if half is None else [mean - half, mean + half]
-    return {f"{name}_mean": mean, f"{name}_ci_half": half, f"{name}_ci": ci}
-
-
-def curve(proxy: np.ndarray, gold: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """One row per n = 1, 2, ..., n_max (see the module docstring); gold columns only when ``gold`` is given."""
-    proxy = np.asarray(proxy, dtype=np.float64)
-    if proxy.ndim != 2 or not len(proxy):
-        raise ValueError(f"proxy rewards must be [prompts, n_max] with at least one prompt, got shape {proxy.shape}")
-    rows = []
-    for n in ns(proxy.shape[1]):
-        kl = kl_bound(n)
-        row: dict[str, Any] = {"n": n, "kl_bound": kl, "sqrt_kl": math.sqrt(kl)}
-        row |= _interval("proxy", best_of_n(proxy, proxy, n))
-        if gold is not None:
-            row |= _interval("gold", best_of_n(proxy, gold, n))
-            row |= _interval("gold_ceiling", gold_ceiling(gold, n))
-        rows.append(row)
-    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,6 +158,7 @@ def sample_and_score(args: OverOptConfig, data_args: data.DataArguments, model_a
         policy, tokenizer, prompts, args.n_max, args.sampling(), args.generation_batch_size,
         progress=args.progress, seed=args.seed, stats=stats,
     )  # fmt: skip
+    logps = sample_logprobs(policy, tokenizer, prompts, responses, args) if args.kl_betas else None
     del policy
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -238,14 +177,27 @@ def sample_and_score(args: OverOptConfig, data_args: data.DataArguments, model_a
     else:
         logger.warning("the prompts are not the embedded data set's: no gold reward, the curve has the proxy only")
     out = {"prompts": prompts, "responses": responses, "proxy": proxy, "gold": gold, "generation": stats}
-    out["members"] = members
+    out["members"], out["logprobs"] = members, logps
     return out | {"reward": source.identity()}
+
+
+def sample_logprobs(policy, tokenizer, prompts: list[str], responses: list[list[str]], args) -> np.ndarray:
+    """``[prompts, n_max]``: each sample's log pi(y|x) under the policy that drew it, summed over its tokens at the
+    sampling temperature, its EOS included when it stopped before max_new_tokens (it was drawn with it)."""
+    flat = [r for rs in responses for r in rs]
+    counts = [len(ids) for ids in tokenizer(flat, add_special_tokens=False)["input_ids"]] if flat else []
+    values = logprobs.sequence_logprobs(
+        policy, tokenizer, [p for p in prompts for _ in range(args.n_max)], flat, args.temperature,
+        args.generation_batch_size, eos=[n < args.max_new_tokens for n in counts],
+    )  # fmt: skip
+    return np.array(values, dtype=np.float64).reshape(len(prompts), args.n_max)
 
 
 def sample_rows(sampled: dict[str, Any]) -> list[dict[str, Any]]:
     """``samples.jsonl``: one row per prompt, its responses in draw order with their proxy and gold rewards (and,
-    from an ensemble, ``proxy_members``: per response its E members' rewards)."""
-    gold, members = sampled["gold"], sampled.get("members")
+    from an ensemble, ``proxy_members``: per response its E members' rewards; with kl_betas, ``logprobs``: per
+    response its log pi(y|x))."""
+    gold, members, logps = sampled["gold"], sampled.get("members"), sampled.get("logprobs")
     rows = [
         {
             "prompt_index": i,
@@ -258,6 +210,8 @@ def sample_rows(sampled: dict[str, Any]) -> list[dict[str, Any]]:
     ]
     for row, ms in zip(rows, members if members is not None else []):
         row["proxy_members"] = ms.tolist()
+    for row, lp in zip(rows, logps if logps is not None else []):
+        row["logprobs"] = lp.tolist()
     return rows
 
 
@@ -300,7 +254,10 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     if not gold:
         lines += ["No gold reward: the prompts are not the embedded data set's, so the curve has the proxy only.", ""]
-    return "\n".join(lines) + "\n" + reporting.markdown_table(table, cols, headers)
+    text = "\n".join(lines) + "\n" + reporting.markdown_table(table, cols, headers)
+    if result.get("regularised"):
+        text += "\n" + regularised_markdown(result["regularised"], gold)
+    return text
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -331,6 +288,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if key != "proxy":
             ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=8)
+    for beta, reg in (result.get("regularised") or {}).items():  # RBoN-KL: the pick's proxy (and gold) per beta
+        for ax, key in zip(axes[0], ("proxy", "gold") if float(beta) else ()):
+            ax.plot(x, [r[f"{key}_mean"] for r in reg], ".:", label=f"RBoN-KL pick, beta {beta}")
+            ax.legend(fontsize=8)
     rule = result.get("reward_aggregation")
     rule = f", ensemble {rule}" + (f" (lambda {result['config']['reward_uwo_lambda']})" if rule == "uwo" else "")
     title = f"best-of-n, {result['prompts']} prompts x {result['n_max']} samples"
@@ -369,10 +330,16 @@ def run(args: OverOptConfig, data_args: data.DataArguments, model_args) -> dict[
         "tie_break": TIE_BREAK,
         "ci": "95%: mean +- 1.96 * std / sqrt(prompts), over prompts",
         "curve": curve(sampled["proxy"], sampled["gold"]),
+        "kl_betas": list(args.kl_betas),
+        "regularised": None,  # with kl_betas: {"beta": curve}, "0" the plain one (RBoN-KL, hhrm.overopt_curves)
         "generation": sampled["generation"],
         "config": reporting.config_dict(args),
         "data": reporting.config_dict(data_args),
     }
+    if args.kl_betas:
+        result["regularised"] = regularised_curves(
+            sampled["proxy"], sampled["logprobs"], sampled["gold"], args.kl_betas
+        )
     reporting.write_jsonl(sample_rows(sampled), out / SAMPLES_FILE)
     result["seconds"] = time.perf_counter() - start
     reporting.write_json(result, out / JSON_FILE)
