@@ -383,3 +383,44 @@ def test_dpo_under_two_processes(models, tmp_path):
     assert len(read_jsonl(d / "kept.jsonl")) + sum(stats["skipped"].values()) == 21
     assert "dpo_reward_accuracy" in json.loads((d / "train.stats.json").read_text())
     assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
+
+
+def test_regularised_soft_selection_keeps_the_rules_pick_from_the_policys_logprobs(models, tmp_path):
+    """selection_kl_beta > 0: the generate stage records each sample's log pi(y|x) under the iteration's policy (as
+    hhrm.logprobs computes it), and the select stage keeps, per prompt, the soft regularised rule's draw from
+    reward + beta * log pi; a resume with another beta is refused. Stops after select (no fine-tune)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+    from trl import ModelConfig
+
+    from hhrm import logprobs, modeling
+    from hhrm.raft.select import regularised_scores, select_best_of_k
+
+    out = tmp_path / "rbon"
+    values = settings(models, out, num_iterations=1, prompts_per_iteration=8, heldout_prompts=2, max_new_tokens=12)
+    values |= dict(selection_kl_beta=0.1, selection_temperature=0.5, stop_after="0:select")
+    with pytest.raises(StopRequested):
+        run(values)
+    d = out / "iter_000"
+    scored = read_jsonl(d / "scored.jsonl")
+    tok = modeling.load_tokenizer(ModelConfig(model_name_or_path=str(models["policy"])))
+    policy = AutoModelForCausalLM.from_pretrained(models["policy"])
+    modeling.match_vocab(policy, tok)
+    prompts = [r["prompt"] for r in scored for _ in r["responses"]]
+    responses = [x for r in scored for x in r["responses"]]
+    eos = [n < 12 for r in scored for n in r["response_tokens"]]
+    expected = logprobs.sequence_logprobs(policy, tok, prompts, responses, 1.0, eos=eos)
+    assert [x for r in scored for x in r["response_logprobs"]] == pytest.approx(expected, abs=1e-4)
+    reasons = [[None] * 4 for _ in scored]
+    for f in read_jsonl(d / "filtered.jsonl"):
+        reasons[[r["index"] for r in scored].index(f["index"])][f["sample"]] = f["reason"]
+    scores = regularised_scores([r["rewards"] for r in scored], [r["response_logprobs"] for r in scored], 0.1)
+    seed = RaftConfig.seed_for(SimpleNamespace(seed=0), 0, 4, 0)
+    picks = select_best_of_k(scores, reasons, temperature=0.5, seed=seed)
+    assert [(r["index"], r["sample"]) for r in kept(out, 0)] == [(scored[i]["index"], j) for i, j in picks]
+    assert [r["selection_score"] for r in kept(out, 0)] == pytest.approx([scores[i][j] for i, j in picks])
+    rule = json.loads((d / "select.stats.json").read_text())["selection_rule"]
+    assert "softmax((reward + 0.1 * log pi(y|x)" in rule and "/ 0.5" in rule
+    with pytest.raises(ValueError, match="other settings.*raft.selection_kl_beta"):
+        run(values | {"selection_kl_beta": 0.3})

@@ -214,6 +214,22 @@ def test_resume_check_names_the_changed_settings(tmp_path):
         files.check_resume(tmp_path, changed)
 
 
+def test_a_setting_added_by_a_later_hhrm_resumes_at_its_default(tmp_path):
+    """A run folder written before a setting existed resumes while that setting is at its default, not otherwise."""
+    from hhrm.raft.config import RaftConfig
+
+    defaults = files.setting_defaults(raft=RaftConfig)
+    assert defaults["raft"]["selection_kl_beta"] == 0.0 and defaults["raft"]["stop_on_alarm"] is False
+    old = {"data": {}, "model": "sft", "raft": {"num_samples": 4}}
+    write_json({"fingerprint": old}, tmp_path / "run.json")
+    now = {"data": {}, "model": "sft", "raft": {"num_samples": 4, "selection_kl_beta": 0.0, "stop_on_alarm": False}}
+    files.check_resume(tmp_path, now, defaults)
+    with pytest.raises(ValueError, match=r"other settings \(raft.selection_kl_beta\)"):
+        files.check_resume(tmp_path, now | {"raft": now["raft"] | {"selection_kl_beta": 0.3}}, defaults)
+    with pytest.raises(ValueError, match=r"raft.stop_on_alarm"):  # without the defaults: every new key has changed
+        files.check_resume(tmp_path, now)
+
+
 def test_a_policy_folder_is_done_only_once_published(tmp_path):
     tmp, final = tmp_path / "policy.tmp", tmp_path / "policy"
     tmp.mkdir()

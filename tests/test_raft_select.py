@@ -141,3 +141,81 @@ def test_the_dpo_loss_types_checked_at_parse_time_are_trls():
     help_text = {f.name: f for f in dataclasses.fields(trl.DPOConfig)}["loss_type"].metadata["help"]
     listed = re.findall(r"`'([a-z_]+)'`", help_text.split("If multiple")[0])
     assert sorted(listed) == sorted(DPO_LOSS_TYPES)
+
+
+# ----- regularised (RBoN-KL) and soft best-of-K --------------------------------------------------
+
+
+def test_regularised_score_shifts_the_pick_to_the_likelier_sample():
+    from hhrm.raft.select import regularised_scores
+
+    rewards = [[1.0, 1.2, 0.9]]  # sample 1 has the top reward but is the least likely under the policy
+    logprobs = [[-10.0, -14.0, -9.0]]
+    reasons = [[OK] * 3]
+    assert select_best_of_k(regularised_scores(rewards, logprobs, 0.0), reasons) == [(0, 1)]  # beta 0: argmax
+    # beta 0.1: 1.0 - 1.0 = 0.0, 1.2 - 1.4 = -0.2, 0.9 - 0.9 = 0.0 -> tie of 0 and 2, the first wins
+    assert regularised_scores(rewards, logprobs, 0.1) == [pytest.approx([0.0, -0.2, 0.0])]
+    assert select_best_of_k(regularised_scores(rewards, logprobs, 0.1), reasons) == [(0, 0)]
+    assert select_best_of_k(regularised_scores(rewards, logprobs, 1.0), reasons) == [(0, 2)]  # the likeliest
+    # top_fraction ranks by the same score over the batch
+    two = [[1.0, 1.2], [0.0, 0.5]], [[-10.0, -14.0], [-1.0, -3.0]]
+    scores = regularised_scores(*two, 0.5)  # [-4, -5.8], [-0.5, -1.0]
+    assert select_top_fraction(scores, [[OK, OK], [OK, OK]], 0.5) == [(1, 0), (1, 1)]
+
+
+def test_soft_best_of_k_is_deterministic_per_seed_and_argmax_as_temperature_goes_to_zero():
+    rewards = [[0.1, 0.9, 0.5, 0.2], [2.0, -1.0, 1.0, 1.9], [0.0, 0.0, 0.0, 0.0]]
+    reasons = [[OK] * 4, [OK, OK, OK, "empty"], [OK] * 4]
+    argmax = select_best_of_k(rewards, reasons)
+    assert select_best_of_k(rewards, reasons, temperature=1e-6, seed=3) == argmax
+    assert select(rewards, reasons, "best_of_k", temperature=1e-6, seed=3) == argmax
+    picks = [select_best_of_k(rewards, reasons, temperature=1.0, seed=s) for s in range(30)]
+    assert picks == [select_best_of_k(rewards, reasons, temperature=1.0, seed=s) for s in range(30)]  # a resume
+    assert len({tuple(p) for p in picks}) > 1  # another seed, another draw
+    assert all((1, 3) not in p for p in picks)  # a filtered sample is never drawn
+
+
+def test_soft_best_of_k_follows_the_softmax_frequencies():
+    scores, temperature, draws = [0.0, 1.0, 2.0], 0.5, 4000
+    reasons = [[OK] * 3] * draws
+    picks = select_best_of_k([scores] * draws, reasons, temperature=temperature, seed=11)  # one draw per prompt
+    weights = [math.exp(s / temperature) for s in scores]
+    expected = [w / sum(weights) for w in weights]  # 0.016, 0.117, 0.867
+    for j, p in enumerate(expected):
+        freq = sum(pick == j for _, pick in picks) / draws
+        assert abs(freq - p) < 4 * math.sqrt(p * (1 - p) / draws), (j, freq, p)
+
+
+def test_regularised_and_soft_refusals():
+    from hhrm.raft.select import check_selection_rule, regularised_scores, selection_rule
+
+    with pytest.raises(ValueError, match="selection_kl_beta=-0.1: must be >= 0"):
+        regularised_scores([[1.0]], [[-1.0]], -0.1)
+    with pytest.raises(ValueError, match="no response_logprobs"):
+        regularised_scores([[1.0]], [None], 0.1)
+    with pytest.raises(ValueError, match="selection_temperature=-1.0: must be >= 0"):
+        select_best_of_k([[1.0]], [[OK]], temperature=-1.0)
+    with pytest.raises(ValueError, match="selection_temperature=0.5 with selection=top_fraction"):
+        select([[1.0]], [[OK]], "top_fraction", 0.5, temperature=0.5)
+    check_selection_rule("top_fraction", "sft", 0.3, 0.0)  # the regularised score ranks a batch as well
+    for beta, t in ((0.1, 0.0), (0.0, 1.0)):
+        with pytest.raises(ValueError, match="with update=dpo: .*set them 0"):
+            check_selection_rule("best_of_k", "dpo", beta, t)
+    assert selection_rule("best_of_k") == "argmax of reward over the K samples (best-of-K)"
+    assert "softmax((reward + 0.1 * log pi(y|x)" in selection_rule("best_of_k", "sft", 0.1, 2.0)
+
+
+def test_raft_config_refuses_bad_selection_rules_when_parsed(tmp_path):
+    from hhrm.raft import RaftConfig
+
+    base = dict(output_dir=str(tmp_path), reward_model_name_or_path="rm")
+    for bad, message in (
+        (dict(selection_kl_beta=-1.0), "selection_kl_beta=-1.0: must be >= 0"),
+        (dict(selection_temperature=-0.5), "selection_temperature=-0.5: must be >= 0"),
+        (dict(selection="top_fraction", selection_temperature=1.0), "with selection=top_fraction"),
+        (dict(update="dpo", selection_kl_beta=0.1), "with update=dpo"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            RaftConfig(**base, **bad)
+    args = RaftConfig(**base, selection_kl_beta=0.1, selection_temperature=0.5)
+    assert (args.selection_kl_beta, args.selection_temperature) == (0.1, 0.5)

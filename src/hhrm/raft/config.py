@@ -6,9 +6,10 @@ from dataclasses import dataclass, field, fields
 
 import trl
 
+import hhrm.raft.alarm as alarm
 from hhrm import generation
 from hhrm.generation import SamplingArguments
-from hhrm.raft.select import SELECTIONS, UPDATES, JunkFilter
+from hhrm.raft.select import SELECTIONS, UPDATES, JunkFilter, check_selection_rule
 from hhrm.reward.sources import RewardArguments
 from hhrm.runtime import StageConfigMixin
 
@@ -61,6 +62,25 @@ class RaftConfig(StageConfigMixin, RewardArguments, trl.SFTConfig):
     )
     top_fraction: float = field(
         default=0.125, metadata={"help": "top_fraction: share of all K*N samples kept (1/K keeps N)."}
+    )
+    selection_kl_beta: float = field(
+        default=0.0,
+        metadata={
+            "help": "Regularised selection (RBoN-KL, Jinnai et al. 2024): rank samples by reward + this * "
+            "log pi(y|x), pi the iteration's sampling policy, log pi summed over the response tokens at the sampling "
+            "temperature: -log pi(y|x) is the KL of the one-point distribution on y to pi, the rule's penalty (a "
+            "per-token mean would not be; top-p/top-k truncation is not modelled). Computed in the generate stage, "
+            "kept in samples.jsonl (response_logprobs). 0: plain reward. best_of_k and top_fraction; update=sft only "
+            "(DPO's beta regularises its pairs)."
+        },
+    )
+    selection_temperature: float = field(
+        default=0.0,
+        metadata={
+            "help": "Soft best-of-K: keep one sample per prompt drawn with probability softmax(score / this), score "
+            "the (regularised) reward; seeded by seed and iteration, so a resumed run keeps the same set. 0: argmax. "
+            "selection=best_of_k and update=sft only."
+        },
     )
     update: str = field(
         default="sft",
@@ -146,6 +166,28 @@ class RaftConfig(StageConfigMixin, RewardArguments, trl.SFTConfig):
         default=51216,
         metadata={"help": "vllm server: port on the main training process's node for the NCCL weight-push group."},
     )
+    overopt_alarm_disagreement: float | None = field(
+        default=None,
+        metadata={
+            "help": "Over-optimisation alarm (hhrm.raft.alarm; needs a reward_ensemble, E >= 2): fires at an "
+            "iteration whose kept samples' ensemble std (disagreement_kept) rose by more than this fraction over "
+            "iteration 0's (0.5: +50%). None: off."
+        },
+    )
+    overopt_alarm_gap: float | None = field(
+        default=None,
+        metadata={
+            "help": "Over-optimisation alarm: fires when proxy_gap (kept-set proxy reward minus the policy's held-out "
+            "sampled reward) rose by more than this (reward units) since iteration 0. None: off."
+        },
+    )
+    stop_on_alarm: bool = field(
+        default=False,
+        metadata={
+            "help": "When the alarm fires at iteration i: stop there, before its fine-tune; the final policy is "
+            "policy i (the one iteration i sampled from). false: log and record it only."
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "Progress bars for generation and scoring."})
     stop_after: str | None = field(
         default=None, metadata={"help": "'<iteration>:<stage>': stop after that stage (staged runs, tests)."}
@@ -175,7 +217,9 @@ class RaftConfig(StageConfigMixin, RewardArguments, trl.SFTConfig):
             if not ok:
                 raise ValueError(message)
         self.check_reward_source()
+        alarm.check_settings(self)
         self.check_update()
+        check_selection_rule(self.selection, self.update, self.selection_kl_beta, self.selection_temperature)
         self.check_generation_backend()
         # Built (and so validated) now, not after the first model load.
         self.sampling = SamplingArguments(

@@ -8,6 +8,8 @@ folder is written as ``policy.tmp`` and renamed after the marker.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -143,16 +145,42 @@ def run_fingerprint(
     }
 
 
-def check_resume(run_dir: Path, fingerprint: dict[str, Any]) -> None:
-    """Refuse to resume a run folder written with other settings: it would mix two runs."""
+def setting_defaults(**configs: Any) -> dict[str, dict[str, Any]]:
+    """Per fingerprint part (``raft=args, data=data_args``), each setting's default (JSON-safe, as fingerprinted)."""
+    out: dict[str, dict[str, Any]] = {}
+    for part, config in configs.items():
+        defaults = {}
+        for f in dataclasses.fields(config):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = f.default_factory()
+        out[part] = json.loads(json.dumps(defaults, default=str))
+    return out
+
+
+def check_resume(
+    run_dir: Path, fingerprint: dict[str, Any], defaults: dict[str, dict[str, Any]] | None = None
+) -> None:
+    """Refuse to resume a run folder written with other settings: it would mix two runs. A setting the folder's
+    fingerprint lacks (added by a later hhrm) counts as unchanged while it is at its default (``defaults``)."""
     previous = read_json(run_dir / "run.json").get("fingerprint")
     if previous is None:
         return
+    missing = object()
+
+    def differs(part: str, k: str) -> bool:
+        now, before = fingerprint[part].get(k), previous.get(part, {}).get(k, missing)
+        if before is missing:
+            return now != (defaults or {}).get(part, {}).get(k)
+        return now != before
+
     changed = sorted(
         f"{part}.{k}"
         for part in fingerprint
+        if isinstance(fingerprint[part], dict)
         for k in (set(fingerprint[part]) | set(previous.get(part, {})))
-        if isinstance(fingerprint[part], dict) and fingerprint[part].get(k) != previous.get(part, {}).get(k)
+        if differs(part, k)
     )
     if previous.get("model") != fingerprint["model"]:
         changed.append("model_name_or_path")

@@ -13,6 +13,8 @@ import torch
 import trl
 from accelerate.utils import broadcast_object_list, gather_object
 
+import hhrm.raft.alarm as alarm
+import hhrm.raft.rbon as rbon
 import hhrm.raft.update as update
 from hhrm import data as hdata
 from hhrm import model_checks, modeling, reporting, runtime, synthetic
@@ -27,6 +29,7 @@ from hhrm.raft.files import (
     link_policy,
     publish_policy,
     run_fingerprint,
+    setting_defaults,
     shard,
 )
 from hhrm.raft.models import ModelResidency
@@ -38,9 +41,10 @@ from hhrm.raft.report import (
     iteration_rows,
     model_card,
     run_headline,
+    run_selection_rule,
     write_run_reports,
 )
-from hhrm.raft.select import filter_counts, select, select_pairs
+from hhrm.raft.select import filter_counts, select_pairs
 from hhrm.reporting import read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -71,39 +75,39 @@ class RaftRunner:
     def run(self) -> dict[str, Any]:
         identity = self.models.rewards.identity()
         fingerprint = run_fingerprint(self.args, self.data_args, self.model_args, self.world, identity)
-        check_resume(self.out, fingerprint)
+        check_resume(self.out, fingerprint, setting_defaults(raft=self.args, data=self.data_args))
+        alarm.check_source(self.args, self.models.rewards)  # the disagreement alarm needs an ensemble
+        run = {"prompt_set": self.prompt_report, "offload_models": self.models.offload, "world_size": self.world}
         if self.state.is_main_process:
-            reporting.write_json(
-                {
-                    "prompt_set": self.prompt_report,
-                    "offload_models": self.models.offload,
-                    "world_size": self.world,
-                    "fingerprint": fingerprint,
-                },
-                self.out / "run.json",
-            )
+            reporting.write_json(run | {"fingerprint": fingerprint}, self.out / "run.json")
         self.state.wait_for_everyone()
-        for it in range(self.args.num_iterations):
-            d = iter_dir(self.out, it)
-            if self.done(d / "metrics.json"):
-                logger.info("iteration %d already complete", it)
-                if self.args.stop_point and self.args.stop_point[0] == it:
-                    raise StopRequested(f"stopped after {self.args.stop_after} (stop_after)")
-                continue
-            self.stage(it, "draw", d / "prompts.jsonl", self.draw)
-            self.stage(it, "generate", d / "samples.jsonl", self.generate)
-            self.stage(it, "score", d / "scored.jsonl", self.score)
-            self.stage(it, "select", d / "kept.jsonl", self.select)
+        # The alarm with stop_on_alarm ends the loop at its iteration i: policy i is the final one (also on a rerun).
+        last = next((it for it in range(self.args.num_iterations) if self.iteration(it)), self.args.num_iterations)
+        final = self.final_evaluation(last)
+        self.release_models()
+        return self.finish(final, last)
+
+    def iteration(self, it: int) -> bool:
+        """Run (or resume) iteration ``it``'s stages; True when the over-optimisation alarm stops the run there."""
+        d = iter_dir(self.out, it)
+        if self.done(d / "metrics.json"):
+            logger.info("iteration %d already complete", it)
+            if self.args.stop_point and self.args.stop_point[0] == it:
+                raise StopRequested(f"stopped after {self.args.stop_after} (stop_after)")
+            return alarm.stopped_at(d / "metrics.json")
+        self.stage(it, "draw", d / "prompts.jsonl", self.draw)
+        self.stage(it, "generate", d / "samples.jsonl", self.generate)
+        self.stage(it, "score", d / "scored.jsonl", self.score)
+        self.stage(it, "select", d / "kept.jsonl", self.select)
+        # Decided from the run folder alone (every rank alike); a stop skips the alarmed fine-tune.
+        stop = bool(self.args.stop_on_alarm) and alarm.evaluate(d, iter_dir(self.out, 0), it, self.args)["alarm_stop"]
+        if not stop:
             with fine_tune_space(d, self.policy_path(it), self.model_args.dtype, self.state.is_main_process):
                 self.stage(it, "train", d / "policy", self.train)
-            self.stage(it, "metrics", d / "metrics.json", self.metrics)
-            if self.state.is_main_process:
-                logger.info(
-                    "iteration %d: %s", it, reporting.headline(read_json(d / "metrics.json"), ITERATION_HEADLINE)
-                )
-        final = self.final_evaluation()
-        self.release_models()
-        return self.finish(final)
+        self.stage(it, "metrics", d / "metrics.json", self.metrics)
+        if self.state.is_main_process:
+            logger.info("iteration %d: %s", it, reporting.headline(read_json(d / "metrics.json"), ITERATION_HEADLINE))
+        return stop
 
     def draw(self, it: int) -> dict[str, Any]:
         idx = draw_prompts(len(self.prompts), self.args.prompts_per_iteration, self.args.seed, it)
@@ -135,6 +139,8 @@ class RaftRunner:
             }
             for r, resp in zip(mine, responses)
         ]
+        if self.args.selection_kl_beta > 0:  # regularised selection: log pi under the policy that drew them
+            rbon.add_response_logprobs(self.models.policy(self.policy_path(it)), self.tokenizer, rows, self.args)
         held = self.heldout_answers(it)
         rows = gather_rows(rows, "index", [r["index"] for r in drawn])
         totals = gather_object([stats.get("generated_tokens", 0)])
@@ -152,12 +158,13 @@ class RaftRunner:
         samples = read_jsonl(d / "samples.jsonl")
         k = self.args.num_samples
         mine = shard(samples, self.rank, self.world)
-        rewards = self.models.score(
+        got = self.models.score_spread(
             [r["prompt"] for r in mine for _ in range(k)],
             [x for r in mine for x in r["responses"]],
             f"score ({len(samples) * k} samples)",
-        )
-        rows = [r | {"rewards": rewards[n * k : (n + 1) * k]} for n, r in enumerate(mine)]
+        )  # an ensemble's members' std and mean stay beside each reward (hhrm.raft.alarm)
+        rows = [r | {"rewards": got["reward"][n * k : (n + 1) * k]} | alarm.spread(got, n * k, (n + 1) * k) for n, r
+                in enumerate(mine)]  # fmt: skip
         held = self.score_heldout(read_jsonl(d / "heldout_samples.jsonl"))
         rows = gather_rows(rows, "index", [r["index"] for r in samples])
         if self.state.is_main_process:
@@ -178,8 +185,7 @@ class RaftRunner:
             kept = update.pair_rows(scored, pairs, rewards)
             fix = f"lower pair_margin, raise num_samples or temperature, or {JUNK_FIX}"
         else:
-            picks = select(rewards, reasons, self.args.selection, self.args.top_fraction)
-            kept = update.kept_rows(scored, picks, rewards)
+            kept = rbon.kept_set(scored, reasons, rewards, self.args, it)  # best-of-K: plain, regularised or soft
             skipped = {"no_valid_sample": sum(all(why is not None for why in row) for row in reasons)}
             fix = JUNK_FIX
         counts = filter_counts(reasons)
@@ -197,7 +203,7 @@ class RaftRunner:
         if self.state.is_main_process:
             reporting.write_jsonl(filtered, d / "filtered.jsonl")
         self.write_main(kept, d / "kept.jsonl")
-        return {"kept": len(kept), "filter_counts": counts, "skipped": skipped}
+        return {"kept": len(kept), "filter_counts": counts, "skipped": skipped} | run_selection_rule(self.args, True)
 
     def train(self, it: int) -> dict[str, Any]:
         d = iter_dir(self.out, it)
@@ -223,16 +229,17 @@ class RaftRunner:
 
     def metrics(self, it: int) -> dict[str, Any]:
         if self.state.is_main_process:
-            row = iteration_metrics(iter_dir(self.out, it), it, self.policy_path(it), self.gold)
-            reporting.write_json(row, iter_dir(self.out, it) / "metrics.json")
+            d = iter_dir(self.out, it)
+            row = iteration_metrics(d, it, self.policy_path(it), self.gold)
+            row |= alarm.evaluate(d, iter_dir(self.out, 0), it, self.args, log=True)
+            reporting.write_json(row, d / "metrics.json")
             rows = iteration_rows(self.out, self.args.num_iterations)
             write_run_reports(self.out, rows, None, self.title, self.args.report_to)
         self.state.wait_for_everyone()
         return {}
 
-    def final_evaluation(self) -> dict[str, Any]:
-        """The final policy's answers to the held-out prompts, scored (a stage of its own: ``final/``)."""
-        n = self.args.num_iterations
+    def final_evaluation(self, n: int) -> dict[str, Any]:
+        """Final policy ``n``'s answers to the held-out prompts, scored (a stage of its own: ``final/``)."""
         fdir = self.out / "final"
         if not self.done(fdir / "heldout_scored.jsonl"):
             start = time.perf_counter()
@@ -246,20 +253,17 @@ class RaftRunner:
         final["seconds_final_eval"] = read_json(fdir / "final.stats.json").get("seconds")
         return final
 
-    def finish(self, final: dict[str, Any]) -> dict[str, Any]:
-        """The output folder: the final policy's files, the run's metrics, table, curve and model card."""
+    def finish(self, final: dict[str, Any], last: int) -> dict[str, Any]:
+        """The output folder: final policy ``last``'s files, the run's metrics, table, curve and model card."""
         rows = iteration_rows(self.out, self.args.num_iterations)
         headline = run_headline(rows, final, self.args, self.prompt_report["prompt_set"], self.gold)
+        headline |= alarm.headline(rows, last)
         if self.state.is_main_process:
             write_run_reports(self.out, rows, final, self.title, self.args.report_to)
-            link_policy(Path(self.policy_path(self.args.num_iterations)), self.out)
-            card = model_card(
-                rows,
-                final,
-                headline,
-                {"data": self.data_args, "raft": self.args, "model": self.model_args},
-                {"source": self.splits.source, "prompt_set": self.prompt_report, "heldout_prompts": len(self.heldout)},
-            )
+            link_policy(Path(self.policy_path(last)), self.out)
+            configs = {"data": self.data_args, "raft": self.args, "model": self.model_args}
+            data = {"source": self.splits.source, "prompt_set": self.prompt_report}
+            card = model_card(rows, final, headline, configs, data | {"heldout_prompts": len(self.heldout)})
             reporting.write_json(headline, self.out / "metrics.json")
             card.write(self.out)
         self.state.wait_for_everyone()
@@ -283,12 +287,12 @@ class RaftRunner:
 
     def score_heldout(self, held: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mine = shard(held, self.rank, self.world)
-        r = self.models.score(
-            [x["prompt"] for x in mine] * 2,
-            [x["sampled"] for x in mine] + [x["greedy"] for x in mine],
-            "score held-out",
+        got = self.models.score_spread(
+            [x["prompt"] for x in mine] * 2, [x["sampled"] for x in mine] + [x["greedy"] for x in mine], "held-out"
         )
-        rows = [x | {"sampled_reward": r[j], "greedy_reward": r[len(mine) + j]} for j, x in enumerate(mine)]
+        r, m = got["reward"], len(mine)
+        rows = [x | {"sampled_reward": r[j], "greedy_reward": r[m + j]} | alarm.heldout_spread(got, j, m) for j, x
+                in enumerate(mine)]  # fmt: skip
         return gather_rows(rows, "position", [x["position"] for x in held])
 
     # ----- stage plumbing ----------------------------------------------------------------

@@ -17,6 +17,7 @@ import trl
 from accelerate import PartialState
 from trl import get_peft_config
 
+import hhrm.raft.alarm as alarm
 from hhrm import generation, model_checks, modeling, runtime
 from hhrm.raft.config import RaftConfig
 from hhrm.reward import sources
@@ -206,6 +207,11 @@ class ModelResidency:
 
     def score(self, prompts: list[str], responses: list[str], desc: str) -> list[float]:
         """Rewards of ``prompt + response`` pairs, in chunks so a progress bar can move."""
+        return self.score_spread(prompts, responses, desc)["reward"]
+
+    def score_spread(self, prompts: list[str], responses: list[str], desc: str) -> dict[str, list[float]]:
+        """``reward`` per pair and, from a source that scores its members (an ensemble: hhrm.raft.alarm), the
+        members' ``std`` and ``mean`` beside it."""
         if not self.rewards.resident:
             self.release(policy=self.offload, scorer=False)  # offload_models: the policy leaves before the RM loads
         chunk = max(self.args.reward_batch_size * 8, 1)
@@ -214,11 +220,15 @@ class ModelResidency:
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc=desc, unit="chunk")
-        out: list[float] = []
+        members = alarm.is_ensemble(self.rewards)
+        out: dict[str, list[float]] = {"reward": []} | ({"std": [], "mean": []} if members else {})
         # One gather for all chunks: ranks' shards differ in size, so their chunk counts may too.
         with self.rewards.gathered():
             for s in starts:
-                out += self.rewards.score_pairs(prompts[s : s + chunk], responses[s : s + chunk])
+                p, r = prompts[s : s + chunk], responses[s : s + chunk]
+                got = self.rewards.score_members(p, r) if members else {"reward": self.rewards.score_pairs(p, r)}
+                for k, values in out.items():
+                    values += got[k]
         return out
 
     def token_counts(self, responses: list[str]) -> list[int]:

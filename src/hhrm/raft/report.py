@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import hhrm.raft.alarm as alarm
 from hhrm import reporting, synthetic
 from hhrm.raft.config import STAGES
 from hhrm.raft.files import iter_dir
-from hhrm.raft.select import distinct_n
+from hhrm.raft.select import distinct_n, selection_rule
 from hhrm.reward import sources
 
 # Headline of the whole run (metrics.json of the output folder): first vs last iteration.
@@ -41,6 +42,8 @@ ITERATION_HEADLINE = (
     "gold_accuracy",
     "gold_accuracy_sampled",
     "kept",
+    "disagreement_kept",
+    "proxy_gap",
     "seconds_generate",
     "seconds_train",
 )
@@ -56,6 +59,11 @@ TABLE_COLUMNS = (
     "response_tokens_mean",
     "distinct_2",
     "kept",
+    "disagreement_kept",
+    "disagreement_all",
+    "disagreement_heldout",
+    "proxy_gap",
+    "alarm",
     "reward_rejected",
     "dpo_reward_accuracy",
     "dpo_reward_margin",
@@ -82,7 +90,7 @@ def heldout_metrics(held: list[dict[str, Any]], gold: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "heldout_reward": mean([r["sampled_reward"] for r in held]),
         "heldout_greedy_reward": mean([r["greedy_reward"] for r in held]),
-    }
+    } | alarm.heldout_disagreement(held)
     if gold:
         prompts = [r["prompt"] for r in held]
         greedy = synthetic.gold_summary(prompts, [r["greedy"] for r in held])
@@ -134,6 +142,16 @@ def iteration_rows(run_dir: Path, num_iterations: int) -> list[dict[str, Any]]:
     return [r for r in rows if r]
 
 
+def run_selection_rule(args: Any, as_stats: bool = False) -> str | dict[str, str]:
+    """The kept-set rule of a run, in words (older configs lack the regularised and soft settings: plain);
+    ``as_stats``: as ``{"selection_rule": ...}`` for the select stage's stats."""
+    knobs = [
+        getattr(args, k, d) for k, d in (("update", "sft"), ("selection_kl_beta", 0.0), ("selection_temperature", 0.0))
+    ]
+    rule = selection_rule(args.selection, *knobs)
+    return {"selection_rule": rule} if as_stats else rule
+
+
 def run_headline(rows: list[dict[str, Any]], final: dict[str, Any], args: Any, prompt_set: int, gold: bool) -> dict:
     """The run's ``metrics.json``: first vs last iteration, stage time totals."""
     first, last = rows[0], rows[-1]
@@ -143,6 +161,7 @@ def run_headline(rows: list[dict[str, Any]], final: dict[str, Any], args: Any, p
         "prompts_per_iteration": args.prompts_per_iteration,
         "num_samples": args.num_samples,
         "selection": args.selection,
+        "selection_rule": run_selection_rule(args),
         "reward_first_sample_first": first["reward_first_sample"],
         "reward_first_sample_last": last["reward_first_sample"],
         "reward_best_of_k_first": first["reward_best_of_k"],
@@ -217,9 +236,11 @@ def model_card(
         )
     else:
         summary = (
-            f"Reward-ranked fine-tuning: {loop}, `{args.selection}` selection, scored by `{scorer}`, fine-tuned "
+            f"Reward-ranked fine-tuning: {loop}, `{args.selection}` selection ({run_selection_rule(args)}), "
+            f"scored by `{scorer}`, fine-tuned "
             "with TRL `SFTTrainer` (completion-only loss)."
         )
+    summary += alarm.card_note(headline)
     return reporting.ModelCard(
         title=f"{'Iterative-DPO' if dpo else 'RAFT'} policy from {configs['model'].model_name_or_path} (hhrm)",
         summary=summary + "\n\n![reward curve](reward_curve.png)\n\n" + iterations_table(rows, final),
@@ -251,7 +272,9 @@ def reward_curve_figure(rows: list[dict[str, Any]], final: dict[str, Any] | None
         return [r.get(key) for r in rows] + ([final.get(key)] if final else [])
 
     gold = any("gold_accuracy" in r for r in rows)
-    fig, axes = plt.subplots(1, 3 if gold else 1, figsize=(16 if gold else 6, 4), squeeze=False)
+    spread = any("disagreement_kept" in r for r in rows)  # an ensemble's signals (hhrm.raft.alarm)
+    panels = (3 if gold else 1) + spread
+    fig, axes = plt.subplots(1, panels, figsize=(5.3 * panels if panels > 1 else 6, 4), squeeze=False)
     ax = axes[0][0]
     its = [r["iteration"] for r in rows]
     held_x = its + ([len(rows)] if final else [])
@@ -270,6 +293,8 @@ def reward_curve_figure(rows: list[dict[str, Any]], final: dict[str, Any] | None
         ax2.set_ylabel("gold accuracy")
         ax2.legend(fontsize=8)
         proxy_vs_gold(axes[0][2], held_x, series)
+    if spread:
+        alarm.plot_signals(axes[0][-1], rows)
     fig.tight_layout()
     return fig
 

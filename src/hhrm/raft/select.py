@@ -16,6 +16,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 SELECTIONS = ("best_of_k", "top_fraction")
 UPDATES = ("sft", "dpo")
 FILTER_REASONS = ("empty", "too_short", "repetitive", "pattern")
@@ -87,20 +89,60 @@ def _check_shapes(rewards: list[list[float]], reasons: list[list[str | None]]) -
         raise ValueError("rewards and filter reasons must have the same [prompt][sample] shape")
 
 
-def select_best_of_k(rewards: list[list[float]], reasons: list[list[str | None]]) -> list[tuple[int, int]]:
+def regularised_scores(
+    rewards: list[list[float]], logprobs: list[list[float]] | None, kl_beta: float
+) -> list[list[float]]:
+    """Regularised best-of-K's score (Jinnai et al., 2024, RBoN-KL): ``r_j + kl_beta * log pi(y_j | x)``.
+
+    RBoN-KL picks ``argmax_j r_j - kl_beta * KL(delta_{y_j} || pi(. | x))``, and the KL of the one-point
+    distribution on ``y_j`` to the sampling policy is ``-log pi(y_j | x)``. ``logprobs[i][j]`` is that sequence
+    log-probability: the sum over the response's tokens (its EOS included when it ended by one), at the sampling
+    temperature. The sum, not a per-token mean: it is the KL the rule is defined with, and a mean would stop
+    penalising a long unlikely response more than a short one. ``kl_beta = 0`` gives the rewards unchanged.
+    """
+    if kl_beta < 0:
+        raise ValueError(f"selection_kl_beta={kl_beta}: must be >= 0 (0: plain reward argmax)")
+    if kl_beta == 0:
+        return [list(row) for row in rewards]
+    if logprobs is None or any(row is None for row in logprobs):
+        raise ValueError(
+            f"selection_kl_beta={kl_beta}: the samples have no response_logprobs (written by the generate stage "
+            "when selection_kl_beta > 0): generate them again in a new output_dir"
+        )
+    if len(logprobs) != len(rewards) or any(len(a) != len(b) for a, b in zip(rewards, logprobs)):
+        raise ValueError("rewards and log-probs must have the same [prompt][sample] shape")
+    return [[r + kl_beta * lp for r, lp in zip(row, lps)] for row, lps in zip(rewards, logprobs)]
+
+
+def soft_pick(scores: list[float], valid: list[int], temperature: float, rng: np.random.Generator) -> int:
+    """One of ``valid`` (sample indices) drawn with probability ``softmax(scores[j] / temperature)``."""
+    top = max(scores[j] for j in valid)
+    weights = np.array([math.exp((scores[j] - top) / temperature) for j in valid])  # shifted: never overflows
+    return valid[int(rng.choice(len(valid), p=weights / weights.sum()))]
+
+
+def select_best_of_k(
+    rewards: list[list[float]], reasons: list[list[str | None]], temperature: float = 0.0, seed: int = 0
+) -> list[tuple[int, int]]:
     """The best unfiltered sample of each prompt, as ``(prompt, sample)``; prompts with none are skipped.
 
-    Ties go to the lowest sample index. NaN rewards (a broken score) are never kept.
+    ``rewards`` may be any per-sample score (:func:`regularised_scores`'s). Ties go to the lowest sample index.
+    NaN rewards (a broken score) are never kept. ``temperature > 0``: soft best-of-K, the kept sample is drawn
+    among the unfiltered ones with probability ``softmax(score / temperature)``, from a generator seeded by
+    ``(seed, prompt position)``: the same inputs keep the same set (a resumed run too); 0 is the argmax.
     """
+    if temperature < 0:
+        raise ValueError(f"selection_temperature={temperature}: must be >= 0 (0: argmax)")
     _check_shapes(rewards, reasons)
     kept = []
     for i, (row, why) in enumerate(zip(rewards, reasons)):
-        best = None
-        for j, (r, reason) in enumerate(zip(row, why)):
-            if reason is None and not math.isnan(r) and (best is None or r > row[best]):
-                best = j
-        if best is not None:
-            kept.append((i, best))
+        valid = [j for j, (r, reason) in enumerate(zip(row, why)) if reason is None and not math.isnan(r)]
+        if not valid:
+            continue
+        if temperature > 0:
+            kept.append((i, soft_pick(row, valid, temperature, np.random.default_rng([seed % 2**63, i]))))
+        else:
+            kept.append((i, max(valid, key=lambda j: (row[j], -j))))
     return kept
 
 
@@ -129,14 +171,54 @@ def select_top_fraction(
 
 
 def select(
-    rewards: list[list[float]], reasons: list[list[str | None]], strategy: str, fraction: float = 0.125
+    rewards: list[list[float]],
+    reasons: list[list[str | None]],
+    strategy: str,
+    fraction: float = 0.125,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[tuple[int, int]]:
-    """Dispatch on ``strategy`` (one of :data:`SELECTIONS`)."""
+    """Dispatch on ``strategy`` (one of :data:`SELECTIONS`); ``temperature``: best_of_k only (see
+    :func:`check_selection_rule`)."""
+    check_selection_rule(strategy, "sft", 0.0, temperature)
     if strategy == "best_of_k":
-        return select_best_of_k(rewards, reasons)
+        return select_best_of_k(rewards, reasons, temperature, seed)
     if strategy == "top_fraction":
         return select_top_fraction(rewards, reasons, fraction)
     raise ValueError(f"selection={strategy!r}: expected one of {SELECTIONS}")
+
+
+def check_selection_rule(selection: str, update: str, kl_beta: float, temperature: float) -> None:
+    """Where the regularised and the soft rule apply. ``kl_beta``: best_of_k and top_fraction (a per-sample score,
+    ranked per prompt or over the batch). ``temperature``: best_of_k only (top_fraction ranks the whole batch; a
+    softmax draw there is another rule). Neither with update=dpo: DPO's loss already holds the policy to its
+    reference through DPO's ``beta``, and its pair is the reward's best and worst, which pair_margin is about."""
+    if kl_beta < 0:
+        raise ValueError(f"selection_kl_beta={kl_beta}: must be >= 0 (0: plain reward argmax)")
+    if temperature < 0:
+        raise ValueError(f"selection_temperature={temperature}: must be >= 0 (0: argmax)")
+    if update == "dpo" and (kl_beta or temperature):
+        raise ValueError(
+            f"selection_kl_beta={kl_beta} / selection_temperature={temperature} with update=dpo: they choose RAFT's "
+            "kept sample (update=sft); DPO's pairs are the reward's best and worst (its beta regularises): set them 0"
+        )
+    if selection == "top_fraction" and temperature:
+        raise ValueError(
+            f"selection_temperature={temperature} with selection=top_fraction: soft selection draws one sample per "
+            "prompt; use selection=best_of_k, or selection_temperature 0 (selection_kl_beta applies to both)"
+        )
+
+
+def selection_rule(selection: str, update: str = "sft", kl_beta: float = 0.0, temperature: float = 0.0) -> str:
+    """The kept-set rule in words (metrics and model card)."""
+    if update == "dpo":
+        return "best and worst reward of the K samples (DPO pair)"
+    score = f"reward + {kl_beta} * log pi(y|x) (regularised, RBoN-KL)" if kl_beta else "reward"
+    if selection == "top_fraction":
+        return f"global top fraction by {score}"
+    if temperature:
+        return f"one of K drawn with probability softmax(({score}) / {temperature}) (soft best-of-K)"
+    return f"argmax of {score} over the K samples (best-of-K)"
 
 
 def select_pairs(

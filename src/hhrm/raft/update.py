@@ -31,9 +31,15 @@ logger = logging.getLogger(__name__)
 DPO_STATS = {"rewards/accuracies": "dpo_reward_accuracy", "rewards/margins": "dpo_reward_margin"}
 
 
-def kept_rows(scored: list[dict[str, Any]], picks: list[tuple[int, int]], rewards: list[list[float]]) -> list[dict]:
-    """RAFT's kept set: one ``{prompt, completion}`` row per picked ``(prompt, sample)``."""
-    return [
+def kept_rows(
+    scored: list[dict[str, Any]],
+    picks: list[tuple[int, int]],
+    rewards: list[list[float]],
+    scores: list[list[float]] | None = None,
+) -> list[dict]:
+    """RAFT's kept set: one ``{prompt, completion}`` row per picked ``(prompt, sample)``; ``scores``: the regularised
+    score the pick ranked by (``selection_score``), when it is not the reward."""
+    rows = [
         {
             "index": scored[i]["index"],
             "sample": j,
@@ -43,6 +49,10 @@ def kept_rows(scored: list[dict[str, Any]], picks: list[tuple[int, int]], reward
         }
         for i, j in picks
     ]
+    if scores is not None:
+        for row, (i, j) in zip(rows, picks):
+            row["selection_score"] = scores[i][j]
+    return rows
 
 
 def pair_rows(scored: list[dict[str, Any]], pairs: list[tuple[int, int, int]], rewards: list[list[float]]) -> list:
