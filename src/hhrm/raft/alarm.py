@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from hhrm.reporting import read_json, read_jsonl
+from hhrm.reward import ensemble
 
 logger = logging.getLogger(__name__)
 ROW_FIELDS = ("disagreement_kept", "disagreement_all", "disagreement_heldout", "proxy_gap", "proxy_gap_rise")
@@ -46,13 +47,13 @@ def is_ensemble(source: Any) -> bool:
 def check_settings(args: Any) -> None:
     """Refuse, in one line naming the setting, alarm settings that cannot work (when the config is parsed)."""
     dis, gap = args.overopt_alarm_disagreement, args.overopt_alarm_gap
-    members = args.reward_ensemble or []
+    members = ensemble.size_of(args) if args.reward_ensemble else None  # heads counted, config.json only
     checks = [
         (dis is None or dis >= 0, f"overopt_alarm_disagreement={dis}: must be >= 0 (a fraction: 0.5 fires when the "
          "kept samples' ensemble std rises by more than 50% over iteration 0's)"),
         (gap is None or gap >= 0, f"overopt_alarm_gap={gap}: must be >= 0 (reward units of proxy_gap's rise)"),
-        (dis is None or len(members) != 1, "overopt_alarm_disagreement with reward_ensemble of one folder: one model "
-         "has no disagreement; give E >= 2 folders or drop the setting"),
+        (dis is None or members is None or members >= 2, "overopt_alarm_disagreement with reward_ensemble of one "
+         "folder (one reward head): one model has no disagreement; give E >= 2 folders or drop the setting"),
         (not args.stop_on_alarm or dis is not None or gap is not None, "stop_on_alarm=true with no alarm: set "
          "overopt_alarm_disagreement and/or overopt_alarm_gap"),
     ]  # fmt: skip
@@ -63,7 +64,7 @@ def check_settings(args: Any) -> None:
 
 def check_source(args: Any, source: Any) -> None:
     """The disagreement alarm needs a source that scores its members (checked once the source is built)."""
-    if args.overopt_alarm_disagreement is not None and not is_ensemble(source):
+    if args.overopt_alarm_disagreement is not None and not (is_ensemble(source) and getattr(source, "size", 2) > 1):
         raise ValueError(
             f"overopt_alarm_disagreement={args.overopt_alarm_disagreement}: the reward source has no members to "
             "disagree (a single reward model); use reward_ensemble with E >= 2 folders, or overopt_alarm_gap"
