@@ -78,7 +78,7 @@ conventions: install
 	$(PY) scripts/conventions_matrix.py --model $(MODEL) --data $(DATA) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 # RAFT (update=sft) vs iterative DPO (update=dpo) on the same prompts and budget, several seeds (after make demo):
-# make compare [ARGS="--seeds 0 1 --overrides num_iterations=2 --reward_overrides ..."]; finished runs are resumed, a re-run only re-measures
+# make compare [ARGS="--seeds 0 1 --overrides num_iterations=2 --arm_overrides ..."]; finished runs are resumed, a re-run only re-measures
 compare: embedded
 	$(PY) recipes/compare.py --accelerate_config $(ACCEL) $(ARGS)
 

@@ -158,12 +158,12 @@ def test_launch_commands_run_the_raft_recipe_per_update_and_seed(tmp_path):
     assert compare.launch_command(args, "recipes/raft.py", "sft", 0)[:2] == [sys.executable, "recipes/raft.py"]
 
 
-def test_a_reward_arm_changes_only_the_reward_source(tmp_path):
+def test_a_second_arm_changes_only_the_reward_or_the_selection(tmp_path):
     sft = write_yaml(tmp_path / "sft.yaml", **arm(PLACES))
     dpo = write_yaml(tmp_path / "dpo.yaml", **arm(PLACES, update="dpo"))
     args = compare.CompareConfig(
         sft_config=sft, dpo_config=dpo, output_dir="out/cmp", updates=["sft"],
-        reward_overrides=["reward_ensemble=rm_a rm_b rm_c", "reward_aggregation=worst"],
+        arm_overrides=["reward_ensemble=rm_a rm_b rm_c", "reward_aggregation=worst"],
     )  # fmt: skip
     assert args.arms() == [("sft", None), ("sft", "ensemble")]
     single = compare.launch_command(args, "recipes/raft.py", "sft", 0)
@@ -175,10 +175,14 @@ def test_a_reward_arm_changes_only_the_reward_source(tmp_path):
     # the ensemble replaces the configs' single folder (both set would be refused by the RAFT recipe)
     assert ensemble[ensemble.index("--reward_model_name_or_path") + 1] == ""
     assert ensemble[-1] == str(Path("out/cmp") / "sft_ensemble_seed0")
+    args.arm_overrides, args.second_arm = ["selection_kl_beta=0.3"], "rbon"  # a selection rule: also an arm setting
+    rbon = compare.launch_command(args, "recipes/raft.py", "sft", 1, "rbon")
+    assert rbon[rbon.index("--selection_kl_beta") + 1] == "0.3" and "--reward_model_name_or_path" not in rbon
+    assert rbon[-1] == str(Path("out/cmp") / "sft_rbon_seed1")
     for bad, message in (
-        (dict(reward_overrides=["learning_rate=1e-4"]), "'learning_rate' is not a reward-source setting"),
-        (dict(reward_overrides=["reward_aggregation=median"]), r"reward_aggregation='median': expected one of"),
-        (dict(reward_overrides=["reward_ensemble=a"], reward_arm="../x"), "reward_arm='../x': letters"),
+        (dict(arm_overrides=["learning_rate=1e-4"]), "'learning_rate' is not a reward-source or selection setting"),
+        (dict(arm_overrides=["reward_aggregation=median"]), r"reward_aggregation='median': expected one of"),
+        (dict(arm_overrides=["reward_ensemble=a"], second_arm="../x"), "second_arm='../x': letters"),
         (dict(updates=["ppo"]), r"updates=\['ppo'\]: give sft, dpo or both"),
     ):
         with pytest.raises(ValueError, match=message):
@@ -265,11 +269,11 @@ def test_compare_runs_the_single_rm_against_its_ensemble(models, tmp_path):
     out = tmp_path / "cmp"
     args = compare.CompareConfig(
         sft_config=sft, dpo_config=dpo, seeds=[0], output_dir=str(out), overrides=["num_iterations=1"],
-        updates=["sft"], reward_overrides=[f"reward_ensemble={' '.join(members)}", "reward_aggregation=worst"],
+        updates=["sft"], arm_overrides=[f"reward_ensemble={' '.join(members)}", "reward_aggregation=worst"],
         launcher="python",
     )  # fmt: skip
     result = compare.run(args, ROOT / "recipes" / "raft.py")
-    assert [(r["arm"], r["reward"]) for r in result["runs"]] == [("sft", "single"), ("sft+ensemble", "ensemble")]
+    assert [r["arm"] for r in result["runs"]] == ["sft", "sft+ensemble"]
     single, both = (Path(r["run_dir"]) for r in result["runs"])
     # the same draws; only the rewards differ: the ensemble arm scored every sample as min over its two members
     assert (single / "iter_000" / "prompts.jsonl").read_text() == (both / "iter_000" / "prompts.jsonl").read_text()

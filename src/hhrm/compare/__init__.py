@@ -6,9 +6,10 @@ draws per seed, the same K, iterations and sampling settings and the same reward
 recipe launched as a subprocess into ``<output_dir>/<update>_seed<seed>``: a finished run is resumed (RAFT skips
 its finished stages, so a re-run only rewrites its reports), an interrupted one continues.
 
-With ``reward_overrides`` each update also runs a second reward arm, ``<update>+<reward_arm>`` (folders
-``<update>_<reward_arm>_seed<seed>``): the same configs with only the reward source's settings changed (e.g. the
-single RM against its ensemble under a conservative rule), so the arms differ in the reward and nothing else.
+With ``arm_overrides`` each update also runs a second arm, ``<update>+<second_arm>`` (folders
+``<update>_<second_arm>_seed<seed>``): the same configs with only the reward source's or the selection rule's
+settings changed (:data:`ARM_SETTINGS`: e.g. the single RM against its ensemble under a conservative rule, or
+against regularised best-of-K), so the arms differ in that and nothing else.
 
 What is reported per run, all from its folder (and, for the KL, its final policy and the starting policy):
 
@@ -59,6 +60,10 @@ SAME_BUDGET = {
     "model": ("model_name_or_path", "model_revision"),
 }  # fmt: skip
 OWN_SETTINGS = ("seed", "output_dir")  # set per run by the comparison
+# What a second arm may change (arm_overrides): where the reward comes from and how samples are kept by it.
+ARM_SETTINGS = tuple(f.name for f in fields(sources.RewardArguments)) + (
+    "selection", "top_fraction", "selection_kl_beta", "selection_temperature",
+)  # fmt: skip
 
 
 @dataclass
@@ -107,16 +112,17 @@ class CompareConfig:
         default_factory=lambda: list(UPDATES),
         metadata={"help": "Which updates run: sft, dpo or both (the budget check needs both configs either way)."},
     )
-    reward_overrides: list[str] = field(
+    arm_overrides: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "key=value reward-source settings of a second reward arm (e.g. 'reward_ensemble=rm_a rm_b rm_c' "
-            "reward_aggregation=worst): every update also runs with them as <update>+<reward_arm>. Only the reward "
-            "source's settings (reward_*); naming reward_ensemble drops the configs' reward_model_name_or_path."
+            "help": "key=value settings of a second arm (e.g. 'reward_ensemble=rm_a rm_b rm_c' "
+            "reward_aggregation=worst, or selection_kl_beta=0.3): every update also runs with them as "
+            "<update>+<second_arm>. Only the reward source's (reward_*) and the selection rule's settings; naming "
+            "reward_ensemble drops the configs' reward_model_name_or_path."
         },
     )
-    reward_arm: str = field(
-        default="ensemble", metadata={"help": "reward_overrides: the second reward arm's name in tables and folders."}
+    second_arm: str = field(
+        default="ensemble", metadata={"help": "arm_overrides: the second arm's name in tables and folders."}
     )
 
     def __post_init__(self) -> None:
@@ -133,30 +139,30 @@ class CompareConfig:
             raise ValueError(f"kl_batch_size={self.kl_batch_size}: must be >= 1")
         if not self.updates or not set(self.updates) <= set(UPDATES) or len(set(self.updates)) != len(self.updates):
             raise ValueError(f"updates={self.updates}: give sft, dpo or both, each once")
-        if not self.reward_arm.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"reward_arm={self.reward_arm!r}: letters, digits, - and _ only (it names folders)")
+        if not self.second_arm.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"second_arm={self.second_arm!r}: letters, digits, - and _ only (it names folders)")
         for name in ("sft_config", "dpo_config") + (("accelerate_config",) if self.launcher == "accelerate" else ()):
             if not Path(getattr(self, name)).is_file():
                 raise FileNotFoundError(f"{name}={getattr(self, name)!r}: no such file")
         self.override_args()  # refuse a malformed override now
-        self.reward_args()
+        self.second_arm_args()
 
     def override_args(self) -> list[str]:
         """``overrides`` as ``--key value`` pairs: each key a RAFT recipe setting, each value converted as its parser
         converts it (refused in one line here, not by a parser's traceback once the runs have started)."""
         return _as_args(self.overrides, "overrides")
 
-    def reward_args(self) -> list[str]:
-        """``reward_overrides`` as ``--key value`` pairs (the second reward arm's; only reward-source settings)."""
-        names = {f.name for f in fields(sources.RewardArguments)}
-        for item in self.reward_overrides:
+    def second_arm_args(self) -> list[str]:
+        """``arm_overrides`` as ``--key value`` pairs (the second arm's; only :data:`ARM_SETTINGS`)."""
+        names = set(ARM_SETTINGS)
+        for item in self.arm_overrides:
             key = item.partition("=")[0].strip().removeprefix("--").replace("-", "_")
             if key not in names:
                 raise ValueError(
-                    f"reward_overrides: {key!r} is not a reward-source setting: the reward arm may change only "
-                    f"{', '.join(sorted(names))}; use overrides for what both arms share"
+                    f"arm_overrides: {key!r} is not a reward-source or selection setting: the second arm may change "
+                    f"only {', '.join(sorted(names))}; use overrides for what both arms share"
                 )
-        out = _as_args(self.reward_overrides, "reward_overrides")
+        out = _as_args(self.arm_overrides, "arm_overrides")
         if "--reward_ensemble" in out and "--reward_model_name_or_path" not in out:
             out += ["--reward_model_name_or_path", ""]  # the ensemble replaces the configs' single folder
         return out
@@ -166,7 +172,7 @@ class CompareConfig:
 
     def arms(self) -> list[tuple[str, str | None]]:
         """``(update, reward arm or None)`` in run order."""
-        rewards = [None] + ([self.reward_arm] if self.reward_overrides else [])
+        rewards = [None] + ([self.second_arm] if self.arm_overrides else [])
         return [(update, reward) for update in self.updates for reward in rewards]
 
 
@@ -245,7 +251,7 @@ def check_same_budget(args: CompareConfig, parsed: dict[str, dict[str, Any]]) ->
 
 
 def arm_args(args: CompareConfig, reward: str | None) -> list[str]:
-    return args.override_args() + (args.reward_args() if reward else [])
+    return args.override_args() + (args.second_arm_args() if reward else [])
 
 
 def arm_name(update: str, reward: str | None = None) -> str:
@@ -299,7 +305,7 @@ def run(args: CompareConfig, script: str | os.PathLike) -> dict[str, Any]:
     """Check the budget, run (or resume) every (arm, seed), measure, and write compare.json / compare.md."""
     parsed = {u: parse_arm(args, u) for u in UPDATES}
     shared = check_same_budget(args, parsed)
-    reward_arm = parse_arm(args, args.updates[0], args.reward_arm)["raft"] if args.reward_overrides else None
+    second_arm = parse_arm(args, args.updates[0], args.second_arm)["raft"] if args.arm_overrides else None
     out = Path(args.output_dir)
     lifetime.lock_folder(out, "output_dir")  # one comparison per folder (its runs lock their own folders)
     runs, folders = [], {}
@@ -311,7 +317,7 @@ def run(args: CompareConfig, script: str | os.PathLike) -> dict[str, Any]:
             logger.info("%s: %s (log: %s)", name, "resuming a finished run" if finished else "running", out / "logs")
             launch(launch_command(args, script, update, seed, reward), out / "logs" / f"{name}.log", name)
             runs.append(
-                {"arm": arm_name(update, reward), "update": update, "reward": reward or "single", "seed": seed}
+                {"arm": arm_name(update, reward), "update": update, "seed": seed}
                 | {"run_dir": str(folders[name]), "finished_before": finished, "name": name}
             )
     raft = parsed["sft"]["raft"]
@@ -328,9 +334,10 @@ def run(args: CompareConfig, script: str | os.PathLike) -> dict[str, Any]:
         "runs": runs,
         "summary": summarise(runs),
     }
-    if reward_arm is not None:
-        result |= {"reward_overrides": list(args.reward_overrides), "reward_arm": args.reward_arm}
-        result["reward_arm_source"] = sources.address(reward_arm)
+    if second_arm is not None:
+        result |= {"arm_overrides": list(args.arm_overrides), "second_arm": args.second_arm}
+        result["arm_source"] = sources.address(second_arm)
+        result["arm_settings"] = {k.partition("=")[0]: k.partition("=")[2] for k in args.arm_overrides}
     reporting.write_json(result, out / JSON_FILE)
     reporting.write_text(markdown(result) + "\n", out / TABLE_FILE)
     return result

@@ -126,8 +126,9 @@ def markdown(result: dict[str, Any]) -> str:
     per_run = [{"arm": arm(r), "seed": r["seed"]} | r["metrics"] for r in result["runs"]]
     shared = result["same_budget"]
     reward = f"reward model `{sources.address(shared)}`"
-    if result.get("reward_arm"):
-        reward += f"; arms +{result['reward_arm']}: `{result['reward_arm_source']}`"
+    if result.get("second_arm"):
+        changed = ", ".join(f"{k}={v}" for k, v in result.get("arm_settings", {}).items())
+        reward += f"; arms +{result['second_arm']}: {changed} (reward `{result['arm_source']}`)"
     lines = [
         "# make compare: " + ", ".join(result["summary"]),
         "",
