@@ -77,6 +77,19 @@ def recomputed(samples: list[dict]) -> dict[str, list[dict]]:
     return curves
 
 
+def heads_rules(extra: list[str], samples: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """For an --extra proxy whose samples keep per-member rewards (a multi-head RM): its worst and uwo curves."""
+    curves = {}
+    for item in extra:
+        name = item.partition("=")[0]
+        if samples[name] and "proxy_members" in samples[name][0]:
+            table = np.array([s["proxy_members"] for s in samples[name]]).transpose(2, 0, 1)
+            gold = np.array([s["gold"] for s in samples[name]], dtype=np.float64)
+            for rule in ("worst", "uwo"):
+                curves[f"{name}, {rule}"] = overopt.curve(ensemble.aggregate(table, rule, 0.5), gold)
+    return curves
+
+
 def regularised(samples: dict[str, list[dict]], betas: list[float]) -> dict[str, dict[str, list[dict]]]:
     """RBoN-KL curves per proxy (the single RM, the ensemble mean) and beta, all on the same samples and log-probs."""
     single = samples["single weak RM (member 0)"]
@@ -268,7 +281,7 @@ def main() -> None:
         "seed": args.seed, "member_metrics": {m: member_metrics(m) for m in args.members},
         "runs": {k: r["curve"] for k, r in results.items()},
         "ceiling": {"gold": results[next(iter(results))]["curve"]},
-        "recomputed": recomputed(samples["ensemble mean"]),
+        "recomputed": recomputed(samples["ensemble mean"]) | heads_rules(args.extra, samples),
         "kl_betas": args.kl_betas, "regularised": regularised(samples, args.kl_betas),
         "logprob_stats": logprob_stats(samples["single weak RM (member 0)"]),
         "commands": "see scripts/ensemble_overopt.py's docstring",
