@@ -35,6 +35,24 @@ def _stage_config(stage: str):
     return {"sft": sft.SFTConfig, "rm": rm.RewardConfig, "raft": RaftConfig}[stage.split("_")[0]]
 
 
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (ROOT / "recipes").glob("*.py")))
+def test_every_recipes_help_renders(recipe):
+    """``python recipes/<name>.py --help`` formats every setting's help: argparse %-formats it, so a bare "%" in a
+    help text makes --help crash (it did: "+50%"). In-process, with the configs the recipe's TrlParser names."""
+    from conftest import load_recipe
+
+    names = dict(vars(load_recipe(recipe)))
+    tree = ast.parse((ROOT / "recipes" / f"{recipe}.py").read_text())
+    for node in ast.walk(tree):  # the imports under `if __name__ == "__main__":` too (serve_rm's)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            exec(compile(ast.Module([node], []), recipe, "exec"), names)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "TrlParser"]
+    assert calls, f"recipes/{recipe}.py builds no TrlParser"
+    for call in calls:
+        configs = eval(compile(ast.Expression(call.args[0]), recipe, "eval"), names)  # the tuple it names
+        assert TrlParser(configs).format_help().count("\n  --") > 3
+
+
 @pytest.mark.parametrize(
     "path", sorted((ROOT / "recipes" / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}"
 )

@@ -171,7 +171,7 @@ class RaftConfig(StageConfigMixin, RewardArguments, trl.SFTConfig):
         metadata={
             "help": "Over-optimisation alarm (hhrm.raft.alarm; needs a reward_ensemble, E >= 2): fires at an "
             "iteration whose kept samples' ensemble std (disagreement_kept) rose by more than this fraction over "
-            "iteration 0's (0.5: +50%). None: off."
+            "iteration 0's (0.5: a rise of half). None: off."
         },
     )
     overopt_alarm_gap: float | None = field(
