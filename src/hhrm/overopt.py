@@ -164,7 +164,7 @@ def sample_and_score(args: OverOptConfig, data_args: data.DataArguments, model_a
         torch.cuda.empty_cache()
     pairs = [p for p in prompts for _ in range(args.n_max)], [r for rs in responses for r in rs]
     members = None
-    if isinstance(source, ensemble.Ensemble):  # keep each member's reward: another rule is a recomputation away
+    if ensemble.has_members(source):  # keep each member's reward: another rule is a recomputation away
         scored = source.score_members(*pairs)
         flat, members = scored["reward"], np.array(scored["members"]).reshape(len(prompts), args.n_max, -1)
     else:

@@ -40,9 +40,8 @@ ROW_FIELDS = ("disagreement_kept", "disagreement_all", "disagreement_heldout", "
 
 
 def is_ensemble(source: Any) -> bool:
-    """A source that scores its members (duck typing: an ensemble, a multi-head reward model, a server that serves
-    one: hhrm's client has ``score_members`` for any server and says with ``with_members`` whether it answers them)."""
-    return callable(getattr(source, "score_members", None)) and bool(getattr(source, "with_members", True))
+    """A source that scores its members (:func:`hhrm.reward.ensemble.has_members`)."""
+    return ensemble.has_members(source)
 
 
 def check_settings(args: Any) -> None:

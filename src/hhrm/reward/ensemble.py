@@ -138,9 +138,17 @@ def heads_of(member) -> int:
     return getattr(member, "heads", 1)
 
 
+def has_members(source) -> bool:
+    """Whether ``source`` answers member rewards (``score_members``): an :class:`Ensemble` (folders or heads), or
+    hhrm's client of a server that serves one (:class:`hhrm.reward.client.HhrmServer`). The one test callers use."""
+    return bool(getattr(source, "with_members", False))
+
+
 class Ensemble:
     """Reward-model sources scored on the same pairs, E rewards per text in all (a member with H heads gives H);
     ``score_pairs`` is the rule's aggregate."""
+
+    with_members = True  # has_members
 
     def __init__(self, members: list, rule: str = "mean", uwo_lambda: float = 0.5):
         if not members:
@@ -221,8 +229,8 @@ class Ensemble:
 
 
 def per_text(source, prompts: list[str], responses: list[str]) -> list[tuple[float, dict[str, Any]]]:
-    """Per text, its reward and, from an :class:`Ensemble`, its mean, std and members (``make score``'s columns)."""
-    if not isinstance(source, Ensemble):
+    """Per text, its reward and, from a source with members, its mean, std and members (``make score``'s columns)."""
+    if not has_members(source):
         return [(r, {}) for r in source.score_pairs(prompts, responses)]
     got = source.score_members(prompts, responses)
     return [(r, dict(zip(COLUMNS, rest))) for r, *rest in zip(got["reward"], *(got[k] for k in COLUMNS))]

@@ -16,7 +16,7 @@ import time
 import litserve as ls
 import torch
 
-from hhrm.reward import sources
+from hhrm.reward import ensemble, sources
 from hhrm.reward.protocol import STATS
 
 
@@ -39,8 +39,8 @@ def build_source(config, device: str | None = None, dtype=None):
 
 
 def with_members(source) -> bool:
-    """Whether ``source`` answers member rewards (duck typing: an ensemble, a multi-head reward model)."""
-    return hasattr(source, "table_ids") and hasattr(source, "summary")
+    """Whether ``source`` answers member rewards (an ensemble of folders or heads: ``table_ids`` and ``summary``)."""
+    return ensemble.has_members(source)
 
 
 def loaded_models(source) -> list[torch.nn.Module]:
