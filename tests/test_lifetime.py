@@ -76,16 +76,16 @@ def _raft_child(compare: subprocess.Popen, run_dir: Path, log: Path, seconds: fl
     pytest.fail(f"no RAFT run of compare held {run_dir} within {seconds:.0f} s:\n{log.read_text()}")
 
 
-def _kill_and_check_family(compare: subprocess.Popen, family: list[tuple[int, float]]) -> None:
+def _kill_and_check_family(compare: subprocess.Popen, family: list[psutil.Process]) -> None:
     """kill -9 the comparison; every process it started (the RAFT run) is gone within a few seconds."""
-    family += [(p.pid, p.create_time()) for p in psutil.Process(compare.pid).children(recursive=True)]
+    family += psutil.Process(compare.pid).children(recursive=True)
     assert family
     compare.kill()
     compare.wait(timeout=30)
     deadline = time.monotonic() + 10
-    while any(lifetime.alive(pid, started) for pid, started in family) and time.monotonic() < deadline:
+    while any(lifetime.alive(p) for p in family) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = [psutil.Process(pid).cmdline() for pid, started in family if lifetime.alive(pid, started)]
+    left = [p.cmdline() for p in family if lifetime.alive(p)]
     assert not left, f"still running 10 s after kill -9 of compare: {left}"
 
 
@@ -108,9 +108,27 @@ def test_killing_compare_kills_its_raft_run_and_a_rerun_is_not_refused(quick_mod
     finally:  # nothing left running, whatever failed
         for proc in started:
             if proc.poll() is None:
-                family += [(p.pid, p.create_time()) for p in psutil.Process(proc.pid).children(recursive=True)]
+                family += psutil.Process(proc.pid).children(recursive=True)
                 proc.kill()
                 proc.wait()
-        for pid, created in family:
-            if lifetime.alive(pid, created):
-                psutil.Process(pid).kill()
+        for p in family:
+            if lifetime.alive(p):
+                p.kill()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the boot-time clock of /proc/stat is Linux's")
+def test_a_clock_step_does_not_make_a_live_supervisor_look_gone(monkeypatch):
+    """A RAFT run killed itself at its end in CI ("the process that started this run is gone") while its supervisor
+    ran: the wall-clock start time psutil derives from /proc/stat's btime moves when the system clock is adjusted.
+    Step that clock by 2 s: the supervisor must still count as alive, and a dead child must not."""
+    import psutil._pslinux as pslinux
+
+    parent = psutil.Process(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc = psutil.Process(child.pid)
+    started, booted = parent.create_time(), pslinux.boot_time()
+    monkeypatch.setattr(pslinux, "boot_time", lambda: booted + 2.0)
+    assert psutil.Process(os.getpid()).create_time() - started > 1.9  # what the watchdog used to compare
+    assert lifetime.alive(parent)
+    child.wait()
+    assert not lifetime.alive(proc)

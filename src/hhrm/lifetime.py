@@ -38,24 +38,23 @@ _watching: set[int] = set()
 # Children that die with their parent
 
 
-def alive(pid: int, started: float | None = None) -> bool:
-    """Whether process ``pid`` runs (a zombie, or another process that reuses the pid, does not count)."""
+def alive(proc) -> bool:
+    """Whether ``proc`` (a ``psutil.Process``) still runs: a zombie does not count, nor another process that reuses
+    its pid. psutil tells a reused pid by the start time counted since boot; the wall-clock ``create_time()`` moves
+    whenever the system clock is adjusted, and comparing it once made a healthy run take its supervisor for dead."""
     import psutil
 
     try:
-        proc = psutil.Process(pid)
-        if started is not None and abs(proc.create_time() - started) > 1e-3:
-            return False
-        return proc.status() != psutil.STATUS_ZOMBIE
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
 
-def _start_time(pid: int) -> float | None:
+def _process(pid: int):
     import psutil
 
     try:
-        return psutil.Process(pid).create_time()
+        return psutil.Process(pid)
     except psutil.Error:
         return None
 
@@ -72,13 +71,13 @@ def watch_parent(pid: int, interval: float = 0.5) -> threading.Thread | None:
     this process or already watched)."""
     if pid == os.getpid() or pid in _watching:
         return None
-    started = _start_time(pid)
-    if started is None:  # already gone before we looked: end now
+    proc = _process(pid)
+    if proc is None:  # already gone before we looked: end now
         _end_run(pid)
     _watching.add(pid)
 
     def watch() -> None:
-        while alive(pid, started):
+        while alive(proc):
             time.sleep(interval)
         _end_run(pid)
 

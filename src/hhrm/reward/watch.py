@@ -39,6 +39,8 @@ from litserve.utils import LitAPIStatus, WorkerSetupStatus
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
+from hhrm.lifetime import alive
+
 logger = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 0.25  # seconds between two looks at the server's processes
@@ -61,13 +63,6 @@ class BackendState:
 
     def __init__(self) -> None:
         self.down: str | None = None
-
-
-def alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _watched(named_pids: dict[str, int]) -> dict[str, psutil.Process]:
