@@ -114,6 +114,35 @@ def test_regularised_best_of_n_picks_the_argmax_of_proxy_plus_beta_logprob():
         overopt.OverOptConfig(reward_model_name_or_path="rm", output_dir="unused", kl_betas=[0.1, -0.1])
 
 
+def test_soft_best_of_n_draws_as_raft_keeps_and_spans_uniform_to_argmax():
+    from hhrm.raft import select
+
+    # two samples, proxy 0 and ln 3, T = 1: the pick is the second with probability 3/4, exactly
+    assert overopt.soft_best_of_n(np.array([[0.0, math.log(3.0)]]), np.array([[0.0, 1.0]]), 2, 1.0) == (
+        pytest.approx([0.75])
+    )
+    # the same rule RAFT's selection_temperature keeps by: its draws' frequencies are the estimator's weights
+    proxy = np.array([0.3, -1.0, 1.2, 0.7])
+    weights = [overopt.soft_best_of_n(proxy[None], np.eye(4)[j][None], 4, 0.5)[0] for j in range(4)]
+    rows = [proxy.tolist()] * 20000
+    kept = select.select_best_of_k(rows, [[None] * 4] * len(rows), temperature=0.5, seed=3)
+    freq = np.bincount([k for _, k in kept], minlength=4) / len(rows)
+    assert freq == pytest.approx(weights, abs=0.01) and sum(weights) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    proxy, gold = rng.normal(size=(40, 8)), (rng.random((40, 8)) > 0.5).astype(float)
+    for n in overopt.ns(8):  # T -> 0: plain best-of-n; T -> inf: one unselected sample; n = 1: one sample
+        cold = overopt.soft_best_of_n(proxy, gold, n, 1e-6).mean()
+        assert cold == pytest.approx(overopt.best_of_n(proxy, gold, n).mean(), abs=0.02 if n < 8 else 1e-12)
+        assert overopt.soft_best_of_n(proxy, gold, n, 1e6).mean() == pytest.approx(gold.mean(), abs=0.02)
+    curves = overopt.soft_curves(proxy, gold, [0.5, 2.0])
+    assert list(curves) == ["0", "0.5", "2"] and curves["0"] == overopt.curve(proxy, gold)
+    assert curves["0.5"] == overopt.soft_curves(proxy, gold, [0.5])["0.5"]  # seeded: reproducible
+    assert curves["0.5"][-1]["proxy_mean"] > curves["2"][-1]["proxy_mean"]  # a colder pick has the higher proxy
+    assert "| 0.5 |" in overopt.soft_markdown(curves, True)
+    with pytest.raises(ValueError, match=r"selection_temperatures=\[0.0\]: each must be > 0"):
+        overopt.OverOptConfig(reward_model_name_or_path="rm", output_dir="unused", selection_temperatures=[1.0, 0.0])
+
+
 def assert_logprobs_are_the_policys(policy_path, samples: list[dict], max_new_tokens: int) -> None:
     from transformers import AutoModelForCausalLM
     from trl import ModelConfig
@@ -137,7 +166,7 @@ def test_recipe_end_to_end(quick_models, tmp_path):
     out = tmp_path / "curve"
     args = overopt.OverOptConfig(
         reward_model_name_or_path=str(quick_models["rm"]), output_dir=str(out), n_max=4, heldout_prompts=12,
-        max_new_tokens=12, progress=False, kl_betas=[0.5, 5.0],
+        max_new_tokens=12, progress=False, kl_betas=[0.5, 5.0], selection_temperatures=[1.0],
     )  # fmt: skip
     data_args = hdata.DataArguments(dataset_name=str(quick_models["data"]), test_offset=TEST_OFFSET)
     result = load_recipe("overopt").main(data_args, args, ModelConfig(model_name_or_path=str(quick_models["policy"])))
@@ -164,6 +193,8 @@ def test_recipe_end_to_end(quick_models, tmp_path):
         pytest.approx(first["gold_mean"])
     )
     assert "## Regularised best-of-n (RBoN-KL)" in (out / overopt.TABLE_FILE).read_text()
+    assert result["soft"] == overopt.soft_curves(proxy, gold, [1.0], args.seed)  # soft best-of-n, same samples
+    assert "## Soft best-of-n" in (out / overopt.TABLE_FILE).read_text()
     with pytest.raises(ValueError, match="already holds a curve"):
         overopt.OverOptConfig(reward_model_name_or_path=str(quick_models["rm"]), output_dir=str(out))
 

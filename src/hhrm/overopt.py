@@ -37,10 +37,12 @@ import numpy as np
 
 from hhrm import data, finite, generation, logprobs, model_checks, modeling, outputs, reporting, runtime, synthetic
 from hhrm.overopt_curves import (  # noqa: F401  (the estimator's names, re-exported: hhrm.overopt.curve etc.)
+    SOFT_DRAWS,
     Z95,
     best_of_n,
     check_kl_betas,
     check_n_max,
+    check_soft_temperatures,
     curve,
     gold_ceiling,
     kl_bound,
@@ -51,6 +53,9 @@ from hhrm.overopt_curves import (  # noqa: F401  (the estimator's names, re-expo
     regularised_curves,
     regularised_from_samples,
     regularised_markdown,
+    soft_best_of_n,
+    soft_curves,
+    soft_markdown,
 )
 from hhrm.reward import ensemble, sources
 
@@ -99,6 +104,14 @@ class OverOptConfig(sources.RewardArguments):
             "one-point distribution on y to the policy). Set: samples.jsonl records each sample's log-prob (logprobs)."
         },
     )
+    selection_temperatures: list[float] = field(
+        default_factory=list,
+        metadata={
+            "help": "Soft best-of-n curves beside the plain one, one per temperature T > 0, in reward units: the "
+            "pick is drawn from the n samples with probability softmax(proxy / T), as RAFT's selection_temperature "
+            "keeps one (hhrm.overopt_curves.soft_best_of_n)."
+        },
+    )
     bf16: bool | None = field(default=None, metadata={"help": "None: bf16 on a bf16-capable GPU, fp32 elsewhere."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
@@ -109,6 +122,7 @@ class OverOptConfig(sources.RewardArguments):
             raise ValueError("output_dir is required: the folder for the curve's files")
         check_n_max(self.n_max)
         check_kl_betas(list(self.kl_betas or []))
+        check_soft_temperatures(list(self.selection_temperatures or []))
         for name in ("heldout_prompts", "generation_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
@@ -257,6 +271,8 @@ def markdown(result: dict[str, Any]) -> str:
     text = "\n".join(lines) + "\n" + reporting.markdown_table(table, cols, headers)
     if result.get("regularised"):
         text += "\n" + regularised_markdown(result["regularised"], gold)
+    if result.get("soft"):
+        text += "\n" + soft_markdown(result["soft"], gold)
     return text
 
 
@@ -291,6 +307,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for beta, reg in (result.get("regularised") or {}).items():  # RBoN-KL: the pick's proxy (and gold) per beta
         for ax, key in zip(axes[0], ("proxy", "gold") if float(beta) else ()):
             ax.plot(x, [r[f"{key}_mean"] for r in reg], ".:", label=f"RBoN-KL pick, beta {beta}")
+            ax.legend(fontsize=8)
+    for t, soft in (result.get("soft") or {}).items():  # soft best-of-n per temperature
+        for ax, key in zip(axes[0], ("proxy", "gold") if float(t) else ()):
+            ax.plot(x, [r[f"{key}_mean"] for r in soft], "x-.", label=f"soft pick, T {t}")
             ax.legend(fontsize=8)
     rule = result.get("reward_aggregation")
     rule = f", ensemble {rule}" + (f" (lambda {result['config']['reward_uwo_lambda']})" if rule == "uwo" else "")
@@ -332,6 +352,8 @@ def run(args: OverOptConfig, data_args: data.DataArguments, model_args) -> dict[
         "curve": curve(sampled["proxy"], sampled["gold"]),
         "kl_betas": list(args.kl_betas),
         "regularised": None,  # with kl_betas: {"beta": curve}, "0" the plain one (RBoN-KL, hhrm.overopt_curves)
+        "selection_temperatures": list(args.selection_temperatures),
+        "soft": None,  # with selection_temperatures: {"T": curve}, "0" the plain one (soft best-of-n)
         "generation": sampled["generation"],
         "config": reporting.config_dict(args),
         "data": reporting.config_dict(data_args),
@@ -340,6 +362,8 @@ def run(args: OverOptConfig, data_args: data.DataArguments, model_args) -> dict[
         result["regularised"] = regularised_curves(
             sampled["proxy"], sampled["logprobs"], sampled["gold"], args.kl_betas
         )
+    if args.selection_temperatures:
+        result["soft"] = soft_curves(sampled["proxy"], sampled["gold"], args.selection_temperatures, args.seed)
     reporting.write_jsonl(sample_rows(sampled), out / SAMPLES_FILE)
     result["seconds"] = time.perf_counter() - start
     reporting.write_json(result, out / JSON_FILE)

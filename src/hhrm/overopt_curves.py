@@ -7,6 +7,11 @@ sequence log-probability (summed over the response's tokens, its EOS included wh
 sampling temperature (:func:`hhrm.logprobs.sequence_logprobs`). Either way the pick is the maximum of n i.i.d.
 samples under a fixed ranking, so the estimator (exact over all n-subsets) and the bound
 KL(pick || policy) <= log n - (n - 1) / n hold unchanged.
+
+Soft best-of-n (RAFT's ``selection_temperature``) draws the pick from the n samples with probability
+``softmax(proxy / T)``. Within a subset that draw is averaged exactly; the subsets are :data:`SOFT_DRAWS` uniform
+random ones per prompt and n (all of them for n = 1 and n = n_max), from a seeded generator, so a curve is
+reproducible. The KL bound of best-of-n is kept as the x axis for comparison only.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 from hhrm import reporting
 
 Z95 = 1.96
+SOFT_DRAWS = 2048  # random n-subsets per prompt and n for soft best-of-n (Monte Carlo error << the prompts' spread)
 
 
 def check_n_max(n_max: int) -> None:
@@ -32,6 +38,13 @@ def check_kl_betas(betas: list[float]) -> None:
     bad = [b for b in betas if not b > 0]
     if bad:
         raise ValueError(f"kl_betas={bad}: each must be > 0 (the plain curve is beta = 0, always reported)")
+
+
+def check_soft_temperatures(temperatures: list[float]) -> None:
+    """Refuse a soft best-of-n temperature that is not > 0 (T = 0 is plain best-of-n, always reported)."""
+    bad = [t for t in temperatures if not t > 0]
+    if bad:
+        raise ValueError(f"selection_temperatures={bad}: each must be > 0 (T = 0 is plain best-of-n, always reported)")
 
 
 def ns(n_max: int) -> list[int]:
@@ -160,6 +173,69 @@ def regularised_markdown(curves: dict[str, list[dict[str, Any]]], gold: bool) ->
     head = (
         f"## Regularised best-of-n (RBoN-KL): pick argmax proxy + beta * log pi(y|x)\n\n{what.capitalize()} of the "
         "pick per n (log pi: sequence log-prob under the sampling policy, summed over response tokens); "
+        "half-width: the largest 95% half-width over n.\n\n"
+    )
+    return head + reporting.markdown_table(rows, cols)
+
+
+def soft_best_of_n(
+    proxy: np.ndarray, values: np.ndarray, n: int, temperature: float, draws: int = SOFT_DRAWS, seed: int = 0
+) -> np.ndarray:
+    """Per prompt (row), the expected ``values`` of soft best-of-n: a uniform n-subset of the samples, the pick
+    drawn from it with probability ``softmax(proxy / temperature)`` (see the module's docstring)."""
+    check_soft_temperatures([temperature])
+    proxy, values = np.asarray(proxy, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    n_max = proxy.shape[-1]
+    if not 1 <= n <= n_max:
+        raise ValueError(f"n={n}: must be within [1, n_max={n_max}]")
+    if n == 1:
+        return values.mean(axis=-1)
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(proxy))
+    for i, (p, v) in enumerate(zip(proxy, values)):
+        subsets = np.arange(n_max)[None] if n == n_max else np.argsort(rng.random((draws, n_max)), axis=-1)[:, :n]
+        z = p[subsets] / temperature
+        w = np.exp(z - z.max(axis=-1, keepdims=True))  # shifted: never overflows
+        out[i] = float(((w / w.sum(axis=-1, keepdims=True)) * v[subsets]).sum(axis=-1).mean())
+    return out
+
+
+def soft_curves(
+    proxy: np.ndarray, gold: np.ndarray | None, temperatures: list[float], seed: int = 0
+) -> dict[str, list[dict[str, Any]]]:
+    """``{"T": rows}`` for T = 0 (plain best-of-n, exact) and each soft temperature, on the same samples: per n,
+    the pick's proxy reward and (with ``gold``) gold accuracy, as :func:`curve`'s rows."""
+    check_soft_temperatures(temperatures)
+    proxy = np.asarray(proxy, dtype=np.float64)
+    out = {"0": curve(proxy, gold)}
+    for t in temperatures:
+        rows = []
+        for n in ns(proxy.shape[1]):
+            kl = kl_bound(n)
+            row: dict[str, Any] = {"n": n, "kl_bound": kl, "sqrt_kl": math.sqrt(kl)}
+            row |= _interval("proxy", soft_best_of_n(proxy, proxy, n, t, seed=seed))
+            if gold is not None:
+                row |= _interval("gold", soft_best_of_n(proxy, gold, n, t, seed=seed))
+            rows.append(row)
+        out[f"{t:g}"] = rows
+    return out
+
+
+def soft_markdown(curves: dict[str, list[dict[str, Any]]], gold: bool) -> str:
+    """One row per temperature: the gold accuracy (or, without gold, the proxy reward) of the soft pick per n."""
+    key = "gold" if gold else "proxy"
+    first = next(iter(curves.values()))
+    cols = ["T", *[f"n={r['n']}" for r in first], "half-width"]
+    rows = []
+    for t, rows_t in curves.items():
+        row = {"T": t + (" (plain best-of-n)" if float(t) == 0 else "")}
+        row |= {f"n={r['n']}": reporting.fmt(r[f"{key}_mean"], 3) for r in rows_t}
+        row["half-width"] = reporting.fmt(max(r[f"{key}_ci_half"] or 0.0 for r in rows_t), 2)
+        rows.append(row)
+    what = "gold accuracy" if gold else "proxy reward"
+    head = (
+        f"## Soft best-of-n: pick drawn with probability softmax(proxy / T)\n\n{what.capitalize()} of the pick per "
+        f"n (RAFT's selection_temperature; {SOFT_DRAWS} random n-subsets per prompt, the draw within each exact); "
         "half-width: the largest 95% half-width over n.\n\n"
     )
     return head + reporting.markdown_table(rows, cols)
