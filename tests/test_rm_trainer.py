@@ -86,6 +86,27 @@ def test_recipe_trainer_groups_batches_by_pair_length(tiny, tok, pairs, tmp_path
     assert max(first) - min(first) < max(expected) - min(expected)
 
 
+def test_data_seed_orders_the_grouped_batches(tiny, tok, pairs, tmp_path):
+    """transformers' training LengthGroupedSampler draws from torch's global RNG, so data_seed never reached it: WARM
+    members trained with one seed and other data_seeds came out identical. Now data_seed (and the epoch) decides."""
+
+    def batches(data_seed: str, seed: str = "0", epoch: int = 0) -> list[list[int]]:
+        trainer = recipe_trainer(
+            tiny, tok, pairs, tmp_path / f"{data_seed}_{seed}", "--data_seed", data_seed, "--seed", seed
+        )
+        loader = trainer.get_train_dataloader()
+        loader.set_epoch(epoch)  # as the Trainer does before each epoch
+        torch.manual_seed(1000 + int(seed))  # the global RNG no longer decides the order
+        return [b["input_ids"][:, :4].tolist() for b, _ in zip(loader, range(6))]
+
+    first = batches("1")
+    assert first == batches("1", seed="5")  # the same data order whatever the head init
+    assert first != batches("2") and first != batches("1", epoch=1)
+    sampler = recipe_trainer(tiny, tok, pairs, tmp_path / "s", "--data_seed", "3")._get_train_sampler()
+    assert isinstance(sampler, rm_trainer.SeededLengthGroupedSampler)
+    assert sorted(sampler) == list(range(len(pairs.train)))  # each pair once per epoch
+
+
 def test_random_order_on_request(tiny, tok, pairs, tmp_path):
     trainer = recipe_trainer(tiny, tok, pairs, tmp_path, "--train_sampling_strategy", "random")
     assert isinstance(trainer._get_train_sampler(), RandomSampler)

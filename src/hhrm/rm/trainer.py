@@ -14,6 +14,10 @@
   DeepSpeed and PEFT's ``modules_to_save`` wrapper) and read at each sequence's last token: the EOS that
   :func:`hhrm.reward.scoring.encode` appends, the token the padded path reads. Those ``(2B, 1)`` rewards, chosen
   first, go through TRL's own ``compute_loss``: the same Bradley-Terry loss, margin, centring and metrics.
+* **data_seed.** transformers 5.23 draws the training ``LengthGroupedSampler``'s permutation from torch's global
+  RNG (seeded by ``seed``; only its eval sampler reads ``data_seed``), so ``data_seed`` never changed the order of
+  grouped batches. With ``data_seed`` set, :class:`SeededLengthGroupedSampler` draws each epoch's permutation from
+  ``(data_seed, epoch)``: members for WARM share the head init (``seed``) and differ in data order.
 * **E score heads** (``ensemble_size=E``, ``ensemble_kind=heads``; :mod:`hhrm.rm.heads`). The collator also
   hands each pair's bootstrap weights, and the ``(2B, E)`` rewards of either path go through the weighted loss.
 """
@@ -32,6 +36,7 @@ from datasets import Dataset
 from torch import nn
 from transformers import DataCollatorWithFlattening
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from hhrm.rm import config as rm_config
 from hhrm.rm import heads as rm_heads
@@ -127,6 +132,24 @@ class PackedRewards:
         return SequenceClassifierOutputWithPast(logits=captured[0][0, self.ends])
 
 
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """``LengthGroupedSampler`` whose permutation in epoch ``e`` is drawn from ``(data_seed, e)``: the same on every
+    rank and after a resume (the Trainer calls :meth:`set_epoch` before each epoch)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], data_seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.data_seed, self.epoch = data_seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        seed = int(np.random.SeedSequence([self.data_seed, self.epoch]).generate_state(1)[0])
+        return iter(
+            get_length_grouped_indices(self.lengths, self.batch_size, generator=torch.Generator().manual_seed(seed))
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # The trainer
 
@@ -151,6 +174,12 @@ class RewardTrainer(trl.RewardTrainer):
         with rm_heads.one_label_for_trl(model.config):
             super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
         self.data_collator = rm_heads.BootstrapCollator(self.data_collator, args.seed, heads)
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler and self.args.data_seed is not None:
+            return SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self.args.data_seed)
+        return sampler
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
