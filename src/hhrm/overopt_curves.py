@@ -110,27 +110,29 @@ def _interval(name: str, values: np.ndarray) -> dict[str, Any]:
 
 
 def curve(
-    proxy: np.ndarray, gold: np.ndarray | None = None, score: np.ndarray | None = None, logprobs=None
+    proxy: np.ndarray, gold: np.ndarray | None = None, score: np.ndarray | None = None, logprobs=None, pick=None
 ) -> list[dict[str, Any]]:
     """One row per n = 1, 2, ..., n_max (see :mod:`hhrm.overopt`); gold columns only when ``gold`` is given.
 
     ``score``: what picks (default the proxy; the regularised score for RBoN); the ``proxy`` columns stay the proxy
-    reward of the pick. ``logprobs``: adds ``logprob``, the pick's mean log pi(y|x).
+    reward of the pick. ``logprobs``: adds ``logprob``, the pick's mean log pi(y|x). ``pick(values, n)``: the
+    per-prompt expected ``values`` of another selection rule (default best-of-n by ``score``).
     """
     proxy = np.asarray(proxy, dtype=np.float64)
     if proxy.ndim != 2 or not len(proxy):
         raise ValueError(f"proxy rewards must be [prompts, n_max] with at least one prompt, got shape {proxy.shape}")
     score = proxy if score is None else np.asarray(score, dtype=np.float64)
+    pick = pick or (lambda values, n: best_of_n(score, values, n))
     rows = []
     for n in ns(proxy.shape[1]):
         kl = kl_bound(n)
         row: dict[str, Any] = {"n": n, "kl_bound": kl, "sqrt_kl": math.sqrt(kl)}
-        row |= _interval("proxy", best_of_n(score, proxy, n))
+        row |= _interval("proxy", pick(proxy, n))
         if gold is not None:
-            row |= _interval("gold", best_of_n(score, gold, n))
+            row |= _interval("gold", pick(gold, n))
             row |= _interval("gold_ceiling", gold_ceiling(gold, n))
         if logprobs is not None:
-            row |= _interval("logprob", best_of_n(score, logprobs, n))
+            row |= _interval("logprob", pick(logprobs, n))
         rows.append(row)
     return rows
 
@@ -156,26 +158,33 @@ def regularised_from_samples(rows: list[dict[str, Any]], betas: list[float]) -> 
     return regularised_curves([r["proxy"] for r in rows], [r["logprobs"] for r in rows], gold, betas)
 
 
+def _per_n_markdown(curves: dict[str, list[dict[str, Any]]], gold: bool, name: str, extra=()) -> str:
+    """One row per setting (``name``: its column; "0" is plain best-of-n): the pick's gold accuracy (or, without
+    gold, proxy reward) per n, ``extra`` columns ``(title, row -> value)`` read at n_max, and the largest 95%
+    half-width over n."""
+    key = "gold" if gold else "proxy"
+    first = next(iter(curves.values()))
+    cols = [name, *[f"n={r['n']}" for r in first], *[title for title, _ in extra], "half-width"]
+    rows = []
+    for setting, rows_s in curves.items():
+        row = {name: setting + (" (plain best-of-n)" if float(setting) == 0 else "")}
+        row |= {f"n={r['n']}": reporting.fmt(r[f"{key}_mean"], 3) for r in rows_s}
+        row |= {title: reporting.fmt(value(rows_s[-1]), 3) for title, value in extra}
+        row["half-width"] = reporting.fmt(max(r[f"{key}_ci_half"] or 0.0 for r in rows_s), 2)
+        rows.append(row)
+    return reporting.markdown_table(rows, cols)
+
+
 def regularised_markdown(curves: dict[str, list[dict[str, Any]]], gold: bool) -> str:
     """One row per beta: the gold accuracy (or, without gold, the proxy reward) of the pick per n, and its mean
     log pi at n_max."""
-    key = "gold" if gold else "proxy"
-    first = next(iter(curves.values()))
-    cols = ["beta", *[f"n={r['n']}" for r in first], "log pi (n_max)", "half-width"]
-    rows = []
-    for beta, rows_b in curves.items():
-        row = {"beta": beta + (" (plain best-of-n)" if float(beta) == 0 else "")}
-        row |= {f"n={r['n']}": reporting.fmt(r[f"{key}_mean"], 3) for r in rows_b}
-        row["log pi (n_max)"] = reporting.fmt(rows_b[-1]["logprob_mean"], 3)
-        row["half-width"] = reporting.fmt(max(r[f"{key}_ci_half"] or 0.0 for r in rows_b), 2)
-        rows.append(row)
     what = "gold accuracy" if gold else "proxy reward"
     head = (
         f"## Regularised best-of-n (RBoN-KL): pick argmax proxy + beta * log pi(y|x)\n\n{what.capitalize()} of the "
         "pick per n (log pi: sequence log-prob under the sampling policy, summed over response tokens); "
         "half-width: the largest 95% half-width over n.\n\n"
     )
-    return head + reporting.markdown_table(rows, cols)
+    return head + _per_n_markdown(curves, gold, "beta", [("log pi (n_max)", lambda r: r["logprob_mean"])])
 
 
 def soft_best_of_n(
@@ -203,39 +212,21 @@ def soft_best_of_n(
 def soft_curves(
     proxy: np.ndarray, gold: np.ndarray | None, temperatures: list[float], seed: int = 0
 ) -> dict[str, list[dict[str, Any]]]:
-    """``{"T": rows}`` for T = 0 (plain best-of-n, exact) and each soft temperature, on the same samples: per n,
-    the pick's proxy reward and (with ``gold``) gold accuracy, as :func:`curve`'s rows."""
+    """``{"T": curve}`` for T = 0 (plain best-of-n, exact) and each soft temperature, on the same samples."""
     check_soft_temperatures(temperatures)
     proxy = np.asarray(proxy, dtype=np.float64)
     out = {"0": curve(proxy, gold)}
     for t in temperatures:
-        rows = []
-        for n in ns(proxy.shape[1]):
-            kl = kl_bound(n)
-            row: dict[str, Any] = {"n": n, "kl_bound": kl, "sqrt_kl": math.sqrt(kl)}
-            row |= _interval("proxy", soft_best_of_n(proxy, proxy, n, t, seed=seed))
-            if gold is not None:
-                row |= _interval("gold", soft_best_of_n(proxy, gold, n, t, seed=seed))
-            rows.append(row)
-        out[f"{t:g}"] = rows
+        out[f"{t:g}"] = curve(proxy, gold, pick=lambda values, n, t=t: soft_best_of_n(proxy, values, n, t, seed=seed))
     return out
 
 
 def soft_markdown(curves: dict[str, list[dict[str, Any]]], gold: bool) -> str:
     """One row per temperature: the gold accuracy (or, without gold, the proxy reward) of the soft pick per n."""
-    key = "gold" if gold else "proxy"
-    first = next(iter(curves.values()))
-    cols = ["T", *[f"n={r['n']}" for r in first], "half-width"]
-    rows = []
-    for t, rows_t in curves.items():
-        row = {"T": t + (" (plain best-of-n)" if float(t) == 0 else "")}
-        row |= {f"n={r['n']}": reporting.fmt(r[f"{key}_mean"], 3) for r in rows_t}
-        row["half-width"] = reporting.fmt(max(r[f"{key}_ci_half"] or 0.0 for r in rows_t), 2)
-        rows.append(row)
     what = "gold accuracy" if gold else "proxy reward"
     head = (
         f"## Soft best-of-n: pick drawn with probability softmax(proxy / T)\n\n{what.capitalize()} of the pick per "
         f"n (RAFT's selection_temperature; {SOFT_DRAWS} random n-subsets per prompt, the draw within each exact); "
         "half-width: the largest 95% half-width over n.\n\n"
     )
-    return head + reporting.markdown_table(rows, cols)
+    return head + _per_n_markdown(curves, gold, "T")
